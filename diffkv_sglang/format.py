@@ -1,0 +1,253 @@
+"""The one description of DiffKV's storage blocks. Reference code and Triton kernels both read it.
+
+Storage is organised in *blocks*, one per (logical page, layer, KV head). A block is either
+
+* **staged** (:class:`StagedBlockFormat`): the page's tokens in the model dtype, plus the importance
+  statistics accumulated while the page is still private to one request::
+
+      keys       [page_size, head_dim]   model dtype
+      values     [page_size, head_dim]   model dtype
+      score_sum  [page_size]             float32   attention mass received so far
+      seen       [page_size]             float32   number of queries that contributed to score_sum
+
+* **sealed** (:class:`BlockFormat`): the page's tokens compressed. Each token is in one tier or pruned;
+  ``counts[t]`` tokens are in tier ``t``. Sections are laid out kind-major, so that rows of packed codes
+  stay 16-byte aligned whenever their row size is::
+
+      keys        tier 0 .. T-1     [counts[t], head_dim * key_bits[t] / 8]     uint8 packed codes
+      values      tier 0 .. T-1     [counts[t], head_dim * value_bits[t] / 8]   uint8 packed codes
+      key meta    tier 0 .. T-1     [counts[t], key_groups[t], 2]               float16 (scale, zero)
+      value meta  tier 0 .. T-1     [counts[t], value_groups[t], 2]             float16 (scale, zero)
+      meta scale                    [2]                                         float32 (keys, values)
+      token index tier 0 .. T-1     [counts[t]]                                 uint8 in-page index
+      padding to a multiple of 16 bytes
+
+  Within a tier, tokens are in ascending in-page order. Pruned tokens are absent. Per-group scale and
+  zero point are stored in float16 *relative to a per-block power of two* (``meta scale``), so bf16 models
+  whose activations exceed the float16 range are safe: the dequantized element is
+  ``(code * scale + zero) * meta_scale`` computed in float32. Codes are packed little-endian: element ``j`` of
+  a row lives in byte ``j * bits // 8`` at bit ``(j * bits) % 8``.
+
+Every section start is a linear function of the per-tier counts: ``start = counts @ coeffs.T + const``.
+:meth:`BlockFormat.section_coefficients` exports that table so kernels compute the same offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from .config import DiffKVConfig, TierSpec
+
+BLOCK_ALIGN = 16          # bytes; every block starts and ends on this boundary
+META_BYTES = 4            # one (scale, zero) pair of float16
+META_SCALE_BYTES = 8      # two float32: key and value meta scales
+INDEX_BYTES = 1           # uint8 in-page token index
+
+# Section kinds of a sealed block, in storage order (the meta scale sits between VALUE_META and INDEX).
+KEYS, VALUES, KEY_META, VALUE_META, INDEX = range(5)
+SECTION_NAMES = ("keys", "values", "key_meta", "value_meta", "index")
+
+
+def align_up(nbytes, align: int = BLOCK_ALIGN):
+    """Round ``nbytes`` (int or integer tensor) up to a multiple of ``align``."""
+    return (nbytes + align - 1) // align * align
+
+
+@dataclasses.dataclass(frozen=True)
+class TierLayout:
+    """Byte sizes of one tier's per-token rows for a given ``head_dim``."""
+
+    spec: TierSpec
+    head_dim: int
+
+    @property
+    def key_row_bytes(self) -> int:
+        return self.head_dim * self.spec.key_bits // 8
+
+    @property
+    def value_row_bytes(self) -> int:
+        return self.head_dim * self.spec.value_bits // 8
+
+    @property
+    def key_meta_bytes(self) -> int:
+        return self.spec.key_groups * META_BYTES
+
+    @property
+    def value_meta_bytes(self) -> int:
+        return self.spec.value_groups * META_BYTES
+
+    def row_bytes(self, kind: int) -> int:
+        """Bytes one token occupies in section ``kind`` (KEYS, VALUES, KEY_META, VALUE_META or INDEX)."""
+        return (self.key_row_bytes, self.value_row_bytes, self.key_meta_bytes, self.value_meta_bytes, INDEX_BYTES)[kind]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """All bytes one token of this tier costs inside a block (codes, metadata, index)."""
+        return sum(self.row_bytes(kind) for kind in range(5))
+
+
+class BlockFormat:
+    """Layout of a sealed block for one layer's tiers (see the module docstring).
+
+    Args:
+        tiers: the layer's tiers, most precise first.
+        head_dim: elements per key/value vector (a multiple of 16).
+        page_size: tokens per logical page (<= 256).
+        key_rotation, value_rotation: ``"none"`` or ``"hadamard"``; recorded so readers undo it.
+    """
+
+    def __init__(self, tiers: Sequence[TierSpec], head_dim: int, page_size: int,
+                 key_rotation: str = "none", value_rotation: str = "none"):
+        if head_dim % 16:
+            raise ValueError(f"head_dim={head_dim} must be a multiple of 16")
+        for tier in tiers:
+            tier.validate_head_dim(head_dim)
+        self.tiers = tuple(TierLayout(t, head_dim) for t in tiers)
+        self.head_dim = head_dim
+        self.page_size = page_size
+        self.key_rotation = key_rotation
+        self.value_rotation = value_rotation
+        coeffs, const = self._build_coefficients()
+        self._coeffs = coeffs            # [5, T, T] int64: start of (kind, tier) = counts @ coeffs[kind, tier]
+        self._const = const              # [5] int64
+        self._token_bytes = torch.tensor([t.bytes_per_token for t in self.tiers], dtype=torch.int64)
+
+    @property
+    def num_tiers(self) -> int:
+        return len(self.tiers)
+
+    def _build_coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tiers = len(self.tiers)
+        coeffs = torch.zeros(5, num_tiers, num_tiers, dtype=torch.int64)
+        for kind in range(5):
+            for tier in range(num_tiers):
+                for other in range(num_tiers):
+                    earlier_kinds = sum(self.tiers[other].row_bytes(k) for k in range(kind))
+                    same_kind_before = self.tiers[other].row_bytes(kind) if other < tier else 0
+                    coeffs[kind, tier, other] = earlier_kinds + same_kind_before
+        const = torch.tensor([0, 0, 0, 0, META_SCALE_BYTES], dtype=torch.int64)
+        return coeffs, const
+
+    def section_coefficients(self) -> tuple[list[list[list[int]]], list[int]]:
+        """``(coeffs, const)`` as Python lists: the start of section ``kind`` of tier ``t`` for counts ``n`` is
+        ``sum(n[u] * coeffs[kind][t][u] for u) + const[kind]``. Kernels receive these as constants."""
+        return self._coeffs.tolist(), self._const.tolist()
+
+    def section_starts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Byte offset, inside the block, of every (kind, tier) section.
+
+        Args:
+            counts: ``[..., T]`` integer tier counts.
+        Returns:
+            ``[..., 5, T]`` int64 offsets (kinds KEYS, VALUES, KEY_META, VALUE_META, INDEX).
+        """
+        counts = counts.to(torch.int64)
+        coeffs = self._coeffs.to(counts.device)
+        starts = torch.einsum("...u,ktu->...kt", counts, coeffs)
+        return starts + self._const.to(counts.device)[:, None]
+
+    def meta_scale_start(self, counts: torch.Tensor) -> torch.Tensor:
+        """``[...]`` int64 byte offset of the two float32 meta scales."""
+        counts = counts.to(torch.int64)
+        per_token = sum(self._row_bytes_tensor(kind, counts.device) for kind in range(INDEX))
+        return (counts * per_token).sum(-1)
+
+    def data_nbytes(self, counts: torch.Tensor) -> torch.Tensor:
+        """``[...]`` int64 bytes a block uses before padding."""
+        counts = counts.to(torch.int64)
+        return (counts * self._token_bytes.to(counts.device)).sum(-1) + META_SCALE_BYTES
+
+    def block_nbytes(self, counts: torch.Tensor) -> torch.Tensor:
+        """``[...]`` int64 size of a block with these ``[..., T]`` tier counts, padded to BLOCK_ALIGN."""
+        return align_up(self.data_nbytes(counts))
+
+    @property
+    def max_block_nbytes(self) -> int:
+        """Largest block: every token of a page in the most expensive tier."""
+        most = max(t.bytes_per_token for t in self.tiers)
+        return align_up(self.page_size * most + META_SCALE_BYTES)
+
+    def _row_bytes_tensor(self, kind: int, device) -> torch.Tensor:
+        return torch.tensor([t.row_bytes(kind) for t in self.tiers], dtype=torch.int64, device=device)
+
+    def row_bytes(self, kind: int, tier: int) -> int:
+        """Bytes per token of section ``kind`` in ``tier``."""
+        return self.tiers[tier].row_bytes(kind)
+
+    def bytes_per_token(self, tier: int) -> int:
+        """All bytes a token of ``tier`` costs in a sealed block (excluding the per-block meta scale and padding)."""
+        return self.tiers[tier].bytes_per_token
+
+    def __repr__(self) -> str:
+        names = ",".join(t.spec.name for t in self.tiers)
+        return f"BlockFormat(tiers={names}, head_dim={self.head_dim}, page_size={self.page_size}, " \
+               f"key_rotation={self.key_rotation}, value_rotation={self.value_rotation})"
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedBlockFormat:
+    """Layout of a staged (dense) block: one page of one (layer, KV head) in the model dtype.
+
+    Offsets (bytes): keys at 0, values at ``values_start``, float32 ``score_sum`` at ``score_start``,
+    float32 ``seen`` at ``seen_start``; ``nbytes`` includes padding to BLOCK_ALIGN.
+    """
+
+    head_dim: int
+    page_size: int
+    dtype: torch.dtype
+
+    @property
+    def element_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def row_bytes(self) -> int:
+        return self.head_dim * self.element_bytes
+
+    @property
+    def values_start(self) -> int:
+        return self.page_size * self.row_bytes
+
+    @property
+    def score_start(self) -> int:
+        return 2 * self.page_size * self.row_bytes
+
+    @property
+    def seen_start(self) -> int:
+        return self.score_start + 4 * self.page_size
+
+    @property
+    def nbytes(self) -> int:
+        return align_up(self.seen_start + 4 * self.page_size)
+
+
+class LayerFormats:
+    """The sealed-block format of every layer of a model, shared between identical layers.
+
+    Args:
+        config: the DiffKV config (per-layer tier overrides included).
+        num_layers, head_dim: model shape (per-rank KV heads do not change the format).
+        dtype: model dtype of staged blocks.
+    """
+
+    def __init__(self, config: DiffKVConfig, num_layers: int, head_dim: int, dtype: torch.dtype):
+        config.validate_model(head_dim, num_layers)
+        self.config = config
+        self.num_layers = num_layers
+        self.head_dim = head_dim
+        self.staged = StagedBlockFormat(head_dim, config.page_size, dtype)
+        make = functools.lru_cache(maxsize=None)(
+            lambda tiers: BlockFormat(tiers, head_dim, config.page_size, config.key_rotation, config.value_rotation))
+        self.sealed = tuple(make(config.tiers_for_layer(layer)) for layer in range(num_layers))
+
+    def __getitem__(self, layer: int) -> BlockFormat:
+        return self.sealed[layer]
+
+    @property
+    def max_sealed_block_nbytes(self) -> int:
+        """Largest sealed block over all layers."""
+        return max(f.max_block_nbytes for f in self.sealed)

@@ -1,0 +1,248 @@
+"""Reference quantization: asymmetric min-max codes, bit packing, rotation, and whole sealed blocks.
+
+Everything here is plain torch (any device) and is the ground truth the Triton kernels are tested against.
+
+Element level (per token, per KV head, per group of ``head_dim / groups`` contiguous elements)::
+
+    zero  = fp16_round_down(min(x_g))                    # stored float16, relative to the block meta scale
+    scale = fp16_round_up((max(x_g) - zero) / (2^b - 1))
+    code  = clamp(round_half_even((x - zero) / scale), 0, 2^b - 1)
+    x_hat = code * scale + zero                           # float32
+
+Rounding the zero point down and the scale up keeps every element of the group inside the code range, so
+``|x - x_hat| <= scale / 2`` holds for every element with the *stored* scale (plus float32 rounding), including
+constant vectors and values far outside the float16 range (the per-block power-of-two meta scale absorbs those).
+
+Block level: :func:`write_sealed_blocks` and :func:`read_sealed_blocks` move whole (page, layer, head)
+blocks between dense tensors and the byte arena, following :mod:`diffkv_sglang.format`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .format import INDEX, KEY_META, KEYS, META_SCALE_BYTES, VALUE_META, VALUES, BlockFormat
+
+QUANT_BITS = (2, 4, 8, 16)   # 16 is for testing exactness; tiers use 2, 4 or 8
+
+
+# ------------------------------------------------------------------------------------------- rotation
+@functools.lru_cache(maxsize=16)
+def _hadamard_cpu(dim: int) -> torch.Tensor:
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"Hadamard rotation needs a power-of-two dimension, got {dim}")
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < dim:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return (matrix / dim ** 0.5).to(torch.float32)
+
+
+def hadamard_matrix(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Normalized Sylvester Hadamard matrix ``[dim, dim]`` float32: symmetric and orthonormal (H @ H = I)."""
+    return _hadamard_cpu(dim).to(device)
+
+
+def rotate(x: torch.Tensor, rotation: str) -> torch.Tensor:
+    """Apply a per-vector rotation to the last dimension: ``x @ H`` (float32), or ``x`` for ``"none"``."""
+    if rotation == "none":
+        return x.float()
+    if rotation == "hadamard":
+        return x.float() @ hadamard_matrix(x.shape[-1], x.device)
+    raise ValueError(f"unknown rotation {rotation!r}; allowed: 'none', 'hadamard'")
+
+
+def unrotate(x: torch.Tensor, rotation: str) -> torch.Tensor:
+    """Inverse of :func:`rotate` (Hadamard is its own inverse)."""
+    return rotate(x, rotation)
+
+
+# ------------------------------------------------------------------------------- float16 metadata
+def _fp16_round_down(x: torch.Tensor) -> torch.Tensor:
+    h = x.to(torch.float16)
+    return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, -torch.inf)), h)
+
+
+def _fp16_round_up(x: torch.Tensor) -> torch.Tensor:
+    h = x.to(torch.float16)
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, torch.inf)), h)
+
+
+def meta_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= ``amax`` (float32, same shape; 1 where ``amax`` is 0; at most 2^127)."""
+    _, exponent = torch.frexp(amax.float())
+    exponent = exponent.clamp_max(127)
+    scale = torch.ldexp(torch.ones_like(amax, dtype=torch.float32), exponent)
+    return torch.where(amax > 0, scale, torch.ones_like(scale))
+
+
+# ------------------------------------------------------------------------------ element quantization
+def quantize(x: torch.Tensor, bits: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max quantization per group of the last dimension.
+
+    Args:
+        x: ``[..., D]`` float tensor (normally already divided by the block meta scale, so ``|x| <= 1``).
+        bits: code width, one of 2, 4, 8, 16.
+        groups: number of contiguous groups along ``D`` (each has its own scale and zero).
+    Returns:
+        ``codes`` int32 ``[..., D]`` in ``[0, 2^bits - 1]``, ``scale`` and ``zero`` float16 ``[..., groups]``.
+    """
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits={bits}; allowed: {QUANT_BITS}")
+    dim = x.shape[-1]
+    if dim % groups:
+        raise ValueError(f"groups={groups} must divide the last dimension {dim}")
+    qmax = (1 << bits) - 1
+    xg = x.float().reshape(*x.shape[:-1], groups, dim // groups)
+    zero = _fp16_round_down(xg.amin(-1))
+    scale = _fp16_round_up((xg.amax(-1) - zero.float()) / qmax)
+    safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    codes = torch.round((xg - zero.float()[..., None]) / safe[..., None]).clamp_(0, qmax)
+    codes = torch.where(scale[..., None] > 0, codes, torch.zeros_like(codes))
+    return codes.to(torch.int32).reshape(x.shape), scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``codes`` ``[..., D]`` with ``scale``/``zero`` ``[..., G]`` -> float32 ``[..., D]``."""
+    groups = scale.shape[-1]
+    cg = codes.float().reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups)
+    return (cg * scale.float()[..., None] + zero.float()[..., None]).reshape(codes.shape)
+
+
+def demote(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, groups: int):
+    """Re-quantize tokens to a lower tier: dequantize, then quantize with fresh min/max at ``bits``/``groups``.
+
+    Shapes as in :func:`quantize`; returns ``(codes, scale, zero)`` of the lower tier.
+    """
+    return quantize(dequantize(codes, scale, zero), bits, groups)
+
+
+# ------------------------------------------------------------------------------------------ packing
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``[..., D]`` integer codes of ``bits`` width into ``[..., D * bits / 8]`` uint8, little-endian."""
+    if bits == 16:
+        c = codes.to(torch.int32)
+        return torch.stack([c & 0xFF, c >> 8], -1).reshape(*codes.shape[:-1], -1).to(torch.uint8)
+    per_byte = 8 // bits
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``[..., R]`` uint8 -> ``[..., R * 8 / bits]`` int32 codes."""
+    p = packed.to(torch.int32)
+    if bits == 16:
+        pairs = p.reshape(*p.shape[:-1], -1, 2)
+        return pairs[..., 0] | (pairs[..., 1] << 8)
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    return ((p[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*p.shape[:-1], -1)
+
+
+# ------------------------------------------------------------------------------------ sealed blocks
+def tier_counts(tiers: torch.Tensor, num_tiers: int) -> torch.Tensor:
+    """``tiers`` ``[..., P]`` (tier index per token, -1 = pruned) -> ``[..., num_tiers]`` int64 counts."""
+    one_hot = tiers[..., None] == torch.arange(num_tiers, device=tiers.device)
+    return one_hot.sum(-2, dtype=torch.int64)
+
+
+def _scatter_rows(data: torch.Tensor, starts: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write ``rows`` ``[m, R]`` uint8 at byte offsets ``starts`` ``[m]`` of the flat uint8 ``data``."""
+    index = starts[:, None] + torch.arange(rows.shape[-1], device=data.device)
+    data[index.reshape(-1)] = rows.reshape(-1)
+
+
+def _gather_rows(data: torch.Tensor, starts: torch.Tensor, row_bytes: int) -> torch.Tensor:
+    """Read ``[m, row_bytes]`` uint8 rows starting at byte offsets ``starts`` ``[m]``."""
+    index = starts[:, None] + torch.arange(row_bytes, device=data.device)
+    return data[index]
+
+
+def _as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """Reinterpret the last dimension of a contiguous tensor as bytes: ``[m, k]`` -> ``[m, k * itemsize]`` uint8."""
+    return x.contiguous().view(torch.uint8).reshape(x.shape[0], -1)
+
+
+def write_sealed_blocks(fmt: BlockFormat, data: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor,
+                        values: torch.Tensor, tiers: torch.Tensor) -> torch.Tensor:
+    """Quantize, pack and write ``n`` sealed blocks (the reference of the seal kernel).
+
+    Args:
+        fmt: the layer's block format.
+        data: the arena, flat uint8.
+        offsets: ``[n]`` int64 byte offsets of the blocks (sized with ``fmt.block_nbytes(counts)``).
+        keys, values: ``[n, P, D]`` the pages' tokens (any float dtype, unrotated).
+        tiers: ``[n, P]`` integer tier per token, -1 = pruned.
+    Returns:
+        ``[n, T]`` int64 tier counts (what the descriptor table records).
+    """
+    counts = tier_counts(tiers, fmt.num_tiers)
+    starts = offsets[:, None, None] + fmt.section_starts(counts)                     # [n, 5, T]
+    present = tiers >= 0
+    rotated = {"k": rotate(keys, fmt.key_rotation), "v": rotate(values, fmt.value_rotation)}
+    amax = {name: torch.where(present[..., None], x.abs(), torch.zeros_like(x)).amax(dim=(1, 2))
+            for name, x in rotated.items()}
+    scales = {name: meta_scale(a) for name, a in amax.items()}                      # [n] float32
+    for t, layout in enumerate(fmt.tiers):
+        block, pos = (tiers == t).nonzero(as_tuple=True)
+        if block.numel() == 0:
+            continue
+        rank = (torch.cumsum((tiers == t).to(torch.int64), dim=1) - 1)[block, pos]
+        for name, code_kind, meta_kind, bits, groups in (
+                ("k", KEYS, KEY_META, layout.spec.key_bits, layout.spec.key_groups),
+                ("v", VALUES, VALUE_META, layout.spec.value_bits, layout.spec.value_groups)):
+            x = rotated[name][block, pos] / scales[name][block, None]
+            codes, scale, zero = quantize(x, bits, groups)
+            _scatter_rows(data, starts[block, code_kind, t] + rank * layout.row_bytes(code_kind), pack_codes(codes, bits))
+            meta = torch.stack([scale, zero], -1).reshape(block.numel(), -1)         # [m, 2G] float16
+            _scatter_rows(data, starts[block, meta_kind, t] + rank * layout.row_bytes(meta_kind), _as_bytes(meta))
+        _scatter_rows(data, starts[block, INDEX, t] + rank, pos.to(torch.uint8)[:, None])
+    meta_scales = torch.stack([scales["k"], scales["v"]], -1)                       # [n, 2] float32
+    _scatter_rows(data, offsets + fmt.meta_scale_start(counts), _as_bytes(meta_scales))
+    return counts
+
+
+def read_sealed_blocks(fmt: BlockFormat, data: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
+                       undo_rotation: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dequantize ``n`` sealed blocks back to page-shaped dense tensors (the reference of the read path).
+
+    Args:
+        fmt: the layer's block format.
+        data: the arena, flat uint8.
+        offsets: ``[n]`` int64 block offsets; counts: ``[n, T]`` tier counts from the descriptor table.
+        undo_rotation: return keys/values in the model's space (True) or in the rotated space the codes live in.
+    Returns:
+        ``keys``, ``values``: ``[n, P, D]`` float32 (zeros where a token is pruned);
+        ``tier``: ``[n, P]`` int8 tier per token, -1 where pruned.
+    """
+    num_blocks, page, dim = offsets.shape[0], fmt.page_size, fmt.head_dim
+    device = data.device
+    counts = counts.to(torch.int64)
+    starts = offsets[:, None, None] + fmt.section_starts(counts)
+    meta_scales = _gather_rows(data, offsets + fmt.meta_scale_start(counts), META_SCALE_BYTES)
+    meta_scales = meta_scales.view(torch.float32).reshape(num_blocks, 2)
+    out = {"k": torch.zeros(num_blocks, page, dim, device=device), "v": torch.zeros(num_blocks, page, dim, device=device)}
+    tier_of = torch.full((num_blocks, page), -1, dtype=torch.int8, device=device)
+    for t, layout in enumerate(fmt.tiers):
+        per_block = counts[:, t]
+        block = torch.repeat_interleave(torch.arange(num_blocks, device=device), per_block)
+        if block.numel() == 0:
+            continue
+        rank = torch.arange(block.numel(), device=device) - (torch.cumsum(per_block, 0) - per_block)[block]
+        pos = _gather_rows(data, starts[block, INDEX, t] + rank, 1)[:, 0].to(torch.int64)
+        tier_of[block, pos] = t
+        for name, scale_col, code_kind, meta_kind, bits in (
+                ("k", 0, KEYS, KEY_META, layout.spec.key_bits),
+                ("v", 1, VALUES, VALUE_META, layout.spec.value_bits)):
+            packed = _gather_rows(data, starts[block, code_kind, t] + rank * layout.row_bytes(code_kind),
+                                  layout.row_bytes(code_kind))
+            meta = _gather_rows(data, starts[block, meta_kind, t] + rank * layout.row_bytes(meta_kind),
+                                layout.row_bytes(meta_kind)).view(torch.float16).reshape(block.numel(), -1, 2)
+            x = dequantize(unpack_codes(packed, bits), meta[..., 0], meta[..., 1])
+            out[name][block, pos] = x * meta_scales[block, scale_col, None]
+    keys, values = out["k"], out["v"]
+    if undo_rotation:
+        keys, values = unrotate(keys, fmt.key_rotation), unrotate(values, fmt.value_rotation)
+    return keys, values, tier_of
