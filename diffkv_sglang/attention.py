@@ -1,0 +1,207 @@
+"""FlashInfer-style attention wrappers over the compressed store: ``plan()`` once per batch, ``run()`` per layer.
+
+Each request's KV is a list of logical pages (CSR ``kv_page_indptr`` / ``kv_page_indices``, like FlashInfer's
+paged KV); token ``t`` of a request lives in page ``kv_page_indices[indptr[b] + t // P]`` at in-page index
+``t % P``, and its position is ``t``. Pages may be staged (dense) or sealed (compressed, some tokens pruned):
+attention runs over every kept token, with a float32 softmax, all query heads of a GQA group sharing their
+KV head. As a side effect ``run`` accumulates the importance statistics of staged tokens that sealing needs
+(see :mod:`diffkv_sglang.policy`): every decode query observes; in an extend, the last ``obs_window`` queries
+of each request's chunk observe.
+
+This module is the torch reference path (any device). The Triton kernels implement the same contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .policy import group_max
+from .store import CompressedKVStore, PageState
+
+
+@dataclasses.dataclass
+class PagedBatchPlan:
+    """Per-batch metadata built by ``plan()``.
+
+    Attributes:
+        page_table: ``[B, max_pages]`` int64 logical pages per request (padded with page 0).
+        seq_lens: ``[B]`` int64 tokens per request (including the new ones).
+        key_locs: ``[B, T]`` int64 logical slot of each key position (``T = max_pages * page_size``).
+        key_valid: ``[B, T]`` bool, ``t < seq_len``.
+        q_positions: ``[B, Q]`` int64 position of each (padded) query; q_valid ``[B, Q]`` bool.
+        q_index: ``[n_valid]`` int64 flat index into ``[B * Q]`` of the real queries, in input order.
+        observe: ``[B, Q]`` bool, queries whose attention is recorded as importance.
+        sm_scale: softmax scale.
+    """
+
+    page_table: torch.Tensor
+    seq_lens: torch.Tensor
+    key_locs: torch.Tensor
+    key_valid: torch.Tensor
+    q_positions: torch.Tensor
+    q_valid: torch.Tensor
+    q_index: torch.Tensor
+    observe: torch.Tensor
+    sm_scale: float
+
+
+def _page_table(kv_page_indptr: torch.Tensor, kv_page_indices: torch.Tensor, device) -> torch.Tensor:
+    indptr = kv_page_indptr.to(device, torch.int64)
+    counts = indptr[1:] - indptr[:-1]
+    batch = counts.numel()
+    max_pages = int(counts.max()) if batch else 0
+    table = torch.zeros(batch, max(max_pages, 1), dtype=torch.int64, device=device)
+    row = torch.repeat_interleave(torch.arange(batch, device=device), counts)
+    col = torch.arange(row.numel(), device=device) - indptr[:-1][row]
+    table[row, col] = kv_page_indices.to(device, torch.int64)
+    return table
+
+
+class _PagedAttentionBase:
+    """Shared plan/run machinery; subclasses define the queries."""
+
+    def __init__(self, store: CompressedKVStore):
+        self.store = store
+        self._plan: PagedBatchPlan | None = None
+
+    def _plan_keys(self, kv_page_indptr, kv_page_indices, seq_lens):
+        store = self.store
+        table = _page_table(kv_page_indptr, kv_page_indices, store.device)
+        seq_lens = seq_lens.to(store.device, torch.int64)
+        num_keys = table.shape[1] * store.page_size
+        t = torch.arange(num_keys, device=store.device)
+        key_locs = table[:, t // store.page_size] * store.page_size + t % store.page_size
+        pages_needed = (seq_lens + store.page_size - 1) // store.page_size
+        counts = kv_page_indptr[1:].to(store.device, torch.int64) - kv_page_indptr[:-1].to(store.device, torch.int64)
+        if bool((counts < pages_needed).any()):
+            raise ValueError("plan: some requests have fewer pages than their seq_lens need")
+        return table, seq_lens, key_locs, t[None, :] < seq_lens[:, None]
+
+    def _run(self, q_padded: torch.Tensor, layer: int) -> torch.Tensor:
+        """Attention for padded queries ``[B, Q, Hq, D]`` -> float32 ``[B, Q, Hq, D]``; records importance."""
+        plan, store = self._plan, self.store
+        if plan is None:
+            raise RuntimeError("call plan() before run()")
+        batch, num_q, num_q_heads, dim = q_padded.shape
+        heads = store.num_kv_heads
+        group = num_q_heads // heads
+        keys, values, present = store.read_pages(layer, plan.page_table.reshape(-1))     # [B*pages, H, P(, D)]
+        keys = keys.reshape(batch, -1, heads, store.page_size, dim).permute(0, 2, 1, 3, 4).reshape(batch, heads, -1, dim)
+        values = values.reshape(batch, -1, heads, store.page_size, dim).permute(0, 2, 1, 3, 4).reshape(batch, heads, -1, dim)
+        present = present.reshape(batch, -1, heads, store.page_size).permute(0, 2, 1, 3).reshape(batch, heads, -1)
+        present &= plan.key_valid[:, None, :]
+        values = values.masked_fill(~present[..., None], 0.0)     # unwritten slots may hold any bits, NaN included
+        q = q_padded.float().permute(0, 2, 1, 3).reshape(batch, heads, group * num_q, dim)  # [B, H, G*Q, D]
+        logits = torch.einsum("bhqd,bhkd->bhqk", q, keys) * plan.sm_scale                  # [B, H, G*Q, T]
+        causal = plan.key_valid[:, None, :] & (torch.arange(keys.shape[2], device=q.device)[None, None, :]
+                                               <= plan.q_positions[:, :, None])            # [B, Q, T]
+        mask = causal.repeat(1, group, 1)[:, None] & present[:, :, None, :]                # [B, H, G*Q, T]
+        probs = torch.softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
+        probs = torch.nan_to_num(probs, nan=0.0)                                           # padded queries
+        out = torch.einsum("bhqk,bhkd->bhqd", probs, values)
+        self._record_importance(layer, probs.reshape(batch, num_q_heads, num_q, -1), causal)
+        return out.reshape(batch, num_q_heads, num_q, dim).permute(0, 2, 1, 3)
+
+    def _record_importance(self, layer: int, probs: torch.Tensor, causal: torch.Tensor) -> None:
+        """Add the observing queries' attention to staged tokens: ``probs`` ``[B, Hq, Q, T]``."""
+        plan, store = self._plan, self.store
+        observe = plan.observe & plan.q_valid                                              # [B, Q]
+        score = group_max((probs * observe[:, None, :, None]).sum(2), store.num_kv_heads)  # [B, H, T]
+        seen = (causal & observe[:, :, None]).sum(1).float()                               # [B, T]
+        pages = plan.key_locs // store.page_size
+        target = plan.key_valid & (store.page_state[pages] == PageState.STAGED) & (seen > 0)
+        b, t = target.nonzero(as_tuple=True)
+        store.add_importance(layer, plan.key_locs[b, t], score[b, :, t], seen[b, t])
+
+
+class DecodeAttentionWrapper(_PagedAttentionBase):
+    """Decode attention: one query per request over its paged, partly compressed KV.
+
+    Example::
+
+        wrapper = DecodeAttentionWrapper(store)
+        wrapper.plan(kv_page_indptr, kv_page_indices, seq_lens)        # once per batch
+        for layer in range(num_layers):
+            store.write_tokens(layer, new_token_locs, k[layer], v[layer])
+            out = wrapper.run(q[layer], layer)                           # [B, Hq, D]
+    """
+
+    def plan(self, kv_page_indptr: torch.Tensor, kv_page_indices: torch.Tensor, seq_lens: torch.Tensor,
+             sm_scale: float | None = None) -> None:
+        """Build per-batch metadata.
+
+        Args:
+            kv_page_indptr: ``[B + 1]`` int, CSR offsets into ``kv_page_indices``.
+            kv_page_indices: ``[nnz]`` int logical pages of each request, in token order.
+            seq_lens: ``[B]`` int tokens per request, the new token included (it is the query's position + 1).
+            sm_scale: softmax scale (default ``1 / sqrt(head_dim)``).
+        """
+        table, seq_lens, key_locs, key_valid = self._plan_keys(kv_page_indptr, kv_page_indices, seq_lens)
+        batch = seq_lens.numel()
+        ones = torch.ones(batch, 1, dtype=torch.bool, device=table.device)
+        self._plan = PagedBatchPlan(
+            page_table=table, seq_lens=seq_lens, key_locs=key_locs, key_valid=key_valid,
+            q_positions=(seq_lens - 1)[:, None], q_valid=ones, q_index=torch.arange(batch, device=table.device),
+            observe=ones, sm_scale=sm_scale if sm_scale is not None else self.store.head_dim ** -0.5)
+
+    def run(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        """``q`` ``[B, Hq, D]`` -> output ``[B, Hq, D]`` in ``q.dtype``; accumulates staged-token importance."""
+        return self._run(q[:, None], layer)[:, 0].to(q.dtype)
+
+
+class ExtendAttentionWrapper(_PagedAttentionBase):
+    """Extend (prefill, chunked prefill, prefix-cache hit) attention: new queries over prefix + new tokens.
+
+    The new tokens' K/V must already be written to their staged pages. Attention is causal by position and
+    exact over staged tokens. The last ``obs_window`` queries of each request's chunk record importance.
+
+    Example::
+
+        wrapper = ExtendAttentionWrapper(store)
+        wrapper.plan(qo_indptr, kv_page_indptr, kv_page_indices, seq_lens)
+        for layer in range(num_layers):
+            store.write_tokens(layer, new_token_locs, k[layer], v[layer])
+            out = wrapper.run(q[layer], layer)                           # [total_new, Hq, D]
+    """
+
+    def plan(self, qo_indptr: torch.Tensor, kv_page_indptr: torch.Tensor, kv_page_indices: torch.Tensor,
+             seq_lens: torch.Tensor, sm_scale: float | None = None, obs_window: int | None = None) -> None:
+        """Build per-batch metadata.
+
+        Args:
+            qo_indptr: ``[B + 1]`` int CSR offsets of each request's new tokens in ``q``.
+            kv_page_indptr, kv_page_indices: the requests' pages (CSR), prefix and new tokens.
+            seq_lens: ``[B]`` int total tokens per request after this extend.
+            sm_scale: softmax scale (default ``1 / sqrt(head_dim)``).
+            obs_window: observing queries per request (default: the config's ``obs_window``).
+        """
+        table, seq_lens, key_locs, key_valid = self._plan_keys(kv_page_indptr, kv_page_indices, seq_lens)
+        device = table.device
+        qo_indptr = qo_indptr.to(device, torch.int64)
+        extend_lens = qo_indptr[1:] - qo_indptr[:-1]
+        batch = extend_lens.numel()
+        max_q = int(extend_lens.max()) if batch else 0
+        i = torch.arange(max(max_q, 1), device=device)
+        q_valid = i[None, :] < extend_lens[:, None]
+        q_positions = (seq_lens - extend_lens)[:, None] + i[None, :]
+        window = obs_window if obs_window is not None else self.store.config.obs_window
+        observe = q_positions >= (seq_lens - window)[:, None]
+        q_index = (torch.arange(batch, device=device)[:, None] * q_valid.shape[1] + i[None, :])[q_valid]
+        self._plan = PagedBatchPlan(
+            page_table=table, seq_lens=seq_lens, key_locs=key_locs, key_valid=key_valid,
+            q_positions=q_positions, q_valid=q_valid, q_index=q_index, observe=observe,
+            sm_scale=sm_scale if sm_scale is not None else self.store.head_dim ** -0.5)
+
+    def run(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        """``q`` ``[total_new, Hq, D]`` -> output ``[total_new, Hq, D]`` in ``q.dtype``; records window importance."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("call plan() before run()")
+        batch, max_q = plan.q_valid.shape
+        padded = torch.zeros(batch * max_q, *q.shape[1:], dtype=q.dtype, device=q.device)
+        padded[plan.q_index] = q
+        out = self._run(padded.reshape(batch, max_q, *q.shape[1:]), layer)
+        return out.reshape(batch * max_q, *q.shape[1:])[plan.q_index].to(q.dtype)

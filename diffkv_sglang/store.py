@@ -1,0 +1,332 @@
+"""The compressed KV store of one model rank: staged (dense) and sealed (compressed) blocks in one arena.
+
+Logical token slots come from SGLang's paged allocator: slot ``s`` is token ``s % page_size`` of logical page
+``s // page_size``. For every (logical page, layer, KV head) the store keeps at most one block in a
+:class:`~diffkv_sglang.memory.BlockArena`; the arena's slot id is ``(page * num_layers + layer) * num_kv_heads + head``.
+A page's life::
+
+    EMPTY --stage()--> STAGED --seal()--> SEALED --release()--> EMPTY
+                         |                                   ^
+                         +------------- release() ------------+
+
+* ``stage(pages)`` gives the pages dense blocks (model dtype K/V plus importance statistics) in every layer.
+* ``write_tokens(layer, locs, k, v)`` stores new tokens; ``add_importance(...)`` accumulates attention.
+* ``seal(pages, context_lens)`` classifies each token per (layer, head) with :mod:`policy`, writes one compressed
+  block per (page, layer, head) with :mod:`quant`, and frees the dense blocks. The staged bytes are read out
+  and freed before the compressed blocks are allocated, and a compressed block is never larger than a
+  staged one, so sealing never runs out of memory.
+* ``release(pages)`` frees every block of the pages (the allocator calls it for every page SGLang frees).
+
+Both states live in one physical budget (the arena), so admission checks need only one number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+
+from .config import DiffKVConfig
+from .format import LayerFormats
+from .memory import BlockArena
+from .policy import classify_with_config, relative_importance
+from .quant import read_sealed_blocks, tier_counts, write_sealed_blocks
+
+
+class PageState(enum.IntEnum):
+    """What a logical page currently holds (the same in every layer and head)."""
+
+    EMPTY = 0
+    STAGED = 1
+    SEALED = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreStats:
+    """A snapshot of the store for metrics and logs.
+
+    Byte counts are physical. Token counts (``tokens_per_tier``, ``pruned_tokens``) count (token, layer, KV head)
+    entries, since each head of each layer decides for itself. ``dense_equivalent_bytes`` is what the same tokens cost in bf16 K/V.
+    ``compression_ratio`` divides it by every byte the held tokens use: their blocks (with metadata and
+    padding) and their descriptor-table rows.
+    """
+
+    capacity_bytes: int
+    used_bytes: int
+    free_bytes: int
+    staged_bytes: int
+    sealed_bytes: int
+    descriptor_bytes: int
+    staged_pages: int
+    sealed_pages: int
+    tokens_per_tier: tuple[int, ...]
+    pruned_tokens: int
+    dense_equivalent_bytes: int
+    compression_ratio: float
+    sealed_compression_ratio: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class CompressedKVStore:
+    """DiffKV storage for all layers of one rank.
+
+    Args:
+        config: DiffKV settings (tiers, thresholds, page size...).
+        num_layers, num_kv_heads, head_dim: the model's attention shape on this rank.
+        num_pages: logical pages (SGLang's pool size / page size, padding page included).
+        arena_bytes: physical budget for all blocks.
+        dtype: model dtype of staged K/V.
+        device: where the arena and tables live.
+        seal_chunk_pages: pages sealed per internal chunk (bounds the temporary dense copy).
+
+    Example::
+
+        store = CompressedKVStore(DiffKVConfig(), num_layers=2, num_kv_heads=2, head_dim=64,
+                                  num_pages=64, arena_bytes=1 << 22)
+        store.stage(torch.tensor([1, 2]))
+        for layer in range(2):
+            store.write_tokens(layer, locs, k, v)          # locs: slots of pages 1 and 2
+        store.seal(torch.tensor([1]), context_lens=torch.tensor([96]))
+        keys, values, present = store.read_pages(0, torch.tensor([1, 2]))
+        store.release(torch.tensor([1, 2]))
+    """
+
+    def __init__(self, config: DiffKVConfig, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int,
+                 arena_bytes: int, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                 seal_chunk_pages: int = 64):
+        if num_pages < 1 or num_layers < 1 or num_kv_heads < 1:
+            raise ValueError(f"num_pages={num_pages}, num_layers={num_layers}, num_kv_heads={num_kv_heads} must be >= 1")
+        self.config = config
+        self.formats = LayerFormats(config, num_layers, head_dim, dtype)
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_pages, self.page_size, self.dtype = num_pages, config.page_size, dtype
+        self.device = torch.device(device)
+        self.seal_chunk_pages = seal_chunk_pages
+        self.arena = BlockArena(arena_bytes, num_pages * num_layers * num_kv_heads, self.device)
+        self.page_state = torch.zeros(num_pages, dtype=torch.int8, device=self.device)
+        self.tier_counts = torch.zeros(num_pages, num_layers, num_kv_heads, config.num_tiers,
+                                       dtype=torch.int32, device=self.device)
+        self._heads = torch.arange(num_kv_heads, device=self.device)
+        self._layers = torch.arange(num_layers, device=self.device)
+        self._format_groups = self._group_layers_by_format()
+
+    # ------------------------------------------------------------------------------------- addressing
+    def slots(self, pages: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Arena slot ids: ``[n, L, H]`` for all layers, or ``[n, H]`` for one ``layer``."""
+        pages = pages.to(self.device, torch.int64)
+        if layer is None:
+            return (pages[:, None, None] * self.num_layers + self._layers[None, :, None]) * self.num_kv_heads + self._heads
+        return (pages[:, None] * self.num_layers + layer) * self.num_kv_heads + self._heads
+
+    def _staged_elements(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
+        """``[n, H]`` element index (in model-dtype units) of the staged blocks of ``pages`` in ``layer``."""
+        offsets = self.arena.block_offset[self.slots(pages, layer)]
+        return offsets // self.formats.staged.element_bytes
+
+    def _check_state(self, pages: torch.Tensor, allowed: tuple[PageState, ...], action: str) -> None:
+        state = self.page_state[pages]
+        ok = torch.zeros_like(state, dtype=torch.bool)
+        for s in allowed:
+            ok |= state == s
+        if not bool(ok.all()):
+            bad = pages[~ok][:8].tolist()
+            raise ValueError(f"{action}: pages {bad} are not {'/'.join(s.name for s in allowed)}")
+
+    # ---------------------------------------------------------------------------------------- staging
+    def stage(self, pages: torch.Tensor) -> None:
+        """Give EMPTY ``pages`` ``[n]`` dense blocks in every layer and head, importance zeroed.
+
+        Raises :class:`~diffkv_sglang.memory.ArenaOutOfMemory` (nothing changed) if the arena cannot hold them.
+        """
+        pages = pages.to(self.device, torch.int64)
+        if pages.numel() == 0:
+            return
+        self._check_state(pages, (PageState.EMPTY,), "stage")
+        slots = self.slots(pages).reshape(-1)
+        staged = self.formats.staged
+        offsets = self.arena.allocate(slots, torch.full_like(slots, staged.nbytes))
+        as_f32 = self.arena.data.view(torch.float32)
+        stats = (offsets[:, None] + staged.score_start) // 4 + torch.arange(2 * self.page_size, device=self.device)
+        as_f32[stats.reshape(-1)] = 0.0                        # score_sum and seen are contiguous
+        self.page_state[pages] = PageState.STAGED
+
+    def write_tokens(self, layer: int, locs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store new tokens of ``layer`` into their staged pages.
+
+        Args:
+            locs: ``[m]`` int logical token slots (their pages must be STAGED).
+            keys, values: ``[m, H, D]`` (cast to the store dtype).
+        """
+        if locs.numel() == 0:
+            return
+        locs = locs.to(self.device, torch.int64)
+        pages, in_page = locs // self.page_size, locs % self.page_size
+        staged = self.formats.staged
+        base = self._staged_elements(layer, pages) + (in_page * self.head_dim)[:, None]       # [m, H]
+        index = (base[..., None] + torch.arange(self.head_dim, device=self.device)).reshape(-1)
+        data = self.arena.data.view(self.dtype)
+        data[index] = keys.to(self.dtype).reshape(-1)
+        data[index + staged.values_start // staged.element_bytes] = values.to(self.dtype).reshape(-1)
+
+    def add_importance(self, layer: int, locs: torch.Tensor, score: torch.Tensor, seen: torch.Tensor) -> None:
+        """Accumulate attention statistics of staged tokens.
+
+        Args:
+            locs: ``[m]`` int logical token slots in STAGED pages.
+            score: ``[m, H]`` float attention mass to add per KV head.
+            seen: ``[m]`` float number of observing queries to add.
+        """
+        if locs.numel() == 0:
+            return
+        locs = locs.to(self.device, torch.int64)
+        pages, in_page = locs // self.page_size, locs % self.page_size
+        staged = self.formats.staged
+        offsets = self.arena.block_offset[self.slots(pages, layer)]                          # [m, H]
+        score_at = (offsets + staged.score_start) // 4 + in_page[:, None]
+        seen_at = (offsets + staged.seen_start) // 4 + in_page[:, None]
+        as_f32 = self.arena.data.view(torch.float32)
+        as_f32.index_put_((score_at.reshape(-1),), score.float().reshape(-1), accumulate=True)
+        as_f32.index_put_((seen_at.reshape(-1),), seen.float()[:, None].expand_as(seen_at).reshape(-1), accumulate=True)
+
+    def _read_staged(self, layer_slots: torch.Tensor):
+        """Dense contents of staged blocks: slots ``[...]`` -> keys/values ``[..., P, D]`` (store dtype),
+        score_sum/seen ``[..., P]`` float32."""
+        staged = self.formats.staged
+        offsets = self.arena.block_offset[layer_slots]
+        elems = offsets // staged.element_bytes
+        kv_index = elems[..., None] + torch.arange(self.page_size * self.head_dim, device=self.device)
+        data = self.arena.data.view(self.dtype)
+        shape = (*layer_slots.shape, self.page_size, self.head_dim)
+        keys = data[kv_index].reshape(shape)
+        values = data[kv_index + staged.values_start // staged.element_bytes].reshape(shape)
+        stat_index = (offsets // 4)[..., None] + torch.arange(self.page_size, device=self.device)
+        as_f32 = self.arena.data.view(torch.float32)
+        score_sum = as_f32[stat_index + staged.score_start // 4]
+        seen = as_f32[stat_index + staged.seen_start // 4]
+        return keys, values, score_sum, seen
+
+    # ---------------------------------------------------------------------------------------- sealing
+    def seal(self, pages: torch.Tensor, context_lens: torch.Tensor) -> None:
+        """Compress full STAGED ``pages`` ``[n]`` in every layer and head.
+
+        Args:
+            pages: ``[n]`` int logical pages, every token written and outside the protected window.
+            context_lens: ``[n]`` int context length ``N`` of the owning request, for the thresholds.
+        """
+        pages = pages.to(self.device, torch.int64)
+        if pages.numel() == 0:
+            return
+        self._check_state(pages, (PageState.STAGED,), "seal")
+        context_lens = context_lens.to(self.device, torch.int64)
+        for start in range(0, pages.numel(), self.seal_chunk_pages):
+            self._seal_chunk(pages[start:start + self.seal_chunk_pages], context_lens[start:start + self.seal_chunk_pages])
+
+    def _seal_chunk(self, pages: torch.Tensor, context_lens: torch.Tensor) -> None:
+        slots = self.slots(pages)                                                              # [n, L, H]
+        keys, values, score_sum, seen = self._read_staged(slots)                              # [n, L, H, P(, D)]
+        r = relative_importance(score_sum, seen, context_lens[:, None, None, None])
+        tiers = classify_with_config(r, self.config)                                           # [n, L, H, P]
+        self.arena.free(slots.reshape(-1))
+        groups = self._format_groups
+        nbytes = torch.empty(slots.shape, dtype=torch.int64, device=self.device)
+        for fmt, layers in groups:
+            nbytes[:, layers] = fmt.block_nbytes(tier_counts(tiers[:, layers], fmt.num_tiers))
+        offsets = self.arena.allocate(slots.reshape(-1), nbytes.reshape(-1)).reshape(slots.shape)
+        for fmt, layers in groups:
+            flat = lambda x: x[:, layers].reshape(-1, *x.shape[3:])                            # noqa: E731
+            counts = write_sealed_blocks(fmt, self.arena.data, flat(offsets), flat(keys), flat(values), flat(tiers))
+            self.tier_counts[pages[:, None], layers] = counts.reshape(len(pages), len(layers), self.num_kv_heads, -1).to(torch.int32)
+        self.page_state[pages] = PageState.SEALED
+
+    def _group_layers_by_format(self):
+        """``[(format, layer index tensor)]``: layers sharing one sealed-block format, sealed together."""
+        by_format: dict[int, list[int]] = {}
+        for layer, fmt in enumerate(self.formats.sealed):
+            by_format.setdefault(id(fmt), []).append(layer)
+        return [(self.formats[layers[0]], torch.tensor(layers, device=self.device)) for layers in by_format.values()]
+
+    # --------------------------------------------------------------------------------------- release
+    def release(self, pages: torch.Tensor) -> None:
+        """Free every block of ``pages`` ``[n]`` (any state; EMPTY pages are ignored)."""
+        pages = pages.to(self.device, torch.int64)
+        if pages.numel() == 0:
+            return
+        self.arena.free(self.slots(pages).reshape(-1))
+        self.page_state[pages] = PageState.EMPTY
+        self.tier_counts[pages] = 0
+
+    def clear(self) -> None:
+        """Drop everything (SGLang's flush_cache)."""
+        self.arena.clear()
+        self.page_state.zero_()
+        self.tier_counts.zero_()
+
+    # ------------------------------------------------------------------------------------------ reads
+    def read_pages(self, layer: int, pages: torch.Tensor):
+        """Reference read of one layer: dense float32 K/V of ``pages`` ``[n]`` in any state.
+
+        Returns:
+            keys, values: ``[n, H, P, D]`` float32 (sealed pages dequantized, in the model's space);
+            present: ``[n, H, P]`` bool, False for pruned tokens and EMPTY pages.
+        """
+        pages = pages.to(self.device, torch.int64)
+        n, heads, page, dim = pages.numel(), self.num_kv_heads, self.page_size, self.head_dim
+        keys = torch.zeros(n, heads, page, dim, device=self.device)
+        values = torch.zeros_like(keys)
+        present = torch.zeros(n, heads, page, dtype=torch.bool, device=self.device)
+        state = self.page_state[pages]
+        staged = (state == PageState.STAGED).nonzero(as_tuple=True)[0]
+        if staged.numel():
+            k, v, _, _ = self._read_staged(self.slots(pages[staged], layer))
+            keys[staged], values[staged], present[staged] = k.float(), v.float(), True
+        sealed = (state == PageState.SEALED).nonzero(as_tuple=True)[0]
+        if sealed.numel():
+            slots = self.slots(pages[sealed], layer).reshape(-1)
+            counts = self.tier_counts[pages[sealed], layer].reshape(-1, self.config.num_tiers)
+            k, v, tier = read_sealed_blocks(self.formats[layer], self.arena.data, self.arena.block_offset[slots], counts)
+            shape = (sealed.numel(), heads, page)
+            keys[sealed], values[sealed] = k.reshape(*shape, dim), v.reshape(*shape, dim)
+            present[sealed] = (tier >= 0).reshape(shape)
+        return keys, values, present
+
+    def staged_importance(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score_sum``, ``seen`` ``[n, H, P]`` float32 of STAGED ``pages`` in ``layer`` (for tests and debugging)."""
+        _, _, score_sum, seen = self._read_staged(self.slots(pages.to(self.device, torch.int64), layer))
+        return score_sum, seen
+
+    # ---------------------------------------------------------------------------------------- metrics
+    @property
+    def descriptor_bytes_per_block(self) -> int:
+        """Table bytes per (page, layer, head): arena offset and size plus tier counts."""
+        arena = self.arena
+        return (arena.block_offset.element_size() + arena.block_nbytes.element_size()
+                + self.tier_counts.element_size() * self.config.num_tiers)
+
+    def stats(self) -> StoreStats:
+        """Physical bytes, tokens per tier and the effective compression ratio (one host sync)."""
+        state = self.page_state
+        nbytes = self.arena.block_nbytes.reshape(self.num_pages, -1).sum(-1)                   # [pages]
+        staged, sealed = state == PageState.STAGED, state == PageState.SEALED
+        staged_bytes, sealed_bytes = int(nbytes[staged].sum()), int(nbytes[sealed].sum())
+        n_staged, n_sealed = int(staged.sum()), int(sealed.sum())
+        per_tier = self.tier_counts.sum(dim=(0, 1, 2)).tolist()
+        blocks_per_page = self.num_layers * self.num_kv_heads
+        dense_token_bytes = blocks_per_page * self.head_dim * 2 * 2                           # bf16 K and V
+        desc = self.descriptor_bytes_per_block * blocks_per_page
+        held_pages = n_staged + n_sealed
+        dense_equivalent = held_pages * self.page_size * dense_token_bytes
+        pruned = n_sealed * self.page_size * blocks_per_page - sum(per_tier)
+        used_by_held = staged_bytes + sealed_bytes + held_pages * desc
+        sealed_used = sealed_bytes + n_sealed * desc
+        return StoreStats(
+            capacity_bytes=self.arena.capacity_bytes, used_bytes=self.arena.used_bytes,
+            free_bytes=self.arena.free_bytes, staged_bytes=staged_bytes, sealed_bytes=sealed_bytes,
+            descriptor_bytes=held_pages * desc, staged_pages=n_staged, sealed_pages=n_sealed,
+            tokens_per_tier=tuple(int(x) for x in per_tier), pruned_tokens=int(pruned),
+            dense_equivalent_bytes=dense_equivalent,
+            compression_ratio=dense_equivalent / used_by_held if used_by_held else 0.0,
+            sealed_compression_ratio=(n_sealed * self.page_size * dense_token_bytes / sealed_used) if sealed_used else 0.0,
+        )

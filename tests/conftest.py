@@ -1,0 +1,42 @@
+"""Shared helpers for the core tests: building stores and a float64 dense attention reference."""
+
+import math
+
+import pytest
+import torch
+
+
+def pytest_report_header(config):
+    return f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}"
+
+
+def dense_attention(q, keys, values, q_pos, keep=None, sm_scale=None):
+    """float64 reference: q ``[Q, Hq, D]``, keys/values ``[T, H, D]`` (position = index), causal by ``q_pos``
+    ``[Q]``; ``keep`` ``[H, T]`` bool drops pruned tokens. Returns ``[Q, Hq, D]`` float64 and the probabilities
+    ``[Hq, Q, T]``."""
+    q, keys, values = q.double(), keys.double(), values.double()
+    num_q_heads, heads = q.shape[1], keys.shape[1]
+    group = num_q_heads // heads
+    k = keys.repeat_interleave(group, dim=1).permute(1, 0, 2)            # [Hq, T, D]
+    v = values.repeat_interleave(group, dim=1).permute(1, 0, 2)
+    scale = sm_scale if sm_scale is not None else 1 / math.sqrt(q.shape[-1])
+    logits = torch.einsum("qhd,htd->hqt", q, k) * scale
+    mask = torch.arange(keys.shape[0])[None, None, :] <= q_pos[None, :, None]
+    if keep is not None:
+        mask = mask & keep.repeat_interleave(group, dim=0)[:, None, :]
+    probs = torch.softmax(logits.masked_fill(~mask, -math.inf), -1)
+    return torch.einsum("hqt,htd->qhd", probs, v), probs
+
+
+@pytest.fixture
+def seeded():
+    """Fresh random inputs each run, reproducible from the printed seed on failure."""
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    return seed
+
+
+@pytest.fixture
+def reference_attention():
+    """The float64 dense attention reference (see :func:`dense_attention`)."""
+    return dense_attention

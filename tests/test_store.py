@@ -1,0 +1,153 @@
+import pytest
+import torch
+
+from diffkv_sglang.config import DiffKVConfig
+from diffkv_sglang.memory import ArenaOutOfMemory
+from diffkv_sglang.store import CompressedKVStore, PageState
+
+L, H, D, P = 3, 2, 32, 16
+
+
+def make_store(config=None, num_pages=16, arena_bytes=1 << 22, dtype=torch.bfloat16):
+    config = config or DiffKVConfig(page_size=P)
+    store = CompressedKVStore(config, num_layers=L, num_kv_heads=H, head_dim=D, num_pages=num_pages,
+                              arena_bytes=arena_bytes, dtype=dtype)
+    store.arena.data.random_(0, 256)                       # poison: nothing may rely on zeroed memory
+    return store
+
+
+def fill(store, pages):
+    """Stage ``pages`` and write random K/V to every token in every layer. Returns k, v ``[L, n*P, H, D]``."""
+    store.stage(pages)
+    locs = (pages[:, None] * P + torch.arange(P)).reshape(-1)
+    k = torch.randn(L, locs.numel(), H, D).to(store.dtype)
+    v = torch.randn(L, locs.numel(), H, D).to(store.dtype)
+    for layer in range(L):
+        store.write_tokens(layer, locs, k[layer], v[layer])
+    return locs, k, v
+
+
+def as_pages(x, n):
+    """``[n*P, H, D]`` token-major -> ``[n, H, P, D]`` page-major."""
+    return x.reshape(n, P, H, -1).transpose(1, 2)
+
+
+def test_staged_round_trip_is_exact(seeded):
+    store = make_store()
+    pages = torch.tensor([3, 1, 7])
+    _, k, v = fill(store, pages)
+    for layer in range(L):
+        keys, values, present = store.read_pages(layer, pages)
+        assert torch.equal(keys, as_pages(k[layer], 3).float()) and torch.equal(values, as_pages(v[layer], 3).float())
+        assert present.all()
+        score, seen = store.staged_importance(layer, pages)
+        assert torch.all(score == 0) and torch.all(seen == 0)
+    assert store.page_state[pages].tolist() == [PageState.STAGED] * 3
+
+
+def test_seal_without_pruning_at_8_bits_is_close(seeded):
+    store = make_store(DiffKVConfig.from_dict({"tiers": ["k8v8"], "alpha_low": 0, "page_size": P}))
+    pages = torch.tensor([2, 5])
+    locs, k, v = fill(store, pages)
+    store.seal(pages, context_lens=torch.tensor([100, 100]))
+    for layer in range(L):
+        keys, values, present = store.read_pages(layer, pages)
+        assert present.all()
+        ref = as_pages(k[layer], 2).float()
+        # per-token range / 255 / 2 (plus the float16 rounding of scale and zero)
+        bound = (ref.amax(-1) - ref.amin(-1)) / 255 / 2 * 1.01 + 1e-3 * ref.abs().amax(-1)
+        assert torch.all((keys - ref).abs() <= bound[..., None])
+    assert (store.tier_counts[pages] == P).all()
+    assert store.page_state[pages].tolist() == [PageState.SEALED] * 2
+    store.arena.check_invariants()
+
+
+def test_seal_classifies_from_accumulated_importance(seeded):
+    """Tokens given attention above alpha_high/N go to tier 0, between go to tier 1, below alpha_low/N vanish."""
+    store = make_store()
+    pages = torch.tensor([4])
+    locs, k, v = fill(store, pages)
+    n_ctx = 200
+    # relative importance r = score / seen * N: choose per token r in {5, 0.5, 0.001}
+    r_target = torch.tensor([5.0, 0.5, 0.001, 5.0] * (P // 4))
+    tiers_expected = torch.tensor([0, 1, -1, 0] * (P // 4), dtype=torch.int8)
+    for layer in range(L):
+        seen = torch.full((P,), 3.0)
+        store.add_importance(layer, locs, (r_target / n_ctx * seen)[:, None].expand(P, H), seen)
+    score, seen = store.staged_importance(0, pages)
+    assert torch.allclose(score[0, 0] / seen[0, 0] * n_ctx, r_target)
+    store.seal(pages, torch.tensor([n_ctx]))
+    for layer in range(L):
+        keys, values, present = store.read_pages(layer, pages)
+        assert torch.equal(present[0], (tiers_expected >= 0).expand(H, P))
+        assert torch.all(keys[0][~present[0]] == 0)
+    assert store.tier_counts[4, 0, 0].tolist() == [P // 2, P // 4]
+    stats = store.stats()
+    assert stats.tokens_per_tier == (L * H * P // 2, L * H * P // 4)
+    assert stats.pruned_tokens == L * H * P // 4
+    assert stats.sealed_pages == 1 and stats.staged_pages == 0
+
+
+def test_release_returns_every_byte(seeded):
+    store = make_store()
+    fill(store, torch.tensor([1, 2, 3]))
+    store.seal(torch.tensor([2]), torch.tensor([64]))
+    assert store.arena.used_bytes > 0
+    store.release(torch.tensor([1, 2, 3]))
+    store.release(torch.tensor([2]))                       # releasing twice is harmless
+    assert store.arena.used_bytes == 0 and store.stats().used_bytes == 0
+    assert (store.page_state == PageState.EMPTY).all()
+    store.arena.check_invariants()
+
+
+def test_stage_out_of_memory_changes_nothing(seeded):
+    staged_page_bytes = L * H * make_store().formats.staged.nbytes
+    store = make_store(arena_bytes=2 * staged_page_bytes + 100)
+    fill(store, torch.tensor([1, 2]))
+    before = (store.page_state.clone(), store.arena.used_bytes)
+    with pytest.raises(ArenaOutOfMemory):
+        store.stage(torch.tensor([3]))
+    assert torch.equal(store.page_state, before[0]) and store.arena.used_bytes == before[1]
+    with pytest.raises(ValueError, match="not EMPTY"):
+        store.stage(torch.tensor([1]))
+
+
+def test_seal_succeeds_in_a_full_arena(seeded):
+    """Sealing frees the staged bytes before allocating smaller sealed blocks, so it cannot run out of memory."""
+    staged_page_bytes = L * H * make_store().formats.staged.nbytes
+    store = make_store(arena_bytes=3 * staged_page_bytes)
+    pages = torch.tensor([5, 6, 7])
+    fill(store, pages)
+    assert store.arena.free_bytes < staged_page_bytes
+    store.seal(pages, torch.tensor([500, 500, 500]))
+    assert store.arena.free_bytes > staged_page_bytes      # K8V4 at head_dim 32 is 57 of 136 bytes per token
+    store.arena.check_invariants()
+
+
+def test_per_layer_override_and_rotation(seeded):
+    config = DiffKVConfig.from_dict({"tiers": ["k4v2", "k2v2g2"], "alpha_low": 0, "page_size": P,
+                                     "key_rotation": "hadamard", "layer_tiers": {"1": ["k8v8", "k8v4"]}})
+    store = make_store(config)
+    pages = torch.tensor([0, 9])
+    locs, k, v = fill(store, pages)
+    store.seal(pages, torch.tensor([40, 40]))                # unobserved tokens stay in tier 0
+    errors = []
+    for layer in range(L):
+        keys, _, _ = store.read_pages(layer, pages)
+        errors.append(float((keys - as_pages(k[layer], 2).float()).abs().mean()))
+    assert errors[1] < errors[0] / 4 and errors[1] < errors[2] / 4      # 8-bit layer is far more precise
+    assert errors[0] < 0.25                                              # 4-bit keys still track the data
+
+
+def test_stats_ratio_counts_all_metadata():
+    store = make_store(DiffKVConfig.from_dict({"tiers": ["k4v2"], "alpha_low": 0, "page_size": P}))
+    pages = torch.arange(1, 9)
+    fill(store, pages)
+    store.seal(pages, torch.full((8,), 1000))
+    stats = store.stats()
+    per_token = 32 * 4 // 8 + 32 * 2 // 8 + 4 + 4 + 1                     # codes + 2 metas + index = 57 bytes
+    block = -(-(P * per_token + 8) // 16) * 16
+    expected_bytes = 8 * L * H * (block + store.descriptor_bytes_per_block)
+    assert stats.sealed_bytes == 8 * L * H * block
+    assert stats.compression_ratio == pytest.approx(8 * P * L * H * D * 4 / expected_bytes)
+    assert 2.0 < stats.compression_ratio < D * 4 / per_token
