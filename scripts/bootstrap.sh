@@ -60,9 +60,9 @@ PIP_EXTRA=()
 [ "${CI:-}" = true ] && PIP_EXTRA+=(--progress-bar off)
 
 # 2. pinned CPU dependencies
-log "installing requirements/cpu.txt (torch, triton, sglang's CPU deps; ~1 min on a fresh venv)"
+log "installing requirements/cpu.txt (torch, triton, sglang's CPU deps; 1-1.5 min from scratch)"
 "${PIP[@]}" install "${PIP_EXTRA[@]}" -r requirements/cpu.txt \
-    || die "pip install -r requirements/cpu.txt failed (is torch 2.13.0+cpu in $WHEEL_STORE?)"
+    || die "pip install -r requirements/cpu.txt failed (pip's error is above; torch 2.13.0+cpu comes from $WHEEL_STORE)"
 
 # 3. sglang without its (CUDA) dependency tree
 log "installing requirements/sglang.txt with --no-deps"
