@@ -6,8 +6,8 @@
     (they never run). Files that do not exist yet are simply not scanned.
 (b) The wheel (``pip wheel --no-deps --no-build-isolation``) ships diffkv_sglang/ and
     diffkv_sglang/kernels/, and no top-level kernels/, nothing from tests/.
-    (b) is slow-ish (~5 s: one wheel build); it is in the default run. Deselect with
-    ``-k "not slow"``.
+    (b) is marked ``slow`` (one wheel build, a few seconds); it is in the default run. Deselect with
+    ``-m "not slow"``.
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ _BUILD_IGNORE = shutil.ignore_patterns(
 )
 
 
-def test_wheel_contents_slow(tmp_path):
+@pytest.mark.slow
+def test_wheel_contents(tmp_path):
     """Build the wheel from a copy of the working tree (no build/ or egg-info left in the repo)."""
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, symlinks=True, ignore=_BUILD_IGNORE)
