@@ -4,9 +4,10 @@ Each request's KV is a list of logical pages (CSR ``kv_page_indptr`` / ``kv_page
 paged KV); token ``t`` of a request lives in page ``kv_page_indices[indptr[b] + t // P]`` at in-page index
 ``t % P``, and its position is ``t``. Pages may be staged (dense) or sealed (compressed, some tokens pruned):
 attention runs over every kept token, with a float32 softmax, all query heads of a GQA group sharing their
-KV head. As a side effect ``run`` accumulates the importance statistics of staged tokens that sealing needs
-(see :mod:`diffkv_sglang.policy`): every decode query observes; in an extend, the last ``obs_window`` queries
-of each request's chunk observe.
+KV head. As a side effect ``run`` records the importance statistics of staged tokens that sealing needs
+(see :mod:`diffkv_sglang.policy`): every decode query adds its attention; an extend's last ``obs_window``
+queries per request *replace* the statistics of the staged tokens they see, so after a chunked prefill (or a new
+turn over a cached prefix) the latest observation window decides, as DiffKV's prefill rule intends.
 
 This module is the torch reference path (any device). The Triton kernels implement the same contract.
 """
@@ -34,6 +35,7 @@ class PagedBatchPlan:
         q_positions: ``[B, Q]`` int64 position of each (padded) query; q_valid ``[B, Q]`` bool.
         q_index: ``[n_valid]`` int64 flat index into ``[B * Q]`` of the real queries, in input order.
         observe: ``[B, Q]`` bool, queries whose attention is recorded as importance.
+        accumulate: add to the staged statistics (decode) or overwrite them (extend window).
         sm_scale: softmax scale.
     """
 
@@ -45,6 +47,7 @@ class PagedBatchPlan:
     q_valid: torch.Tensor
     q_index: torch.Tensor
     observe: torch.Tensor
+    accumulate: bool
     sm_scale: float
 
 
@@ -114,7 +117,7 @@ class _PagedAttentionBase:
         pages = plan.key_locs // store.page_size
         target = plan.key_valid & (store.page_state[pages] == PageState.STAGED) & (seen > 0)
         b, t = target.nonzero(as_tuple=True)
-        store.add_importance(layer, plan.key_locs[b, t], score[b, :, t], seen[b, t])
+        store.add_importance(layer, plan.key_locs[b, t], score[b, :, t], seen[b, t], accumulate=plan.accumulate)
 
 
 class DecodeAttentionWrapper(_PagedAttentionBase):
@@ -145,7 +148,7 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
         self._plan = PagedBatchPlan(
             page_table=table, seq_lens=seq_lens, key_locs=key_locs, key_valid=key_valid,
             q_positions=(seq_lens - 1)[:, None], q_valid=ones, q_index=torch.arange(batch, device=table.device),
-            observe=ones, sm_scale=sm_scale if sm_scale is not None else self.store.head_dim ** -0.5)
+            observe=ones, accumulate=True, sm_scale=sm_scale if sm_scale is not None else self.store.head_dim ** -0.5)
 
     def run(self, q: torch.Tensor, layer: int) -> torch.Tensor:
         """``q`` ``[B, Hq, D]`` -> output ``[B, Hq, D]`` in ``q.dtype``; accumulates staged-token importance."""
@@ -156,7 +159,8 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
     """Extend (prefill, chunked prefill, prefix-cache hit) attention: new queries over prefix + new tokens.
 
     The new tokens' K/V must already be written to their staged pages. Attention is causal by position and
-    exact over staged tokens. The last ``obs_window`` queries of each request's chunk record importance.
+    exact over staged tokens. The last ``obs_window`` queries of each request's chunk set the importance of the
+    staged tokens they see (replacing earlier statistics).
 
     Example::
 
@@ -192,7 +196,7 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
         q_index = (torch.arange(batch, device=device)[:, None] * q_valid.shape[1] + i[None, :])[q_valid]
         self._plan = PagedBatchPlan(
             page_table=table, seq_lens=seq_lens, key_locs=key_locs, key_valid=key_valid,
-            q_positions=q_positions, q_valid=q_valid, q_index=q_index, observe=observe,
+            q_positions=q_positions, q_valid=q_valid, q_index=q_index, observe=observe, accumulate=False,
             sm_scale=sm_scale if sm_scale is not None else self.store.head_dim ** -0.5)
 
     def run(self, q: torch.Tensor, layer: int) -> torch.Tensor:

@@ -141,6 +141,8 @@ class DiffKVConfig:
             quantization; attention stays exact because queries are rotated the same way).
         layer_tiers: per-layer overrides of ``tiers`` (same number of tiers), e.g. to keep 8-bit keys in a
             sensitive layer.
+        arena_fraction: share of the KV memory budget given to the block arena (the rest stays free).
+        compaction_trigger: compact the arena when holes exceed this fraction of its capacity.
     """
 
     tiers: tuple[TierSpec, ...] = dataclasses.field(default_factory=_default_tiers)
@@ -153,6 +155,8 @@ class DiffKVConfig:
     key_rotation: str = "none"
     value_rotation: str = "none"
     layer_tiers: Mapping[int, tuple[TierSpec, ...]] = dataclasses.field(default_factory=dict)
+    arena_fraction: float = 1.0
+    compaction_trigger: float = 0.25
 
     def __post_init__(self) -> None:
         self.validate()
@@ -187,6 +191,10 @@ class DiffKVConfig:
         for name in ("key_rotation", "value_rotation"):
             if getattr(self, name) not in ROTATIONS:
                 raise ConfigError(name, getattr(self, name), f"one of {ROTATIONS}")
+        if not _is_number(self.arena_fraction) or not 0 < self.arena_fraction <= 1:
+            raise ConfigError("arena_fraction", self.arena_fraction, "a number in (0, 1]")
+        if not _is_number(self.compaction_trigger) or not 0 <= self.compaction_trigger <= 1:
+            raise ConfigError("compaction_trigger", self.compaction_trigger, "a number in [0, 1]")
         for layer, tiers in self.layer_tiers.items():
             field = f"layer_tiers[{layer}]"
             if not _is_int(layer) or layer < 0:
@@ -243,6 +251,8 @@ class DiffKVConfig:
             "key_rotation": self.key_rotation,
             "value_rotation": self.value_rotation,
             "layer_tiers": {str(k): [t.name for t in v] for k, v in sorted(self.layer_tiers.items())},
+            "arena_fraction": self.arena_fraction,
+            "compaction_trigger": self.compaction_trigger,
         }
 
     # ---------------------------------------------------------------------------------------- parsing
@@ -343,3 +353,7 @@ class DiffKVConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

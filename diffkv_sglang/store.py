@@ -171,13 +171,14 @@ class CompressedKVStore:
         data[index] = keys.to(self.dtype).reshape(-1)
         data[index + staged.values_start // staged.element_bytes] = values.to(self.dtype).reshape(-1)
 
-    def add_importance(self, layer: int, locs: torch.Tensor, score: torch.Tensor, seen: torch.Tensor) -> None:
-        """Accumulate attention statistics of staged tokens.
+    def add_importance(self, layer: int, locs: torch.Tensor, score: torch.Tensor, seen: torch.Tensor,
+                       accumulate: bool = True) -> None:
+        """Accumulate (or, with ``accumulate=False``, overwrite) attention statistics of staged tokens.
 
         Args:
-            locs: ``[m]`` int logical token slots in STAGED pages.
-            score: ``[m, H]`` float attention mass to add per KV head.
-            seen: ``[m]`` float number of observing queries to add.
+            locs: ``[m]`` int distinct logical token slots in STAGED pages.
+            score: ``[m, H]`` float attention mass per KV head.
+            seen: ``[m]`` float number of observing queries.
         """
         if locs.numel() == 0:
             return
@@ -188,8 +189,9 @@ class CompressedKVStore:
         score_at = (offsets + staged.score_start) // 4 + in_page[:, None]
         seen_at = (offsets + staged.seen_start) // 4 + in_page[:, None]
         as_f32 = self.arena.data.view(torch.float32)
-        as_f32.index_put_((score_at.reshape(-1),), score.float().reshape(-1), accumulate=True)
-        as_f32.index_put_((seen_at.reshape(-1),), seen.float()[:, None].expand_as(seen_at).reshape(-1), accumulate=True)
+        as_f32.index_put_((score_at.reshape(-1),), score.float().reshape(-1), accumulate=accumulate)
+        as_f32.index_put_((seen_at.reshape(-1),), seen.float()[:, None].expand_as(seen_at).reshape(-1),
+                          accumulate=accumulate)
 
     def _read_staged(self, layer_slots: torch.Tensor):
         """Dense contents of staged blocks: slots ``[...]`` -> keys/values ``[..., P, D]`` (store dtype),

@@ -172,3 +172,24 @@ def test_plan_rejects_too_few_pages():
         DecodeAttentionWrapper(store).plan(torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([17]))
     with pytest.raises(RuntimeError, match="plan"):
         DecodeAttentionWrapper(store).run(torch.randn(1, 1, D), 0)
+
+
+def test_extend_window_replaces_and_decode_accumulates(seeded, reference_attention):
+    """A later extend's window overwrites the statistics (last observation window decides); decode adds."""
+    heads = 2
+    store = make_store(DiffKVConfig.from_dict({"page_size": P, "obs_window": 4}), heads, layers=1)
+    req = Request(store, [5, 6], 20)
+    wrapper = ExtendAttentionWrapper(store)
+    wrapper.plan(torch.tensor([0, 8]), *csr([req]), torch.tensor([20]))
+    for _ in range(2):                                       # two different chunks observing the same tokens
+        q = torch.randn(8, heads, D)
+        wrapper.run(q, 0)
+    _, probs = reference_attention(q, req.k[0], req.v[0], torch.arange(12, 20))
+    score, seen = store.staged_importance(0, req.pages)
+    flat = lambda x: x.permute(1, 0, 2).reshape(heads, -1)[:, :20]           # noqa: E731
+    assert torch.allclose(flat(score), group_max(probs[:, -4:].sum(1).float(), heads), atol=1e-5)
+    assert flat(seen).max() == 4
+    decode = DecodeAttentionWrapper(store)
+    decode.plan(*csr([req]), torch.tensor([20]))
+    decode.run(torch.randn(1, heads, D), 0)
+    assert flat(store.staged_importance(0, req.pages)[1]).max() == 5

@@ -74,6 +74,9 @@ def test_alpha_names_and_replace():
     ({"layer_tiers": {"1": ["k8v4"]}}, "layer_tiers[1]"),
     ({"layer_tiers": {"x": ["k8v4", "k4v2"]}}, "layer_tiers"),
     ({"bogus": 1}, "bogus"),
+    ({"arena_fraction": 0}, "arena_fraction"),
+    ({"arena_fraction": 1.5}, "arena_fraction"),
+    ({"compaction_trigger": -0.1}, "compaction_trigger"),
 ])
 def test_bad_values_name_the_field(data, field):
     with pytest.raises(ConfigError) as info:
