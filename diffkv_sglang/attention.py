@@ -83,7 +83,7 @@ class _PagedAttentionBase:
             raise ValueError("plan: some requests have fewer pages than their seq_lens need")
         return table, seq_lens, key_locs, t[None, :] < seq_lens[:, None]
 
-    def _run(self, q_padded: torch.Tensor, layer: int) -> torch.Tensor:
+    def _run(self, q_padded: torch.Tensor, layer: int, sm_scale: float | None) -> torch.Tensor:
         """Attention for padded queries ``[B, Q, Hq, D]`` -> float32 ``[B, Q, Hq, D]``; records importance."""
         plan, store = self._plan, self.store
         if plan is None:
@@ -98,7 +98,7 @@ class _PagedAttentionBase:
         present &= plan.key_valid[:, None, :]
         values = values.masked_fill(~present[..., None], 0.0)     # unwritten slots may hold any bits, NaN included
         q = q_padded.float().permute(0, 2, 1, 3).reshape(batch, heads, group * num_q, dim)  # [B, H, G*Q, D]
-        logits = torch.einsum("bhqd,bhkd->bhqk", q, keys) * plan.sm_scale                  # [B, H, G*Q, T]
+        logits = torch.einsum("bhqd,bhkd->bhqk", q, keys) * (plan.sm_scale if sm_scale is None else sm_scale)                  # [B, H, G*Q, T]
         causal = plan.key_valid[:, None, :] & (torch.arange(keys.shape[2], device=q.device)[None, None, :]
                                                <= plan.q_positions[:, :, None])            # [B, Q, T]
         mask = causal.repeat(1, group, 1)[:, None] & present[:, :, None, :]                # [B, H, G*Q, T]
@@ -150,9 +150,10 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
             q_positions=(seq_lens - 1)[:, None], q_valid=ones, q_index=torch.arange(batch, device=table.device),
             observe=ones, accumulate=True, sm_scale=sm_scale if sm_scale is not None else self.store.head_dim ** -0.5)
 
-    def run(self, q: torch.Tensor, layer: int) -> torch.Tensor:
-        """``q`` ``[B, Hq, D]`` -> output ``[B, Hq, D]`` in ``q.dtype``; accumulates staged-token importance."""
-        return self._run(q[:, None], layer)[:, 0].to(q.dtype)
+    def run(self, q: torch.Tensor, layer: int, sm_scale: float | None = None) -> torch.Tensor:
+        """``q`` ``[B, Hq, D]`` -> output ``[B, Hq, D]`` in ``q.dtype``; accumulates staged-token importance.
+        ``sm_scale`` overrides the plan's softmax scale for this layer."""
+        return self._run(q[:, None], layer, sm_scale)[:, 0].to(q.dtype)
 
 
 class ExtendAttentionWrapper(_PagedAttentionBase):
@@ -199,13 +200,14 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
             q_positions=q_positions, q_valid=q_valid, q_index=q_index, observe=observe, accumulate=False,
             sm_scale=sm_scale if sm_scale is not None else self.store.head_dim ** -0.5)
 
-    def run(self, q: torch.Tensor, layer: int) -> torch.Tensor:
-        """``q`` ``[total_new, Hq, D]`` -> output ``[total_new, Hq, D]`` in ``q.dtype``; records window importance."""
+    def run(self, q: torch.Tensor, layer: int, sm_scale: float | None = None) -> torch.Tensor:
+        """``q`` ``[total_new, Hq, D]`` -> output ``[total_new, Hq, D]`` in ``q.dtype``; records window importance.
+        ``sm_scale`` overrides the plan's softmax scale for this layer."""
         plan = self._plan
         if plan is None:
             raise RuntimeError("call plan() before run()")
         batch, max_q = plan.q_valid.shape
         padded = torch.zeros(batch * max_q, *q.shape[1:], dtype=q.dtype, device=q.device)
         padded[plan.q_index] = q
-        out = self._run(padded.reshape(batch, max_q, *q.shape[1:]), layer)
+        out = self._run(padded.reshape(batch, max_q, *q.shape[1:]), layer, sm_scale)
         return out.reshape(batch * max_q, *q.shape[1:])[plan.q_index].to(q.dtype)

@@ -65,6 +65,9 @@ class StoreStats:
     dense_equivalent_bytes: int
     compression_ratio: float
     sealed_compression_ratio: float
+    compactions: int
+    compacted_bytes: int
+    compaction_seconds: float
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,6 +115,11 @@ class CompressedKVStore:
         self._heads = torch.arange(num_kv_heads, device=self.device)
         self._layers = torch.arange(num_layers, device=self.device)
         self._format_groups = self._group_layers_by_format()
+        # running totals of sealed pages, so stats() needs no scan of the tables: [bytes, tier 0 .. T-1 entries]
+        self._sealed_totals = torch.zeros(1 + config.num_tiers, dtype=torch.int64, device=self.device)
+        self.compactions = 0
+        self.compacted_bytes = 0
+        self.compaction_seconds = 0.0
 
     # ------------------------------------------------------------------------------------- addressing
     def slots(self, pages: torch.Tensor, layer: int | None = None) -> torch.Tensor:
@@ -241,6 +249,8 @@ class CompressedKVStore:
             flat = lambda x: x[:, layers].reshape(-1, *x.shape[3:])                            # noqa: E731
             counts = write_sealed_blocks(fmt, self.arena.data, flat(offsets), flat(keys), flat(values), flat(tiers))
             self.tier_counts[pages[:, None], layers] = counts.reshape(len(pages), len(layers), self.num_kv_heads, -1).to(torch.int32)
+            self._sealed_totals[1:] += counts.sum(0)
+        self._sealed_totals[0] += self.arena.block_nbytes[slots.reshape(-1)].sum()
         self.page_state[pages] = PageState.SEALED
 
     def _group_layers_by_format(self):
@@ -256,13 +266,18 @@ class CompressedKVStore:
         pages = pages.to(self.device, torch.int64)
         if pages.numel() == 0:
             return
-        self.arena.free(self.slots(pages).reshape(-1))
+        slots = self.slots(pages)
+        sealed = self.page_state[pages] == PageState.SEALED
+        self._sealed_totals[0] -= (self.arena.block_nbytes[slots] * sealed[:, None, None]).sum()
+        self._sealed_totals[1:] -= self.tier_counts[pages].sum(dim=(1, 2)).to(torch.int64).T @ sealed.to(torch.int64)
+        self.arena.free(slots.reshape(-1))
         self.page_state[pages] = PageState.EMPTY
         self.tier_counts[pages] = 0
 
     def clear(self) -> None:
         """Drop everything (SGLang's flush_cache)."""
         self.arena.clear()
+        self._sealed_totals.zero_()
         self.page_state.zero_()
         self.tier_counts.zero_()
 
@@ -307,14 +322,27 @@ class CompressedKVStore:
         return (arena.block_offset.element_size() + arena.block_nbytes.element_size()
                 + self.tier_counts.element_size() * self.config.num_tiers)
 
+    def maybe_compact(self):
+        """Run one bounded compaction step if holes exceed ``config.compaction_trigger`` of the arena.
+
+        Moves at most 1/16 of the capacity per call (at least 1 MiB), so a step never stalls for long;
+        repeated calls converge to a packed arena. Returns the step's CompactionStats, or None.
+        """
+        arena = self.arena
+        if arena.fragmented_bytes <= self.config.compaction_trigger * arena.capacity_bytes or arena.fragmented_bytes == 0:
+            return None
+        result = arena.compact(max_move_bytes=max(arena.capacity_bytes // 16, 1 << 20))
+        self.compactions += 1
+        self.compacted_bytes += result.moved_bytes
+        self.compaction_seconds += result.seconds
+        return result
+
     def stats(self) -> StoreStats:
-        """Physical bytes, tokens per tier and the effective compression ratio (one host sync)."""
+        """Physical bytes, tokens per tier and the effective compression ratio (one host sync, no table scan)."""
         state = self.page_state
-        nbytes = self.arena.block_nbytes.reshape(self.num_pages, -1).sum(-1)                   # [pages]
-        staged, sealed = state == PageState.STAGED, state == PageState.SEALED
-        staged_bytes, sealed_bytes = int(nbytes[staged].sum()), int(nbytes[sealed].sum())
-        n_staged, n_sealed = int(staged.sum()), int(sealed.sum())
-        per_tier = self.tier_counts.sum(dim=(0, 1, 2)).tolist()
+        counters = torch.stack([(state == PageState.STAGED).sum(), (state == PageState.SEALED).sum()])
+        n_staged, n_sealed, sealed_bytes, *per_tier = torch.cat([counters, self._sealed_totals]).tolist()
+        staged_bytes = n_staged * self.num_layers * self.num_kv_heads * self.formats.staged.nbytes
         blocks_per_page = self.num_layers * self.num_kv_heads
         dense_token_bytes = blocks_per_page * self.head_dim * 2 * 2                           # bf16 K and V
         desc = self.descriptor_bytes_per_block * blocks_per_page
@@ -331,4 +359,6 @@ class CompressedKVStore:
             dense_equivalent_bytes=dense_equivalent,
             compression_ratio=dense_equivalent / used_by_held if used_by_held else 0.0,
             sealed_compression_ratio=(n_sealed * self.page_size * dense_token_bytes / sealed_used) if sealed_used else 0.0,
+            compactions=self.compactions, compacted_bytes=self.compacted_bytes,
+            compaction_seconds=self.compaction_seconds,
         )

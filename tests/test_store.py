@@ -151,3 +151,34 @@ def test_stats_ratio_counts_all_metadata():
     assert stats.sealed_bytes == 8 * L * H * block
     assert stats.compression_ratio == pytest.approx(8 * P * L * H * D * 4 / expected_bytes)
     assert 2.0 < stats.compression_ratio < D * 4 / per_token
+
+
+def test_running_totals_match_a_table_scan_and_compaction_keeps_data(seeded):
+    """stats() keeps running totals; after random stage/seal/release they equal a full scan, and bounded
+    compaction steps move sealed blocks without changing what reads return."""
+    store = make_store(DiffKVConfig.from_dict({"page_size": P, "compaction_trigger": 0.0}), num_pages=24)
+    live = []
+    for round_ in range(4):
+        new = torch.tensor([p for p in torch.randperm(23).add(1).tolist() if p not in live][:5])
+        locs, k, v = fill(store, new)
+        for layer in range(L):
+            store.add_importance(layer, locs, torch.rand(locs.numel(), H) / 50, torch.ones(locs.numel()))
+        live += new.tolist()
+        store.seal(new[:3], torch.full((3,), 100))
+        drop = torch.tensor(live[: round_ + 1])
+        store.release(drop)
+        live = live[round_ + 1:]
+        before = [store.read_pages(layer, torch.tensor(live)) for layer in range(L)]
+        while store.maybe_compact() is not None:
+            pass
+        after = [store.read_pages(layer, torch.tensor(live)) for layer in range(L)]
+        for b, a in zip(before, after):
+            assert all(torch.equal(x, y) for x, y in zip(b, a))
+        stats = store.stats()
+        sealed = store.page_state == PageState.SEALED
+        nbytes = store.arena.block_nbytes.reshape(store.num_pages, -1).sum(-1)
+        assert stats.sealed_bytes == int(nbytes[sealed].sum())
+        assert stats.staged_bytes == int(nbytes[store.page_state == PageState.STAGED].sum())
+        assert stats.tokens_per_tier == tuple(store.tier_counts.sum(dim=(0, 1, 2)).tolist())
+        store.arena.check_invariants()
+    assert store.compactions > 0 and store.arena.fragmented_bytes == 0

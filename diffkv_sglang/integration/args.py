@@ -1,0 +1,180 @@
+"""Command-line flags and ``sglang.Engine`` keyword arguments of the DiffKV pool.
+
+``--kv-pool diffkv`` selects the pool; ``--diffkv-config`` (JSON text or a path) gives a whole
+:class:`~diffkv_sglang.config.DiffKVConfig`; each ``--diffkv-<field>`` flag overrides one field of it. The
+resolved config travels to SGLang's subprocesses as JSON in the environment (``SGLANG_DIFFKV_CONFIG``) and on the
+server args record (``server_args._diffkv_config``), so every process builds the same config.
+
+This module imports neither torch kernels nor sglang: it only knows argparse and the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ..config import ROTATIONS, PRUNE_SCOPES, ConfigError, DiffKVConfig, TierSpec
+
+POOL_CHOICES = ("default", "diffkv")
+ENV_POOL = "SGLANG_DIFFKV_POOL"
+ENV_CONFIG = "SGLANG_DIFFKV_CONFIG"
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One ``--diffkv-*`` flag: the config field it sets and how to read its text."""
+
+    name: str
+    field: str
+    kind: type
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+FLAGS = (
+    Flag("--diffkv-tiers", "tiers", str, "precision tiers, most precise first, e.g. 'k8v4,k4v2' (bits 8/4/2; "
+         "optional groups 'k4v2g2x4')"),
+    Flag("--diffkv-groups", "groups", str, "quantization groups per tier as '<key>x<value>', e.g. '1x1,2x4' "
+         "(overrides the groups in --diffkv-tiers)"),
+    Flag("--diffkv-alpha-high", "alpha_high", float, "relative importance below which a token leaves the first "
+         "tier (DiffKV alpha_high, default 1.0)"),
+    Flag("--diffkv-alpha-low", "alpha_low", float, "relative importance below which a token is pruned (DiffKV "
+         "alpha_low, default 0.02; 0 disables pruning)"),
+    Flag("--diffkv-thresholds", "thresholds", str, "tier thresholds for 3-4 tiers, comma separated, non-increasing"),
+    Flag("--diffkv-prune-scope", "prune_scope", str, "prune per KV 'head' (DiffKV) or only tokens unimportant in "
+         "every head of the 'layer'", PRUNE_SCOPES),
+    Flag("--diffkv-window", "window", int, "most recent tokens of a request kept uncompressed (default 64)"),
+    Flag("--diffkv-obs-window", "obs_window", int, "last prompt queries that decide prefill importance (default 64)"),
+    Flag("--diffkv-page-size", "page_size", int, "tokens per page, the unit of sealing and prefix sharing (default "
+         "32; SGLang's --page-size follows it)"),
+    Flag("--diffkv-key-rotation", "key_rotation", str, "rotate keys before quantizing", ROTATIONS),
+    Flag("--diffkv-value-rotation", "value_rotation", str, "rotate values before quantizing", ROTATIONS),
+    Flag("--diffkv-arena-fraction", "arena_fraction", float, "share of the KV memory budget used by the compressed "
+         "arena, in (0, 1] (default 1.0)"),
+    Flag("--diffkv-compaction-trigger", "compaction_trigger", float, "compact the arena when holes exceed this "
+         "fraction of it, in [0, 1] (default 0.25)"),
+)
+_FLAG_OF_FIELD = {flag.field: flag.name for flag in FLAGS} | {"alpha_prune": "--diffkv-alpha-low"}
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--kv-pool`` and the ``--diffkv-*`` flags to SGLang's parser."""
+    group = parser.add_argument_group("DiffKV compressed KV cache (diffkv-sglang)")
+    group.add_argument("--kv-pool", choices=POOL_CHOICES, default="default",
+                       help="KV cache pool: SGLang's dense pool (default) or the DiffKV-compressed pool")
+    group.add_argument("--diffkv-config", default=None,
+                       help="DiffKV config as a JSON object or the path of a JSON file (fields as in "
+                            "diffkv_sglang.DiffKVConfig); --diffkv-* flags override its fields")
+    for flag in FLAGS:
+        group.add_argument(flag.name, default=None, help=flag.help, choices=flag.choices,
+                           type=flag.kind if flag.kind is not str else None)
+
+
+def _parse_groups(text: str, tiers: list[Any]) -> list[TierSpec]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if len(parts) != len(tiers):
+        raise ConfigError("groups", text, f"{len(tiers)} entries '<key groups>x<value groups>', one per tier")
+    out = []
+    for part, tier in zip(parts, tiers):
+        key, _, value = part.partition("x")
+        try:
+            key_groups, value_groups = int(key), int(value or key)
+        except ValueError:
+            raise ConfigError("groups", text, "entries like '1x1' or '2x4'") from None
+        base = TierSpec.parse(tier)
+        out.append(dataclasses.replace(base, key_groups=key_groups, value_groups=value_groups))
+    return out
+
+
+def build_config(config_source: str | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> DiffKVConfig:
+    """The DiffKV config from ``--diffkv-config`` plus the individual flag values.
+
+    Args:
+        config_source: JSON text, a path, a mapping or None (defaults).
+        overrides: ``{field: value}`` from ``--diffkv-*`` flags (None values are ignored). ``tiers``,
+            ``groups`` and ``thresholds`` may be comma-separated text.
+    Raises:
+        ConfigError: naming the flag (or the config field) at fault.
+    """
+    base = DiffKVConfig.parse(config_source).to_dict()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "tiers" in given and isinstance(given["tiers"], str):
+        given["tiers"] = [t.strip() for t in given["tiers"].split(",") if t.strip()]
+        if "thresholds" not in given and "alpha_high" not in given and len(given["tiers"]) != len(base["tiers"]):
+            base.pop("thresholds")                         # the old tier count's thresholds no longer apply
+    if "thresholds" in given and isinstance(given["thresholds"], str):
+        try:
+            given["thresholds"] = [float(x) for x in given["thresholds"].split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError("thresholds", given["thresholds"], "comma-separated numbers") from None
+    if "groups" in given:
+        tiers = given.get("tiers", base["tiers"])
+        given["tiers"] = [t.name for t in _parse_groups(given.pop("groups"), tiers)]
+    if "alpha_high" in given:
+        base.pop("thresholds", None)
+    if "alpha_low" in given:
+        base.pop("alpha_low", None)
+    base.update(given)
+    return DiffKVConfig.from_dict(base)
+
+
+def flag_error_message(error: ConfigError, from_flags: set[str]) -> str:
+    """Phrase a ConfigError in terms of the flag the user typed."""
+    field = error.field.split("[")[0].split(".")[0]
+    flag = _FLAG_OF_FIELD.get(field)
+    if flag is not None and field in from_flags:
+        return f"argument {flag}: invalid value {error.value!r}; allowed: {error.allowed}"
+    return f"argument --diffkv-config: field {error.field!r} has invalid value {error.value!r}; allowed: {error.allowed}"
+
+
+def config_from_namespace(ns: argparse.Namespace) -> DiffKVConfig:
+    """Build the config from parsed CLI args (raises ConfigError)."""
+    overrides = {flag.field: getattr(ns, flag.dest, None) for flag in FLAGS}
+    return build_config(getattr(ns, "diffkv_config", None), overrides)
+
+
+def publish(kv_pool: str, config: DiffKVConfig | None) -> None:
+    """Record the choice in this process's environment, inherited by SGLang's spawned subprocesses."""
+    os.environ[ENV_POOL] = kv_pool
+    if config is not None:
+        os.environ[ENV_CONFIG] = json.dumps(config.to_dict())
+    else:
+        os.environ.pop(ENV_CONFIG, None)
+
+
+def published_config() -> DiffKVConfig | None:
+    """The config published by the launching process, or None if DiffKV is not selected."""
+    if os.environ.get(ENV_POOL) != "diffkv":
+        return None
+    return DiffKVConfig.parse(os.environ.get(ENV_CONFIG) or None)
+
+
+def split_engine_kwargs(kwargs: dict[str, Any]) -> tuple[str, DiffKVConfig | None]:
+    """Pop ``kv_pool``, ``diffkv_config`` and ``diffkv_<field>`` keyword arguments of ``sglang.Engine``.
+
+    Returns ``(kv_pool, config or None)``; raises ValueError naming the argument on a bad value.
+    """
+    kv_pool = kwargs.pop("kv_pool", "default") or "default"
+    if kv_pool not in POOL_CHOICES:
+        raise ValueError(f"kv_pool={kv_pool!r} is invalid; allowed: {POOL_CHOICES}")
+    source = kwargs.pop("diffkv_config", None)
+    overrides = {flag.field: kwargs.pop(flag.dest, None) for flag in FLAGS}
+    if kv_pool != "diffkv":
+        given = [k for k, v in overrides.items() if v is not None] + (["diffkv_config"] if source else [])
+        if given:
+            raise ValueError(f"DiffKV arguments {given} need kv_pool='diffkv'")
+        return kv_pool, None
+    try:
+        return kv_pool, build_config(source, overrides)
+    except ConfigError as error:
+        field = error.field.split("[")[0].split(".")[0]
+        arg = "diffkv_" + field if field in overrides and overrides[field] is not None else "diffkv_config"
+        raise ValueError(f"{arg}: {error}") from None

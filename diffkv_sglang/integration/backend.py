@@ -1,0 +1,134 @@
+"""The ``diffkv`` attention backend: SGLang's calls translated into the core's plan/run wrappers.
+
+Per forward (``init_forward_metadata``):
+
+* the batch's page lists come from ``req_to_token`` (one slot per page start, ``slot // page_size``);
+* in a **decode** batch, every staged page whose tokens are all older than the protected window is sealed
+  first (classified from the importance its tokens gathered, quantized, packed). Prompt pages therefore stay
+  staged through a chunked prefill and are sealed at the request's first decode step, with the importance of
+  the prompt's last observation window; pages a finished request left staged in the radix tree are sealed
+  when a later request decodes over them;
+* the wrappers are planned once; ``forward_extend`` / ``forward_decode`` write the new tokens and run one layer.
+
+The backend holds no algorithm: classification, quantization and attention live in the core.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+from ..attention import DecodeAttentionWrapper, ExtendAttentionWrapper
+from ..policy import sealable_pages
+from ..store import PageState
+from .metrics import StoreReporter
+from .pool import DiffKVKVPool
+
+logger = logging.getLogger(__name__)
+
+
+class DiffKVAttnBackend(AttentionBackend):
+    """Attention over the DiffKV pool (reference path on CPU; the same wrappers select kernels on CUDA)."""
+
+    def __init__(self, model_runner):
+        super().__init__()
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, DiffKVKVPool):
+            raise RuntimeError("--attention-backend diffkv needs --kv-pool diffkv (the pool is "
+                               f"{type(pool).__name__})")
+        self.pool = pool
+        self.store = pool.store
+        self.page_size = pool.page_size
+        self.window = pool.plan.config.window
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.decode_wrapper = DecodeAttentionWrapper(self.store)
+        self.extend_wrapper = ExtendAttentionWrapper(self.store)
+        self.reporter = StoreReporter(self.store, model_runner)
+        self._checked_layers: set[int] = set()
+
+    # ------------------------------------------------------------------------------ metadata
+    def _page_table(self, forward_batch):
+        """``[B, max_pages]`` logical pages of each request and the ``[B, max_pages]`` valid mask."""
+        seq_lens = forward_batch.seq_lens.to(torch.int64)
+        max_len = int(forward_batch.seq_lens_cpu.max())
+        starts = self.req_to_token[forward_batch.req_pool_indices, :max_len:self.page_size].to(torch.int64)
+        pages = starts // self.page_size
+        num_pages = (seq_lens + self.page_size - 1) // self.page_size
+        valid = torch.arange(pages.shape[1], device=pages.device)[None, :] < num_pages[:, None]
+        return pages, valid, num_pages
+
+    def _csr(self, pages, valid, num_pages):
+        indptr = torch.zeros(num_pages.numel() + 1, dtype=torch.int64, device=pages.device)
+        indptr[1:] = torch.cumsum(num_pages, 0)
+        return indptr, pages[valid]
+
+    def _seal_old_pages(self, pages, valid, seq_lens):
+        """Seal every staged page of the batch that lies entirely before its request's protected window."""
+        sealable = sealable_pages(seq_lens, self.page_size, self.window)
+        col = torch.arange(pages.shape[1], device=pages.device)[None, :]
+        candidate = valid & (col < sealable[:, None])
+        candidate &= self.store.page_state[pages] == PageState.STAGED
+        if not bool(candidate.any()):
+            return
+        owner_len = seq_lens[:, None].expand_as(pages)[candidate]
+        unique, inverse = torch.unique(pages[candidate], return_inverse=True)
+        context = torch.zeros_like(unique).scatter_reduce(0, inverse, owner_len, reduce="amax", include_self=False)
+        self.store.seal(unique, context)
+
+    def init_forward_metadata(self, forward_batch):
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            return
+        pages, valid, num_pages = self._page_table(forward_batch)
+        seq_lens = forward_batch.seq_lens.to(torch.int64)
+        if mode.is_decode():
+            self._seal_old_pages(pages, valid, seq_lens)
+            self.store.maybe_compact()
+            self.decode_wrapper.plan(*self._csr(pages, valid, num_pages), seq_lens)
+        elif mode.is_extend():
+            extend_lens = forward_batch.extend_seq_lens.to(torch.int64)
+            qo_indptr = torch.zeros(extend_lens.numel() + 1, dtype=torch.int64, device=extend_lens.device)
+            qo_indptr[1:] = torch.cumsum(extend_lens, 0)
+            self.extend_wrapper.plan(qo_indptr, *self._csr(pages, valid, num_pages), seq_lens)
+        else:
+            raise NotImplementedError(f"the diffkv backend does not support forward mode {mode}")
+        self.reporter.maybe_report()
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        raise NotImplementedError("the diffkv backend does not support CUDA graphs yet; run with --disable-cuda-graph")
+
+    # ------------------------------------------------------------------------------- forward
+    def _check_layer(self, layer) -> None:
+        if layer.layer_id in self._checked_layers:
+            return
+        problems = []
+        if getattr(layer, "is_cross_attention", False):
+            problems.append("cross attention")
+        if (getattr(layer, "sliding_window_size", None) or -1) > -1:
+            problems.append(f"sliding window {layer.sliding_window_size}")
+        if getattr(layer, "logit_cap", 0) and layer.logit_cap > 0:
+            problems.append(f"logit soft-capping {layer.logit_cap}")
+        if layer.qk_head_dim != layer.v_head_dim:
+            problems.append(f"qk_head_dim {layer.qk_head_dim} != v_head_dim {layer.v_head_dim}")
+        if problems:
+            raise NotImplementedError(f"--kv-pool diffkv does not support layer {layer.layer_id}: {', '.join(problems)}")
+        self._checked_layers.add(layer.layer_id)
+
+    def _run(self, wrapper, q, k, v, layer, forward_batch, save_kv_cache):
+        self._check_layer(layer)
+        if save_kv_cache and k is not None and v is not None:
+            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        out = wrapper.run(q, layer.layer_id - self.pool.start_layer, sm_scale=layer.scaling)
+        return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        return self._run(self.decode_wrapper, q, k, v, layer, forward_batch, save_kv_cache)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        return self._run(self.extend_wrapper, q, k, v, layer, forward_batch, save_kv_cache)
+
+    def support_triton(self):
+        return False

@@ -1,0 +1,112 @@
+"""DiffKV pool metrics: a periodic log line and, with ``--enable-metrics``, Prometheus gauges.
+
+Gauges (labelled by ``tp_rank``), exported on SGLang's ``/metrics`` endpoint:
+
+=====================================  ==========================================================
+``sglang:diffkv_arena_bytes``          arena capacity
+``sglang:diffkv_used_bytes``           bytes held by blocks (staged + sealed)
+``sglang:diffkv_free_bytes``           capacity - used
+``sglang:diffkv_staged_pages``         pages held dense (recent window, prompts in flight)
+``sglang:diffkv_sealed_pages``         pages held compressed
+``sglang:diffkv_tier_tokens``          (token, layer, head) entries per tier (label ``tier``)
+``sglang:diffkv_pruned_tokens``        pruned (token, layer, head) entries of sealed pages
+``sglang:diffkv_compression_ratio``    bf16 bytes of the held tokens / every byte they use
+``sglang:diffkv_sealed_compression_ratio``  the same over sealed pages only
+``sglang:diffkv_compactions``          compaction steps so far
+``sglang:diffkv_compacted_bytes``      bytes moved by compaction so far
+=====================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..store import CompressedKVStore, StoreStats
+
+logger = logging.getLogger(__name__)
+
+LOG_INTERVAL_S = 30.0
+GAUGE_INTERVAL_S = 1.0
+
+
+def format_stats(stats: StoreStats) -> str:
+    """One human-readable line."""
+    mib = 1 << 20
+    entries = sum(stats.tokens_per_tier) + stats.pruned_tokens
+    shares = ", ".join(f"tier{t} {n / entries:.0%}" for t, n in enumerate(stats.tokens_per_tier)) if entries else "-"
+    pruned = f", pruned {stats.pruned_tokens / entries:.0%}" if entries else ""
+    return (f"DiffKV pool: {stats.used_bytes / mib:.1f}/{stats.capacity_bytes / mib:.1f} MiB used, "
+            f"{stats.staged_pages} staged + {stats.sealed_pages} sealed pages, sealed entries {shares}{pruned}, "
+            f"compression {stats.compression_ratio:.2f}x (sealed {stats.sealed_compression_ratio:.2f}x) vs bf16, "
+            f"{stats.compactions} compactions ({stats.compacted_bytes / mib:.1f} MiB, {stats.compaction_seconds:.3f} s)")
+
+
+class StoreReporter:
+    """Logs the store's stats every ``LOG_INTERVAL_S`` and refreshes Prometheus gauges every ``GAUGE_INTERVAL_S``."""
+
+    def __init__(self, store: CompressedKVStore, model_runner):
+        self.store = store
+        self.tp_rank = str(getattr(model_runner, "tp_rank", 0))
+        self._last_log = time.monotonic()
+        self._last_gauge = 0.0
+        self._gauges = self._make_gauges() if _metrics_enabled() else None
+        logger.info("DiffKV pool ready: %s", format_stats(store.stats()))
+
+    def _make_gauges(self):
+        from prometheus_client import Gauge
+
+        def gauge(name, doc, labels=("tp_rank",)):
+            return Gauge(f"sglang:diffkv_{name}", doc, labelnames=labels, multiprocess_mode="mostrecent")
+
+        return {
+            "arena_bytes": gauge("arena_bytes", "DiffKV arena capacity in bytes"),
+            "used_bytes": gauge("used_bytes", "DiffKV arena bytes held by blocks"),
+            "free_bytes": gauge("free_bytes", "DiffKV arena bytes free"),
+            "staged_pages": gauge("staged_pages", "DiffKV pages held dense"),
+            "sealed_pages": gauge("sealed_pages", "DiffKV pages held compressed"),
+            "tier_tokens": gauge("tier_tokens", "DiffKV sealed (token, layer, head) entries per tier", ("tp_rank", "tier")),
+            "pruned_tokens": gauge("pruned_tokens", "DiffKV pruned (token, layer, head) entries"),
+            "compression_ratio": gauge("compression_ratio", "bf16 bytes of held tokens / bytes they use"),
+            "sealed_compression_ratio": gauge("sealed_compression_ratio", "the same over sealed pages"),
+            "compactions": gauge("compactions", "DiffKV compaction steps"),
+            "compacted_bytes": gauge("compacted_bytes", "bytes moved by DiffKV compaction"),
+        }
+
+    def maybe_report(self) -> None:
+        """Cheap unless an interval has passed (then one host sync for the stats)."""
+        now = time.monotonic()
+        log_due = now - self._last_log >= LOG_INTERVAL_S
+        gauge_due = self._gauges is not None and now - self._last_gauge >= GAUGE_INTERVAL_S
+        if not (log_due or gauge_due):
+            return
+        stats = self.store.stats()
+        if log_due:
+            self._last_log = now
+            logger.info(format_stats(stats))
+        if gauge_due:
+            self._last_gauge = now
+            self._set_gauges(stats)
+
+    def _set_gauges(self, stats: StoreStats) -> None:
+        g, rank = self._gauges, self.tp_rank
+        g["arena_bytes"].labels(rank).set(stats.capacity_bytes)
+        g["used_bytes"].labels(rank).set(stats.used_bytes)
+        g["free_bytes"].labels(rank).set(stats.free_bytes)
+        g["staged_pages"].labels(rank).set(stats.staged_pages)
+        g["sealed_pages"].labels(rank).set(stats.sealed_pages)
+        for tier, count in enumerate(stats.tokens_per_tier):
+            g["tier_tokens"].labels(rank, str(tier)).set(count)
+        g["pruned_tokens"].labels(rank).set(stats.pruned_tokens)
+        g["compression_ratio"].labels(rank).set(stats.compression_ratio)
+        g["sealed_compression_ratio"].labels(rank).set(stats.sealed_compression_ratio)
+        g["compactions"].labels(rank).set(stats.compactions)
+        g["compacted_bytes"].labels(rank).set(stats.compacted_bytes)
+
+
+def _metrics_enabled() -> bool:
+    try:
+        from sglang.srt.runtime_context import get_observability
+        return bool(get_observability().enable_metrics)
+    except (ImportError, ValueError, AttributeError):
+        return False

@@ -1,0 +1,233 @@
+"""SGLang plugin entry point: ``[project.entry-points."sglang.srt.plugins"] diffkv = "diffkv_sglang.plugin:register"``.
+
+SGLang calls :func:`register` in every process it starts (launcher, scheduler, detokenizer). Registration only
+adds hooks; each hook checks whether DiffKV was selected (``--kv-pool diffkv`` or
+``sglang.Engine(kv_pool="diffkv")``) and otherwise calls SGLang's own code unchanged, so installing the package
+changes nothing by default.
+
+What the hooks do when DiffKV is selected:
+
+======================================================  ================================================
+hook                                                    effect
+======================================================  ================================================
+``ServerArgs.add_cli_args`` (around)                    adds ``--kv-pool`` and the ``--diffkv-*`` flags
+``prepare_server_args`` (around)                        builds and validates the config, publishes it
+``Engine.server_args_class``                            accepts ``kv_pool=`` / ``diffkv_*=`` keywords
+resolution step ``handle_attention_backend_compatibility``  forces ``--attention-backend diffkv``, the page
+                                                        size, no CUDA graphs; refuses unsupported setups
+``create_memory_pool_configurator`` (around)            sizes the pool at the compressed cost per token
+``KVCacheConfigurator._build_mha_kv_pool`` (around)     builds :class:`DiffKVKVPool`
+``KVCacheConfigurator._build_token_to_kv_pool_allocator``  builds :class:`DiffKVPagedAllocator`
+attention backend registry ``"diffkv"``                 :class:`DiffKVAttnBackend`
+======================================================  ================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from .config import ConfigError, DiffKVConfig
+from .integration import args as cli
+
+logger = logging.getLogger(__name__)
+
+_registered = False
+
+
+def _selected_config() -> DiffKVConfig | None:
+    """The DiffKV config of this server, or None when the default pool is selected."""
+    return cli.published_config()
+
+
+# ------------------------------------------------------------------------------------ CLI / Engine
+def _add_cli_args(original, parser):
+    original(parser)
+    cli.add_cli_args(parser)
+
+
+def _prepare_server_args(original, argv):
+    server_args = original(argv)
+    import argparse
+
+    probe = argparse.ArgumentParser(add_help=False)
+    cli.add_cli_args(probe)
+    ns, _ = probe.parse_known_args(argv)
+    config = None
+    if ns.kv_pool == "diffkv":
+        try:
+            config = cli.config_from_namespace(ns)
+        except ConfigError as error:
+            given = {flag.field for flag in cli.FLAGS if getattr(ns, flag.dest) is not None}
+            given |= {"alpha_prune"} if ns.diffkv_alpha_low is not None else set()
+            print(f"{os.path.basename(sys.argv[0]) or 'sglang'}: error: {cli.flag_error_message(error, given)}",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+    elif any(getattr(ns, flag.dest) is not None for flag in cli.FLAGS) or ns.diffkv_config:
+        print("sglang: error: --diffkv-* flags need --kv-pool diffkv", file=sys.stderr)
+        raise SystemExit(2)
+    _attach(server_args, ns.kv_pool, config)
+    return server_args
+
+
+def _attach(server_args, kv_pool: str, config: DiffKVConfig | None) -> None:
+    server_args._diffkv_kv_pool = kv_pool
+    server_args._diffkv_config = config.to_dict() if config is not None else None
+    cli.publish(kv_pool, config)
+
+
+def _engine_server_args_factory(**kwargs):
+    from sglang.srt.server_args import ServerArgs
+
+    kv_pool, config = cli.split_engine_kwargs(kwargs)
+    server_args = ServerArgs(**kwargs)
+    _attach(server_args, kv_pool, config)
+    return server_args
+
+
+# ------------------------------------------------------------------------------------- resolution
+def _refuse(reason: str):
+    raise ValueError(f"--kv-pool diffkv: {reason}")
+
+
+def _resolve(server_args, previous):
+    previous(server_args)
+    config = _selected_config()
+    if config is None:
+        return
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
+
+    cfg = resolving_view(server_args)
+    if cfg.speculative_algorithm:
+        _refuse(f"speculative decoding ({cfg.speculative_algorithm}) is not supported")
+    if cfg.disaggregation_mode not in (None, "null"):
+        _refuse(f"PD disaggregation (--disaggregation-mode {cfg.disaggregation_mode}) is not supported")
+    if cfg.enable_hierarchical_cache or cfg.enable_lmcache:
+        _refuse("hierarchical / LMCache KV offloading is not supported")
+    if cfg.kv_cache_dtype not in ("auto", None):
+        _refuse(f"--kv-cache-dtype {cfg.kv_cache_dtype} is not supported (DiffKV chooses its own precision; use auto)")
+    if cfg.enable_dp_attention:
+        _refuse("DP attention is not supported")
+    if cfg.enable_unified_memory:
+        _refuse("--enable-unified-memory is not supported")
+    if (cfg.dcp_size or 1) > 1:
+        _refuse("decode context parallelism (--dcp-size > 1) is not supported")
+    if cfg.page_size not in (None, 1, config.page_size):
+        _refuse(f"--page-size {cfg.page_size} conflicts with the DiffKV page size {config.page_size}; "
+                "set --diffkv-page-size instead")
+    for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+        chosen = getattr(cfg, name)
+        if chosen not in (None, "diffkv") and name != "attention_backend":
+            _refuse(f"--{name.replace('_', '-')} {chosen} cannot read the DiffKV pool; leave it unset")
+    _refuse_unsupported_model(server_args)
+    graphs = with_phase(with_phase(cfg.cuda_graph_config, Phase.DECODE, backend=Backend.DISABLED),
+                        Phase.PREFILL, backend=Backend.DISABLED)
+    declare_resolution(server_args, "diffkv", attention_backend="diffkv", page_size=config.page_size,
+                       cuda_graph_config=graphs)
+    logger.info("DiffKV pool selected: %s", config.to_dict())
+
+
+def _refuse_unsupported_model(server_args) -> None:
+    from sglang.srt.arg_groups.model_override_base import model_config_of
+
+    model_config = model_config_of(server_args)
+    if model_config is None:
+        return
+    arch = getattr(getattr(model_config, "attention_arch", None), "name", "MHA")
+    if arch != "MHA":
+        _refuse(f"only multi-head / grouped-query attention models are supported (this model uses {arch})")
+    if getattr(model_config, "is_hybrid_swa", False) or getattr(model_config, "is_encoder_decoder", False):
+        _refuse("hybrid sliding-window and encoder-decoder models are not supported")
+    hf_config = getattr(model_config, "hf_config", None)
+    if any(getattr(hf_config, name, None) for name in ("layers_block_type", "mamba_d_state", "linear_attn_config")):
+        _refuse("hybrid (Mamba / linear attention) models are not supported")
+
+
+# ---------------------------------------------------------------------------------------- pools
+def _plan_for(configurator, config: DiffKVConfig):
+    from sglang.srt.runtime_context import get_parallel
+
+    from .integration.pool import PoolPlan
+
+    model_config = configurator.model_config
+    parallel = get_parallel()
+    heads = model_config.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size)
+    return PoolPlan(config, configurator.layer_info.num_effective_layers, heads, model_config.head_dim,
+                    configurator.kv_cache_dtype)
+
+
+def _memory_pool_configurator(original, configurator):
+    config = _selected_config()
+    if config is None or configurator.is_draft_worker:
+        return original(configurator)
+    from .integration.pool import DiffKVPoolConfigurator
+
+    return DiffKVPoolConfigurator(_plan_for(configurator, config))
+
+
+def _build_mha_kv_pool(original, self, *, max_total_num_tokens: int, mha_pool_class, quant_method=None):
+    config = _selected_config()
+    if config is None or self.is_draft_worker:
+        return original(self, max_total_num_tokens=max_total_num_tokens, mha_pool_class=mha_pool_class,
+                        quant_method=quant_method)
+    from sglang.srt.runtime_context import get_exec
+
+    from .integration.pool import DiffKVKVPool
+
+    return DiffKVKVPool(max_total_num_tokens, self.pool_page_size, _plan_for(self, config),
+                        context_len=self.model_config.context_len, device=self.device,
+                        layer_num=self.layer_info.num_effective_layers, start_layer=self.layer_info.start_layer,
+                        end_layer=self.layer_info.end_layer,
+                        enable_memory_saver=get_exec().features.enable_memory_saver)
+
+
+def _build_allocator(original, self, *, sizes, token_to_kv_pool, token_to_kv_pool_allocator=None, **kwargs):
+    from .integration.pool import DiffKVKVPool
+
+    if token_to_kv_pool_allocator is None and isinstance(token_to_kv_pool, DiffKVKVPool):
+        from .integration.allocator import DiffKVPagedAllocator
+
+        return DiffKVPagedAllocator(sizes.max_total_num_tokens, token_to_kv_pool.page_size,
+                                    token_to_kv_pool.dtype, self.device, token_to_kv_pool, need_sort=False)
+    return original(self, sizes=sizes, token_to_kv_pool=token_to_kv_pool,
+                    token_to_kv_pool_allocator=token_to_kv_pool_allocator, **kwargs)
+
+
+def _make_backend(model_runner):
+    from .integration.backend import DiffKVAttnBackend
+
+    return DiffKVAttnBackend(model_runner)
+
+
+# ------------------------------------------------------------------------------------- register
+HOOKS = (
+    ("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args),
+    ("sglang.srt.server_args.prepare_server_args", _prepare_server_args),
+    ("sglang.srt.model_executor.pool_configurator.create_memory_pool_configurator", _memory_pool_configurator),
+    ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool", _build_mha_kv_pool),
+    ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool_allocator",
+     _build_allocator),
+)
+
+
+def register() -> None:
+    """Install the DiffKV hooks (idempotent). Called by SGLang's plugin loader in every process."""
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+    from sglang.srt.entrypoints import engine
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.server_args import add_attention_backend_choices
+
+    for target, hook in HOOKS:
+        HookRegistry.register(target, hook, HookType.AROUND)
+    register_resolution_hook("handle_attention_backend_compatibility")(_resolve)
+    add_attention_backend_choices(["diffkv"])
+    if "diffkv" not in ATTENTION_BACKENDS:
+        register_attention_backend("diffkv")(_make_backend)
+    engine.Engine.server_args_class = staticmethod(_engine_server_args_factory)
+    _registered = True
