@@ -80,6 +80,9 @@ log "installing requirements/models.txt with --no-deps"
 log "installing the project (editable, compat mode)"
 "${PIP[@]}" install --no-deps --no-build-isolation -e . --config-settings editable_mode=compat \
     || die "editable install of the project failed"
+# The build leaves diffkv_sglang.egg-info in the repo root; with the root on sys.path its metadata (which has
+# no entry points) would shadow the installed dist-info, and SGLang would not find the plugin.
+rm -rf diffkv_sglang.egg-info
 
 log "checking imports"
 "$VENV/bin/python" -c 'import importlib.util, importlib.metadata as md, torch, triton
