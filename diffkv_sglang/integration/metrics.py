@@ -10,6 +10,7 @@ Gauges (labelled by ``tp_rank``), exported on SGLang's ``/metrics`` endpoint:
 ``sglang:diffkv_sealed_pages``         pages held compressed
 ``sglang:diffkv_tier_tokens``          (token, layer, head) entries per tier (label ``tier``)
 ``sglang:diffkv_pruned_tokens``        pruned (token, layer, head) entries of sealed pages
+``sglang:diffkv_dense_equivalent_bytes``  what the held tokens would cost as bf16 K/V
 ``sglang:diffkv_compression_ratio``    bf16 bytes of the held tokens / every byte they use
 ``sglang:diffkv_sealed_compression_ratio``  the same over sealed pages only
 ``sglang:diffkv_compactions``          compaction steps so far
@@ -67,6 +68,7 @@ class StoreReporter:
             "sealed_pages": gauge("sealed_pages", "DiffKV pages held compressed"),
             "tier_tokens": gauge("tier_tokens", "DiffKV sealed (token, layer, head) entries per tier", ("tp_rank", "tier")),
             "pruned_tokens": gauge("pruned_tokens", "DiffKV pruned (token, layer, head) entries"),
+            "dense_equivalent_bytes": gauge("dense_equivalent_bytes", "bf16 K/V bytes of the held tokens"),
             "compression_ratio": gauge("compression_ratio", "bf16 bytes of held tokens / bytes they use"),
             "sealed_compression_ratio": gauge("sealed_compression_ratio", "the same over sealed pages"),
             "compactions": gauge("compactions", "DiffKV compaction steps"),
@@ -98,6 +100,7 @@ class StoreReporter:
         for tier, count in enumerate(stats.tokens_per_tier):
             g["tier_tokens"].labels(rank, str(tier)).set(count)
         g["pruned_tokens"].labels(rank).set(stats.pruned_tokens)
+        g["dense_equivalent_bytes"].labels(rank).set(stats.dense_equivalent_bytes)
         g["compression_ratio"].labels(rank).set(stats.compression_ratio)
         g["sealed_compression_ratio"].labels(rank).set(stats.sealed_compression_ratio)
         g["compactions"].labels(rank).set(stats.compactions)
