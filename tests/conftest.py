@@ -1,9 +1,14 @@
 """Shared helpers for the core tests: building stores and a float64 dense attention reference."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# end-to-end helpers (server launcher, tiny model builder) are plain modules in tests/e2e_support
+sys.path.insert(0, str(Path(__file__).parent / "e2e_support"))
 
 
 def pytest_report_header(config):

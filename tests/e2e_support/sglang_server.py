@@ -124,6 +124,25 @@ class SGLangServer:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             return json.loads(r.read())
 
+    def post_text(self, path: str, payload: dict | None = None, timeout: float = 600.0) -> str:
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload or {}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.read().decode()
+
+    def unexpected_errors(self) -> list[str]:
+        """Tracebacks in the server log, except SGLang's harmless start-up race in its post-warmup
+        ``/freeze_gc`` call (it posts to its own port before the HTTP server listens)."""
+        groups, current = [], ""
+        for block in self.log_text().split("Traceback (most recent call last):")[1:]:
+            current += block
+            chained = block.rstrip().endswith(("following exception:", "another exception occurred:"))
+            if not chained:
+                groups.append(current)
+                current = ""
+        groups += [current] if current else []
+        return [g[-3000:] for g in groups if "freeze_gc" not in g]
+
     def get_text(self, path: str, timeout: float = 60.0) -> str:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return r.read().decode()

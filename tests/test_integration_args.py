@@ -1,0 +1,93 @@
+"""Flags and Engine keywords of the plugin (diffkv_sglang.integration.args): no SGLang process needed."""
+
+import argparse
+import json
+
+import pytest
+
+from diffkv_sglang.config import ConfigError, DiffKVConfig, TierSpec
+from diffkv_sglang.integration import args as cli
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    cli.add_cli_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_and_flags_override_the_json_config(tmp_path):
+    assert cli.config_from_namespace(parse([])) == DiffKVConfig()
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"tiers": ["k8v8", "k4v4"], "alpha_high": 2.0, "window": 32}))
+    ns = parse(["--diffkv-config", str(path), "--diffkv-alpha-low", "0", "--diffkv-window", "16",
+                "--diffkv-key-rotation", "hadamard"])
+    cfg = cli.config_from_namespace(ns)
+    assert cfg.tiers == (TierSpec(8, 8), TierSpec(4, 4)) and cfg.alpha_high == 2.0
+    assert (cfg.alpha_prune, cfg.window, cfg.key_rotation) == (0, 16, "hadamard")
+
+
+def test_tiers_groups_and_thresholds():
+    cfg = cli.config_from_namespace(parse(["--diffkv-tiers", "k8v4,k4v2,k2v2", "--diffkv-thresholds", "2,0.5",
+                                           "--diffkv-groups", "1x1,2x4,4x4"]))
+    assert [t.name for t in cfg.tiers] == ["k8v4", "k4v2g2x4", "k2v2g4x4"] and cfg.thresholds == (2.0, 0.5)
+    single = cli.config_from_namespace(parse(["--diffkv-tiers", "k8v8", "--diffkv-alpha-low", "0"]))
+    assert single.num_tiers == 1 and single.thresholds == ()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--diffkv-alpha-low", "-1"], "--diffkv-alpha-low"),
+    (["--diffkv-alpha-high", "-2"], "--diffkv-alpha-high"),
+    (["--diffkv-tiers", "k3v4,k4v2"], "--diffkv-tiers"),
+    (["--diffkv-groups", "1x1"], "--diffkv-groups"),
+    (["--diffkv-groups", "ax1,1x1"], "--diffkv-groups"),
+    (["--diffkv-window", "-4"], "--diffkv-window"),
+    (["--diffkv-obs-window", "0"], "--diffkv-obs-window"),
+    (["--diffkv-page-size", "1000"], "--diffkv-page-size"),
+    (["--diffkv-arena-fraction", "1.5"], "--diffkv-arena-fraction"),
+    (["--diffkv-compaction-trigger", "2"], "--diffkv-compaction-trigger"),
+    (["--diffkv-thresholds", "x"], "--diffkv-thresholds"),
+])
+def test_bad_flag_values_name_the_flag(argv, flag):
+    ns = parse(argv)
+    with pytest.raises(ConfigError) as info:
+        cli.config_from_namespace(ns)
+    given = {f.field for f in cli.FLAGS if getattr(ns, f.dest) is not None}
+    message = cli.flag_error_message(info.value, given)
+    assert message.startswith(f"argument {flag}:") and "allowed" in message
+
+
+def test_bad_choices_are_argparse_errors(capsys):
+    for argv in (["--kv-pool", "compressed"], ["--diffkv-key-rotation", "fourier"], ["--diffkv-window", "x"]):
+        with pytest.raises(SystemExit):
+            parse(argv)
+    assert "--diffkv-window" in capsys.readouterr().err
+
+
+def test_bad_json_config_names_the_config_flag():
+    with pytest.raises(ConfigError) as info:
+        cli.config_from_namespace(parse(["--diffkv-config", '{"alpha_low": 5}']))
+    assert cli.flag_error_message(info.value, set()).startswith("argument --diffkv-config: field 'alpha_low'")
+
+
+def test_engine_keywords():
+    kwargs = {"model_path": "m", "kv_pool": "diffkv", "diffkv_alpha_low": 0.0, "diffkv_window": 8}
+    pool, cfg = cli.split_engine_kwargs(kwargs)
+    assert pool == "diffkv" and cfg.alpha_prune == 0.0 and cfg.window == 8 and kwargs == {"model_path": "m"}
+    assert cli.split_engine_kwargs({}) == ("default", None)
+    with pytest.raises(ValueError, match="need kv_pool='diffkv'"):
+        cli.split_engine_kwargs({"diffkv_window": 8})
+    with pytest.raises(ValueError, match="diffkv_window"):
+        cli.split_engine_kwargs({"kv_pool": "diffkv", "diffkv_window": -1})
+    with pytest.raises(ValueError, match="kv_pool"):
+        cli.split_engine_kwargs({"kv_pool": "paged"})
+
+
+def test_publish_round_trip(monkeypatch):
+    monkeypatch.delenv(cli.ENV_POOL, raising=False)
+    monkeypatch.delenv(cli.ENV_CONFIG, raising=False)
+    assert cli.published_config() is None
+    cfg = DiffKVConfig(window=8, alpha_prune=0.0)
+    cli.publish("diffkv", cfg)
+    assert cli.published_config() == cfg
+    cli.publish("default", None)
+    assert cli.published_config() is None

@@ -1,0 +1,214 @@
+"""Triton decode attention (kernels/decode_attention.py) against the torch reference DecodeAttentionWrapper.
+
+Fresh random stores built through the store's own API (stage, write, importance, seal): sealed and staged pages
+mixed, tiers steered per page (mixed tiers, one tier only so the others are empty, every token pruned), requests
+of different lengths, several splits, 1 to 3 tiers with groups > 1, Hadamard rotation of keys and/or values,
+a per-layer tier override. On CPU the kernels run in the Triton interpreter at small sizes; on CUDA the same
+tests run natively at larger sizes. Stores are built and the reference runs on the CPU (the core's
+``BlockFormat.section_starts`` uses an int64 einsum that CUDA does not implement, so sealing and the reference
+read path fail there); the kernel runs on a copy of the store on the test device.
+
+Tolerance: both sides compute a float32 softmax over the same dequantized values (the kernel folds the
+power-of-two meta scales into logits and probabilities, which is exact), so they differ only by float32
+rounding order (dot-product and softmax sums, exp2 against exp, FMA contraction): a few 1e-7 relative in
+practice. We require ``max |out - ref| <= 1e-5 * max |ref|`` and staged-token scores within
+``rtol=1e-5, atol=1e-7``; ``seen`` must match exactly.
+"""
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")          # before triton is imported
+
+import pytest  # noqa: E402
+
+from diffkv_sglang.attention import DecodeAttentionWrapper  # noqa: E402
+from diffkv_sglang.config import DiffKVConfig  # noqa: E402
+from diffkv_sglang.kernels.decode_attention import DecodeConfig, DecodePlan  # noqa: E402
+from diffkv_sglang.store import CompressedKVStore, PageState  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+RTOL = 1e-5
+CONTEXT = 1000                  # context length given to seal(): relative importance r = score / seen * CONTEXT
+
+# per device: (page_size, heads, seq_lens); CPU sizes keep the interpreter fast
+SIZES = {"cpu": (16, 2, [1, 37, 70, 130]), "cuda": (32, 4, [1, 100, 700, 1500, 2900, 64, 333, 2048])}
+
+
+def tier_values(config: DiffKVConfig) -> list[float]:
+    """A relative importance that lands a token in each tier, then one that prunes it."""
+    th, prune = list(config.thresholds), config.alpha_prune
+    bounds = [max(2 * th[0], 1.0) if th else 1.0] + [(a + b) / 2 for a, b in zip(th, th[1:])]
+    last = (prune + th[-1]) / 2 if th else max(prune, 1e-3) * 2
+    return (bounds + [last])[:config.num_tiers] + [prune / 2]
+
+
+def build(config: DiffKVConfig, heads: int, dim: int, seq_lens: list[int], layers: int = 2, staged_pages: int = 1):
+    """A store holding one request per ``seq_lens`` entry on shuffled pages, every page but the last
+    ``staged_pages`` of each request sealed with steered tiers. Returns the store, page table and seq lens."""
+    page = config.page_size
+    counts = [math.ceil(n / page) for n in seq_lens]
+    store = CompressedKVStore(config, layers, heads, dim, num_pages=sum(counts) + 4,
+                              arena_bytes=sum(counts) * layers * heads * (4 * page * dim * 4 + 256) + (1 << 16),
+                              dtype=torch.float32)
+    store.arena.data.random_(0, 256)                        # unwritten slots hold garbage, NaN bit patterns too
+    pages = (torch.randperm(sum(counts)) + 2).tolist()      # page 0 is the padding page
+    table = torch.zeros(len(seq_lens), max(counts), dtype=torch.int64)
+    values = torch.tensor(tier_values(config))
+    to_seal = []
+    for b, (n, c) in enumerate(zip(seq_lens, counts)):
+        own = torch.tensor(pages[:c])
+        pages = pages[c:]
+        table[b, :c] = own
+        store.stage(own)
+        locs = (own[:, None] * page + torch.arange(page)).reshape(-1)[:n]
+        for layer in range(layers):
+            store.write_tokens(layer, locs, torch.randn(n, heads, dim) * 2, torch.randn(n, heads, dim))
+            # per page: mixed tiers, a single tier (the others empty), or everything pruned
+            mode = torch.randint(0, 3, (c, 1, 1))
+            pick = torch.where(mode == 0, torch.randint(0, len(values), (c, page, heads)),
+                               torch.where(mode == 1, torch.randint(0, len(values) - 1, (c, 1, 1)), len(values) - 1))
+            r = values[pick.expand(c, page, heads)].reshape(-1, heads)[:n]
+            store.add_importance(layer, locs, r / CONTEXT, torch.ones(n))
+        to_seal += own[:max(0, c - staged_pages)].tolist()
+    if to_seal:
+        store.seal(torch.tensor(to_seal), torch.full((len(to_seal),), CONTEXT))
+    return store, table, torch.tensor(seq_lens)
+
+
+def mirror(store: CompressedKVStore) -> CompressedKVStore:
+    """A copy of the CPU ``store`` on DEVICE (arena bytes, slot table, descriptors): the kernel's side."""
+    copy = CompressedKVStore(store.config, store.num_layers, store.num_kv_heads, store.head_dim, store.num_pages,
+                             store.arena.capacity_bytes, store.dtype, DEVICE)
+    for name in ("data", "block_offset", "block_nbytes"):
+        getattr(copy.arena, name).copy_(getattr(store.arena, name))
+    copy.tier_counts.copy_(store.tier_counts)
+    copy.page_state.copy_(store.page_state)
+    return copy
+
+
+def csr(table: torch.Tensor, seq_lens: torch.Tensor, page: int):
+    pages = (seq_lens + page - 1) // page
+    keep = torch.arange(table.shape[1], device=table.device)[None, :] < pages[:, None]
+    return torch.cat([pages.new_zeros(1), pages.cumsum(0)]), table[keep]
+
+
+def compare(store, table, seq_lens, num_q_heads, num_splits=None, config=None):
+    """Run the reference (on ``store``) and the kernel (on a copy on DEVICE) for every layer; assert that outputs
+    and staged-token importance agree. Returns the kernel's plan."""
+    page = store.page_size
+    staged = table[(store.page_state[table] == PageState.STAGED)
+                   & (torch.arange(table.shape[1]) < (seq_lens[:, None] + page - 1) // page)]
+    reference = DecodeAttentionWrapper(store)
+    reference.plan(*csr(table, seq_lens, page), seq_lens)
+    kernel_store = mirror(store)
+    plan = DecodePlan(kernel_store, num_q_heads, max_batch=len(seq_lens) + 1, max_pages=table.shape[1] + 1,
+                      num_splits=num_splits, config=config)
+    plan.plan(table.to(DEVICE), seq_lens.to(DEVICE))
+    for workspace in (plan._part_m, plan._part_l, plan._part_acc, plan._logits):
+        workspace.fill_(float("nan"))                       # nothing unwritten may be read
+    for layer in range(store.num_layers):
+        q = torch.randn(len(seq_lens), num_q_heads, store.head_dim)
+        ref = reference.run(q, layer)
+        ref_score, ref_seen = store.staged_importance(layer, staged)
+        out = torch.full_like(q, float("nan"), device=DEVICE)
+        assert plan.run(q.to(DEVICE), layer, out=out) is out
+        out = out.cpu()
+        score, seen = (x.cpu() for x in kernel_store.staged_importance(layer, staged.to(DEVICE)))
+        err = float((out - ref).abs().max())
+        assert err <= RTOL * float(ref.abs().max()), (layer, err, float(ref.abs().max()))
+        torch.testing.assert_close(score, ref_score, rtol=1e-5, atol=1e-7)
+        assert torch.equal(seen, ref_seen)
+    return plan
+
+
+CASES = {
+    # name: (config, head_dim, gqa, num_splits, decode config)
+    "k8v4+k4v2": (dict(), 32, 4, 3, None),
+    "3 tiers, groups, hadamard": (dict(tiers=["k8v4g2x1", "k4v2g2x4", "k2v2"], thresholds=[2.0, 0.5],
+                                       key_rotation="hadamard", value_rotation="hadamard"), 64, 1, 2, None),
+    "1 tier, key rotation": (dict(tiers=["k4v4g4"], key_rotation="hadamard"), 32, 3, None, None),
+    "layer override, value rotation": (dict(layer_tiers={1: ["k4v2g2", "k2v2"]}, value_rotation="hadamard"),
+                                       64, 3, 4, DecodeConfig(min_pages_per_split=1)),
+    "fma products": (dict(), 32, 3, 2, DecodeConfig(block_n=8, dot_precision="fma")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_kernel_matches_reference(case, seeded):
+    overrides, dim, gqa, splits, decode_config = CASES[case]
+    page, heads, seq_lens = SIZES[DEVICE]
+    if CUDA:
+        dim *= 2
+    config = DiffKVConfig.from_dict({"page_size": page, **overrides})
+    store, table, lens = build(config, heads, dim, seq_lens)
+    sealed = store.page_state[table] == PageState.SEALED
+    assert sealed.any() and (store.page_state[table] == PageState.STAGED).any()
+    plan = compare(store, table, lens, heads * gqa, num_splits=splits, config=decode_config)
+    if splits:
+        assert plan.num_splits == splits
+
+
+def test_requests_with_nothing_kept_give_zero(seeded):
+    """A request whose every page is sealed and fully pruned attends over nothing: output 0, like the reference."""
+    page, heads, dim = 16, 2, 32
+    config = DiffKVConfig.from_dict({"page_size": page, "alpha_low": 0.5, "window": 0})
+    store, table, lens = build(config, heads, dim, [40, 32], layers=1, staged_pages=0)
+    store.release(table[1, :2])                             # re-seal request 1 with every token pruned
+    store.stage(table[1, :2])
+    locs = (table[1, :2, None] * page + torch.arange(page)).reshape(-1)
+    store.write_tokens(0, locs, torch.randn(32, heads, dim), torch.randn(32, heads, dim))
+    store.add_importance(0, locs, torch.zeros(32, heads), torch.ones(32))
+    store.seal(table[1, :2], torch.full((2,), CONTEXT))
+    assert int(store.tier_counts[table[1, :2]].sum()) == 0
+    plan = compare(store, table, lens, heads * 2, num_splits=2)
+    out = plan.run(torch.randn(2, heads * 2, dim, device=DEVICE), 0)
+    assert torch.all(out[1] == 0)
+
+
+def test_plan_checks_and_fixed_capacity(seeded):
+    page, heads, dim = 16, 2, 32
+    store, table, lens = build(DiffKVConfig.from_dict({"page_size": page}), heads, dim, [40, 20], layers=1,
+                               staged_pages=2)
+    store, table, lens = mirror(store), table.to(DEVICE), lens.to(DEVICE)
+    plan = DecodePlan(store, heads, max_batch=2, max_pages=3, max_staged_pages=1)
+    with pytest.raises(ValueError, match="max_staged_pages"):
+        plan.plan(table, lens)
+    with pytest.raises(ValueError, match="fewer pages"):
+        DecodePlan(store, heads, max_batch=2, max_pages=3).plan(table[:, :1], lens)
+    with pytest.raises(ValueError, match="exceed"):
+        DecodePlan(store, heads, max_batch=1, max_pages=3).plan(table, lens)
+    with pytest.raises(ValueError, match="multiple"):
+        DecodePlan(store, 3, max_batch=2, max_pages=3)
+    plan = DecodePlan(store, heads, max_batch=4, max_pages=8, max_staged_pages=2)
+    with pytest.raises(RuntimeError, match="plan"):
+        plan.run(torch.randn(2, heads, dim, device=DEVICE), 0)
+    plan.plan(table, lens)
+    with pytest.raises(ValueError, match="expected"):
+        plan.run(torch.randn(2, heads + 1, dim, device=DEVICE), 0)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_run_is_capturable_in_a_cuda_graph(seeded):
+    page, heads, dim = 32, 4, 128
+    config = DiffKVConfig.from_dict({"page_size": page, "key_rotation": "hadamard", "value_rotation": "hadamard"})
+    store, table, lens = build(config, heads, dim, [700, 100, 1500], layers=1)
+    store, table, lens = mirror(store), table.to(DEVICE), lens.to(DEVICE)
+    plan = DecodePlan(store, heads * 4, max_batch=3, max_pages=table.shape[1], max_staged_pages=2)
+    plan.plan(table, lens)
+    q = torch.randn(3, heads * 4, dim, device=DEVICE)
+    out = torch.empty_like(q)
+    plan.run(q, 0, out=out)                                 # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan.run(q, 0, out=out)
+    expected = plan.run(q, 0)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
