@@ -135,6 +135,7 @@ class DiffKVPagedAllocator(PagedTokenToKVPoolAllocator):
         pages = torch.cat(page_ids) if len(page_ids) > 1 else page_ids[0]
         self.store.release(pages)
         super()._release_page_ids(*page_ids)
+        self._kvcache.reporter.maybe_report()
 
     def clear(self):
         super().clear()

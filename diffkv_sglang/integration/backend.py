@@ -23,7 +23,6 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from ..attention import DecodeAttentionWrapper, ExtendAttentionWrapper
 from ..policy import sealable_pages
 from ..store import PageState
-from .metrics import StoreReporter
 from .pool import DiffKVKVPool
 
 logger = logging.getLogger(__name__)
@@ -45,7 +44,6 @@ class DiffKVAttnBackend(AttentionBackend):
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.decode_wrapper = DecodeAttentionWrapper(self.store)
         self.extend_wrapper = ExtendAttentionWrapper(self.store)
-        self.reporter = StoreReporter(self.store, model_runner)
         self._checked_layers: set[int] = set()
 
     # ------------------------------------------------------------------------------ metadata
@@ -94,7 +92,7 @@ class DiffKVAttnBackend(AttentionBackend):
             self.extend_wrapper.plan(qo_indptr, *self._csr(pages, valid, num_pages), seq_lens)
         else:
             raise NotImplementedError(f"the diffkv backend does not support forward mode {mode}")
-        self.reporter.maybe_report()
+        self.pool.reporter.maybe_report()
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         raise NotImplementedError("the diffkv backend does not support CUDA graphs yet; run with --disable-cuda-graph")

@@ -28,7 +28,7 @@ from ..store import CompressedKVStore, StoreStats
 logger = logging.getLogger(__name__)
 
 LOG_INTERVAL_S = 30.0
-GAUGE_INTERVAL_S = 1.0
+GAUGE_INTERVAL_S = 0.25
 
 
 def format_stats(stats: StoreStats) -> str:
@@ -44,15 +44,17 @@ def format_stats(stats: StoreStats) -> str:
 
 
 class StoreReporter:
-    """Logs the store's stats every ``LOG_INTERVAL_S`` and refreshes Prometheus gauges every ``GAUGE_INTERVAL_S``."""
+    """Logs the store's stats every ``LOG_INTERVAL_S`` and refreshes Prometheus gauges at most every
+    ``GAUGE_INTERVAL_S`` (``refresh()`` forces it, e.g. after the pool is cleared)."""
 
-    def __init__(self, store: CompressedKVStore, model_runner):
+    def __init__(self, store: CompressedKVStore, tp_rank: int = 0):
         self.store = store
-        self.tp_rank = str(getattr(model_runner, "tp_rank", 0))
+        self.tp_rank = str(tp_rank)
         self._last_log = time.monotonic()
         self._last_gauge = 0.0
         self._gauges = self._make_gauges() if _metrics_enabled() else None
-        logger.info("DiffKV pool ready: %s", format_stats(store.stats()))
+        logger.info("DiffKV pool ready on tp rank %s: %d layers x %d KV heads x head_dim %d, %s", self.tp_rank,
+                    store.num_layers, store.num_kv_heads, store.head_dim, format_stats(store.stats()))
 
     def _make_gauges(self):
         from prometheus_client import Gauge
@@ -75,11 +77,15 @@ class StoreReporter:
             "compacted_bytes": gauge("compacted_bytes", "bytes moved by DiffKV compaction"),
         }
 
-    def maybe_report(self) -> None:
+    def refresh(self) -> None:
+        """Update the gauges now."""
+        self.maybe_report(force=True)
+
+    def maybe_report(self, force: bool = False) -> None:
         """Cheap unless an interval has passed (then one host sync for the stats)."""
         now = time.monotonic()
         log_due = now - self._last_log >= LOG_INTERVAL_S
-        gauge_due = self._gauges is not None and now - self._last_gauge >= GAUGE_INTERVAL_S
+        gauge_due = self._gauges is not None and (force or now - self._last_gauge >= GAUGE_INTERVAL_S)
         if not (log_due or gauge_due):
             return
         stats = self.store.stats()

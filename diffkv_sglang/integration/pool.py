@@ -23,6 +23,7 @@ from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig, Memory
 from ..config import DiffKVConfig
 from ..format import BLOCK_ALIGN, META_SCALE_BYTES, LayerFormats
 from ..store import CompressedKVStore
+from .metrics import StoreReporter
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class DiffKVKVPool(KVCache):
         self.store = CompressedKVStore(plan.config, layer_num, plan.num_kv_heads, plan.head_dim, self.num_pages,
                                        plan.arena_bytes(size, context_len), plan.dtype, device)
         self._stage_padding_page()
+        self.reporter = StoreReporter(self.store, tp_rank=_tp_rank())
         self._finalize_allocation_log(size)
 
     def _stage_padding_page(self) -> None:
@@ -110,6 +112,7 @@ class DiffKVKVPool(KVCache):
         """Drop every block (SGLang's flush_cache), keeping the padding page."""
         self.store.clear()
         self._stage_padding_page()
+        self.reporter.refresh()
 
     # ------------------------------------------------------------------------------- KVCache API
     def set_kv_buffer(self, layer, loc, cache_k: torch.Tensor, cache_v: torch.Tensor, k_scale=None, v_scale=None,
@@ -134,3 +137,11 @@ class DiffKVKVPool(KVCache):
         store = self.store
         tables = (store.arena.block_offset, store.arena.block_nbytes, store.tier_counts, store.page_state)
         return store.arena.capacity_bytes + sum(t.numel() * t.element_size() for t in tables)
+
+
+def _tp_rank() -> int:
+    try:
+        from sglang.srt.runtime_context import get_parallel
+        return int(get_parallel().tp_rank)
+    except (ImportError, ValueError, AttributeError):
+        return 0
