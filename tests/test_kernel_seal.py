@@ -5,17 +5,24 @@ bytes the reference leaves alone (padding, gaps between blocks, staged blocks), 
 poison. Runs the Triton interpreter on CPU at small sizes, natively on CUDA (more blocks), always against the
 reference running on the CPU.
 
-Exactness caveat (rotated formats): ``quant.rotate`` rotates with a float32 matrix product whose summation order
-belongs to the BLAS library, so neither a kernel nor the same reference on another device reproduces it bit for
-bit. The kernel rotates with a butterfly (fast Walsh-Hadamard) transform in a fixed order,
-``kernels.seal.hadamard_rotate_reference``. Against ``write_sealed_blocks`` with ``quant.rotate`` replaced by
-that transform (``kernels.seal.rotate_reference``, the proposed reference), every byte is equal. Against the
-matmul reference, the rotated inputs differ in their last float32 bits (|difference| <= 1e-6 * max |x|), so in
-rotated blocks any code byte and any (scale, zero) word may differ, and a meta scale differs when a block's
-max |x| falls on the other side of a power of two; token indices, counts and untouched bytes are identical, and
-every element decodes within half its stored step (plus that rotation difference) of the matmul-rotated input,
-which ``test_rotated_blocks_against_matmul_reference`` checks. Unrotated formats are byte-exact against the
-unchanged reference.
+Which bytes may differ, and by how much:
+
+* Unrotated formats, inputs without -0.0: none, against the unchanged reference.
+* Rotated formats: ``quant.rotate`` rotates with a float32 matrix product whose summation order belongs to the
+  BLAS library, so no kernel (nor the same reference on another device) reproduces it bit for bit. The kernel
+  rotates with a butterfly transform in a fixed order (``kernels.seal.hadamard_rotate_reference``). Against
+  ``write_sealed_blocks`` with that rotation patched in (``rotate_reference``, the proposed reference): none.
+  Against the matmul reference the rotated inputs differ in their last float32 bits (<= 1e-6 * max |x|), so any
+  code byte and (scale, zero) word of a rotated block may differ, and a meta scale where the block's max |x|
+  sits on a power of two; token indices, counts and untouched bytes are equal, and every element decodes within
+  half its stored step (plus that rotation difference) of the matmul-rotated input
+  (``test_rotated_blocks_against_matmul_reference``).
+* Inputs with -0.0: where a group's minimum (maximum) is a zero and the group holds a -0.0, the unchanged
+  reference stores the zero (scale) with a float16 sign bit that depends on torch's reduction order; the kernel
+  stores +0.0. Only bit 15 of such a 0x0000 / 0x8000 half-word may differ (same value, same codes), checked by
+  ``test_signed_zeros_against_unchanged_reference``; with ``quantize_reference`` patched in: none.
+* The same reference run on CUDA differs from its CPU run (torch divides by the Python scalar ``qmax`` with a
+  reciprocal there); the kernel matches the CPU run, which these tests use.
 """
 
 import os
@@ -29,6 +36,7 @@ if not torch.cuda.is_available():
 import diffkv_sglang.quant as quant  # noqa: E402
 from diffkv_sglang.config import TierSpec  # noqa: E402
 from diffkv_sglang.format import INDEX, KEY_META, KEYS, SECTION_NAMES, VALUE_META, BlockFormat, StagedBlockFormat  # noqa: E402
+from diffkv_sglang.kernels import seal as seal_module  # noqa: E402
 from diffkv_sglang.kernels.seal import (hadamard_rotate_reference, quantize_reference, rotate_reference,  # noqa: E402
                                        seal_blocks)
 
@@ -133,6 +141,17 @@ def _seal_and_compare(fmt, keys, values, tiers, seed):
 @pytest.mark.parametrize("head_dim", [32, 64])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_seal_matches_reference_bytes(case, head_dim, monkeypatch, seeded):
+    _check_case(case, head_dim, monkeypatch, seeded)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[4]], ids=_case_id)
+def test_seal_in_chunks(case, monkeypatch, seeded):
+    """Pages larger than the tile: two passes over chunks of 16 tokens (ranks carried across chunks)."""
+    monkeypatch.setitem(seal_module.SEAL_CONFIG, "tile_elements", 16 * 32)
+    _check_case(case, 32, monkeypatch, seeded)
+
+
+def _check_case(case, head_dim, monkeypatch, seeded):
     tiers_spec, key_rot, value_rot, page, dtype = case
     fmt = BlockFormat(tiers_spec, head_dim, page, key_rot, value_rot)
     tiers = _tier_layouts(fmt.num_tiers, page, RANDOM_BLOCKS)
