@@ -147,7 +147,7 @@ class BlockFormat:
         """
         counts = counts.to(torch.int64)
         coeffs = self._coeffs.to(counts.device)
-        starts = torch.einsum("...u,ktu->...kt", counts, coeffs)
+        starts = (counts[..., None, None, :] * coeffs).sum(-1)        # (CUDA has no int64 einsum)
         return starts + self._const.to(counts.device)[:, None]
 
     def meta_scale_start(self, counts: torch.Tensor) -> torch.Tensor:
