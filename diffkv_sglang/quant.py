@@ -44,12 +44,37 @@ def hadamard_matrix(dim: int, device: torch.device | str = "cpu") -> torch.Tenso
     return _hadamard_cpu(dim).to(device)
 
 
+def _hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H`` as a fast Walsh-Hadamard transform in a fixed butterfly order (float32).
+
+    Stage ``h = 1, 2, ..., D/2`` replaces each pair ``(x[j], x[j + h])`` (bit ``h`` of ``j`` clear) by
+    ``(x[j] + x[j + h], x[j] - x[j + h])``; the result is multiplied by ``float32(1 / sqrt(D))``. The order is
+    fixed, so the result is bit-identical on every device and in the seal kernel (a matmul's is not).
+    """
+    dim = x.shape[-1]
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"Hadamard rotation needs a power-of-two dimension, got {dim}")
+    y = x.float()
+    h = 1
+    while h < dim:
+        pairs = y.reshape(*y.shape[:-1], dim // (2 * h), 2, h)
+        y = torch.stack([pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]], dim=-2)
+        y = y.reshape(x.shape)
+        h *= 2
+    return y * hadamard_scale(dim)
+
+
+def hadamard_scale(dim: int) -> float:
+    """``float32(1 / sqrt(dim))`` as a Python float: the entries' magnitude in :func:`hadamard_matrix`."""
+    return float(torch.tensor(dim ** -0.5, dtype=torch.float64).to(torch.float32))
+
+
 def rotate(x: torch.Tensor, rotation: str) -> torch.Tensor:
     """Apply a per-vector rotation to the last dimension: ``x @ H`` (float32), or ``x`` for ``"none"``."""
     if rotation == "none":
         return x.float()
     if rotation == "hadamard":
-        return x.float() @ hadamard_matrix(x.shape[-1], x.device)
+        return _hadamard_transform(x)
     raise ValueError(f"unknown rotation {rotation!r}; allowed: 'none', 'hadamard'")
 
 
@@ -94,9 +119,12 @@ def quantize(x: torch.Tensor, bits: int, groups: int) -> tuple[torch.Tensor, tor
     if dim % groups:
         raise ValueError(f"groups={groups} must divide the last dimension {dim}")
     qmax = (1 << bits) - 1
-    xg = x.float().reshape(*x.shape[:-1], groups, dim // groups)
+    # + 0.0 turns -0.0 into +0.0, so a stored zero point never depends on the reduction order of amin/amax
+    xg = (x.float() + 0.0).reshape(*x.shape[:-1], groups, dim // groups)
     zero = _fp16_round_down(xg.amin(-1))
-    scale = _fp16_round_up((xg.amax(-1) - zero.float()) / qmax)
+    spread = xg.amax(-1) - zero.float()
+    # divide by a tensor: a Python-scalar divisor becomes a reciprocal multiply on CUDA (not correctly rounded)
+    scale = _fp16_round_up(spread / torch.full_like(spread, qmax))
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
     codes = torch.round((xg - zero.float()[..., None]) / safe[..., None]).clamp_(0, qmax)
     codes = torch.where(scale[..., None] > 0, codes, torch.zeros_like(codes))

@@ -168,3 +168,17 @@ def test_sealed_blocks_round_trip(tiers, key_rot, value_rot, head_dim):
             bound_sq = (half_scale ** 2).sum(-1) * (head_dim // groups)
             err_sq = ((x_hat[sel] - x[sel].float()) / m.expand(page, n).T[sel][:, None]).pow(2).sum(-1)
             assert torch.all(err_sq <= bound_sq * (1 + 1e-4) + 1e-10), (name, t)
+
+
+def test_butterfly_rotation_equals_the_hadamard_matrix(seeded):
+    """quant.rotate uses a fixed-order butterfly (bit-identical across devices and with the seal kernel);
+    it is the same linear map as x @ H up to float32 rounding."""
+    x = torch.randn(7, 64) * 3
+    assert torch.allclose(rotate(x, "hadamard"), x @ hadamard_matrix(64), atol=1e-5 * float(x.abs().max()) * 8)
+    assert torch.allclose(rotate(rotate(x, "hadamard"), "hadamard"), x, atol=1e-5)
+
+
+def test_signed_zero_does_not_leak_into_metadata():
+    x = torch.tensor([[-0.0, 0.0, 1.0, 2.0] * 4])
+    _, scale, zero = quantize(x, 4, 1)
+    assert zero.view(torch.int16).item() == 0            # +0.0, whatever the order of the reduction
