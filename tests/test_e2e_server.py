@@ -172,3 +172,21 @@ def test_bad_flags_fail_at_start_up(tiny_model, args, message):
     done = run_cli(["--model-path", str(tiny_model), "--device", "cpu", "--port", "1", *args], timeout=300)
     assert done.returncode != 0
     assert message in done.stderr + done.stdout, (done.stderr + done.stdout)[-2000:]
+
+
+def test_tensor_parallel_each_rank_holds_its_heads(tiny_model):
+    """--tp-size 2 splits the 2 KV heads across ranks (one each); greedy output equals --tp-size 1.
+    float32 weights keep the two all-reduce orders from flipping near-tie argmaxes of the random model."""
+    prompts = [STORY * 3, STORY + "Hello there", "The quick brown fox " * 9]
+    outputs, logs = {}, {}
+    for tp in (1, 2):
+        env = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else None
+        with SGLangServer(tiny_model, [*DIFFKV, "--tp-size", str(tp), "--dtype", "float32"], env=env) as running:
+            outputs[tp] = [generate(running, p, max_new_tokens=32)["output_ids"] for p in prompts]
+            generate(running, "x", max_new_tokens=2)
+            assert gauge(running, "sealed_pages") > 0
+            logs[tp] = running.log_text()
+            assert not running.unexpected_errors(), running.unexpected_errors()
+    for rank in (0, 1):
+        assert f"DiffKV pool ready on tp rank {rank}: 4 layers x 1 KV heads" in logs[2]
+    assert outputs[1] == outputs[2]
