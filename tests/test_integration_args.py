@@ -91,3 +91,11 @@ def test_publish_round_trip(monkeypatch):
     assert cli.published_config() == cfg
     cli.publish("default", None)
     assert cli.published_config() is None
+
+
+def test_coexists_with_a_native_kv_pool_flag():
+    """An SGLang with patches/ applied already has --kv-pool; the plugin then only adds its choice."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kv-pool", choices=["default"], default="default")
+    cli.add_cli_args(parser)
+    assert parser.parse_args(["--kv-pool", "diffkv", "--diffkv-window", "8"]).kv_pool == "diffkv"

@@ -68,8 +68,12 @@ _FLAG_OF_FIELD = {flag.field: flag.name for flag in FLAGS} | {"alpha_prune": "--
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--kv-pool`` and the ``--diffkv-*`` flags to SGLang's parser."""
     group = parser.add_argument_group("DiffKV compressed KV cache (diffkv-sglang)")
-    group.add_argument("--kv-pool", choices=POOL_CHOICES, default="default",
-                       help="KV cache pool: SGLang's dense pool (default) or the DiffKV-compressed pool")
+    native = parser._option_string_actions.get("--kv-pool")        # an SGLang with patches/ applied has the flag
+    if native is None:
+        group.add_argument("--kv-pool", choices=POOL_CHOICES, default="default",
+                           help="KV cache pool: SGLang's dense pool (default) or the DiffKV-compressed pool")
+    elif native.choices is not None and "diffkv" not in native.choices:
+        native.choices = [*native.choices, "diffkv"]
     group.add_argument("--diffkv-config", default=None,
                        help="DiffKV config as a JSON object or the path of a JSON file (fields as in "
                             "diffkv_sglang.DiffKVConfig); --diffkv-* flags override its fields")
