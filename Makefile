@@ -6,7 +6,7 @@ PY          := $(VENV)/bin/python
 PYTEST_ARGS ?=
 MODEL       ?= smollm2-135m-instruct
 
-.PHONY: setup test demo bench-format model clean
+.PHONY: setup test demo core-demo bench-format model clean
 
 setup:
 	bash scripts/bootstrap.sh
@@ -14,7 +14,12 @@ setup:
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# Main job: convert the model, serve it with --kv-pool diffkv on CPU, run the chat and fork examples against it.
 demo: setup
+	MODEL=$(MODEL) bash scripts/main_job.sh
+
+# One request through the compressed store, no SGLang.
+core-demo: setup
 	$(PY) examples/core_demo.py
 
 bench-format: setup
