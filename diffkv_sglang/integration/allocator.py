@@ -143,7 +143,9 @@ class DiffKVPagedAllocator(PagedTokenToKVPoolAllocator):
             self._kvcache.clear()
 
     def verify_byte_accounting(self) -> list:
-        """Idle diagnostic: the arena's invariants and 'no storage without a held page'."""
+        """Idle diagnostic (SGLang calls it when the scheduler goes idle): the arena's invariants and 'no storage
+        without a held page'. Also refreshes the gauges, which releases after the last forward left stale."""
+        self._kvcache.reporter.refresh()
         problems = []
         try:
             self.store.arena.check_invariants()
