@@ -26,24 +26,19 @@ Section starts come only from :meth:`BlockFormat.section_coefficients`, passed a
 Exactness. Every float operation is the one the reference does, correctly rounded: divisions use
 ``tl.math.div_rn`` (Triton's ``/`` is an approximate division on NVIDIA GPUs), the division by the power-of-two
 meta scale is an exact multiplication (two, for block maxima below 2^-127), round-half-even adds and subtracts
-2^23, and launches pass ``enable_fp_fusion=False`` so no multiply-add is contracted. Two things in the reference
-are not defined bit for bit, so the kernel fixes them and the torch functions here give the same definition
-(the proposed changes to ``quant``; the tests compare against ``write_sealed_blocks`` with them patched in):
+2^23, and launches pass ``enable_fp_fusion=False`` so no multiply-add is contracted. The reference defines every
+byte bit for bit on any device, and the kernel follows the same definitions:
 
-* Hadamard rotation: ``quant.rotate`` is a float32 matrix product whose summation order is the BLAS library's
-  (CPU and CUDA differ). The kernel and :func:`hadamard_rotate_reference` use a fast Walsh-Hadamard transform in a
-  fixed butterfly order, then multiply by ``float32(1 / sqrt(D))`` (:func:`rotate_reference`).
-* Signed zeros: a group whose minimum (maximum) is a zero and that holds a -0.0 stores a zero (scale) whose
-  float16 sign depends on the order of torch's reduction. The kernel makes such an extreme +0.0, the bytes
-  of :func:`quantize_reference` (``x + 0.0`` before the min/max); codes are the same either way.
-
-Not part of the kernel but found on the way: ``quant.quantize`` run on CUDA divides ``(max - zero) / qmax`` by a
-Python scalar, which torch computes as a multiplication by the reciprocal, not correctly rounded; the kernel
-matches the CPU reference (a division by a tensor, ``torch.full_like(hi, qmax)``, would make CUDA match too).
+* Hadamard rotation: ``quant.rotate`` is a fast Walsh-Hadamard transform in a fixed butterfly order, then a
+  multiplication by ``quant.hadamard_scale(D)`` (``float32(1 / sqrt(D))``); the kernel does the same stages.
+* Signed zeros: ``quant.quantize`` adds ``+0.0`` before the group min/max, so a -0.0 extreme is stored as +0.0;
+  the kernel does the same.
+* Scale division: ``quant.quantize`` divides ``(max - zero)`` by a tensor (correctly rounded on CUDA too), as the
+  kernel's ``div_rn`` does.
 
 Limits: ``head_dim`` must be a power of two (tiles are ``[ROWS, D]``); code widths 2, 4 or 8 bits.
 
-Speed (H100, Triton 3.6, ``benchmarks/kernels_gpu_seal.py``): the kernel is bound by instruction issue (about 60
+Speed (H100, Triton 3.6, ``benchmarks/kernels_gpu.py``): the kernel is bound by instruction issue (about 60
 instructions per element: the exact divisions, per-tier packing and masked stores), not by memory, so it
 reaches a fraction of the copy bandwidth; ``maxnreg=64`` raises occupancy from 3 to 4 programs per SM.
 """
@@ -52,16 +47,15 @@ reaches a fraction of the copy bandwidth; ``maxnreg=64`` raises occupancy from 3
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from diffkv_sglang.format import INDEX, KEY_META, KEYS, VALUE_META, VALUES, BlockFormat
-from diffkv_sglang.quant import quantize as _quantize
+from diffkv_sglang.quant import hadamard_scale
 
-__all__ = ["seal_blocks", "hadamard_rotate_reference", "rotate_reference", "quantize_reference", "SEAL_CONFIG"]
+__all__ = ["seal_blocks", "SEAL_CONFIG"]
 
 SEAL_CONFIG = {"tile_elements": 4096, "elements_per_warp": 512, "max_warps": 8, "max_registers": 64}
 """A program quantizes ``ROWS = tile_elements / head_dim`` tokens at a time (at most ``next_pow2(P)``; a page that
@@ -73,55 +67,6 @@ at head_dim 128, and 64 registers beat the compiler's 80 (760 vs 683 GB/s; rotat
 _SUPPORTED_BITS = (2, 4, 8)
 # section kinds as constants the kernels can read
 _KEYS, _VALUES, _KEY_META, _VALUE_META, _INDEX = (tl.constexpr(k) for k in (KEYS, VALUES, KEY_META, VALUE_META, INDEX))
-
-
-# ------------------------------------------------------------------------------------------- reference
-def hadamard_rotate_reference(x: torch.Tensor) -> torch.Tensor:
-    """The kernel's rotation in torch: ``x @ H`` (normalized Sylvester Hadamard) computed as a fast
-    Walsh-Hadamard transform in a fixed butterfly order, in float32.
-
-    Stage ``h = 1, 2, 4, ..., D/2`` replaces each pair ``(x[j], x[j + h])`` (``j`` with bit ``h`` clear) by
-    ``(x[j] + x[j + h], x[j] - x[j + h])``; the result is multiplied by ``float32(1 / sqrt(D))`` at the end.
-    Mathematically equal to ``quant.rotate(x, "hadamard")``; bit-exact with the seal kernel on any device.
-
-    Args:
-        x: ``[..., D]`` float tensor, ``D`` a power of two.
-    Returns:
-        ``[..., D]`` float32.
-    """
-    dim = x.shape[-1]
-    if dim < 1 or dim & (dim - 1):
-        raise ValueError(f"Hadamard rotation needs a power-of-two dimension, got {dim}")
-    y = x.float()
-    h = 1
-    while h < dim:
-        pairs = y.reshape(*y.shape[:-1], dim // (2 * h), 2, h)
-        a, b = pairs[..., 0, :], pairs[..., 1, :]
-        y = torch.stack([a + b, a - b], dim=-2).reshape(x.shape)
-        h *= 2
-    return y * _hadamard_scale(dim)
-
-
-def rotate_reference(x: torch.Tensor, rotation: str) -> torch.Tensor:
-    """``quant.rotate`` with the butterfly Hadamard of :func:`hadamard_rotate_reference` (the proposed
-    ``quant.rotate``; with it, ``write_sealed_blocks`` is byte-exact with the kernel for rotated formats too)."""
-    if rotation == "none":
-        return x.float()
-    if rotation == "hadamard":
-        return hadamard_rotate_reference(x)
-    raise ValueError(f"unknown rotation {rotation!r}; allowed: 'none', 'hadamard'")
-
-
-def quantize_reference(x: torch.Tensor, bits: int, groups: int):
-    """``quant.quantize`` with signed zeros made positive first (``x + 0.0``), as the kernel does (the proposed
-    ``quant.quantize``). Unchanged, a group whose minimum (maximum) is a zero and that holds a -0.0 stores a
-    zero (scale) whose float16 sign bit depends on the order of torch's reduction; values and codes agree."""
-    return _quantize(x.float() + 0.0, bits, groups)
-
-
-def _hadamard_scale(dim: int) -> float:
-    """``float32(1 / sqrt(dim))`` as a Python float (the entries of ``quant.hadamard_matrix``)."""
-    return float(torch.tensor(1.0 / math.sqrt(dim), dtype=torch.float64).to(torch.float32))
 
 
 # ------------------------------------------------------------------------------------- device helpers
@@ -189,7 +134,7 @@ def _chunk_ranks(tier, seen, t: tl.constexpr):
 @triton.jit
 def _hadamard(x, ROWS: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, SCALE: tl.constexpr):
     """Fast Walsh-Hadamard transform of each row of ``x`` ``[ROWS, D]`` float32, butterfly order of
-    :func:`hadamard_rotate_reference`, then times ``SCALE``. Stage ``h`` views a row as ``[D / 2h, 2, h]`` and
+    ``quant.rotate``, then times ``SCALE``. Stage ``h`` views a row as ``[D / 2h, 2, h]`` and
     replaces the pair axis ``(a, b)`` by ``(a + b, a - b)``: sums over that axis of ``x`` and of ``x * (1, -1)``
     (exact: one addition each), so no stage moves data between threads beyond the pair it adds."""
     for s in tl.static_range(LOG2_D):
@@ -432,7 +377,7 @@ def _format_constants(fmt: BlockFormat) -> dict:
         KEY_GF=max(s.key_groups for s in specs), VALUE_GF=max(s.value_groups for s in specs),
         COEFFS=tuple(c for kind in coeffs for row in kind for c in row), CONSTS=tuple(consts),
         ROTATE_KEYS=fmt.key_rotation == "hadamard", ROTATE_VALUES=fmt.value_rotation == "hadamard",
-        HAD_SCALE=_hadamard_scale(fmt.head_dim),
+        HAD_SCALE=hadamard_scale(fmt.head_dim),
     )
 
 
