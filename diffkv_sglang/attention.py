@@ -9,7 +9,10 @@ KV head. As a side effect ``run`` records the importance statistics of staged to
 queries per request *replace* the statistics of the staged tokens they see, so after a chunked prefill (or a new
 turn over a cached prefix) the latest observation window decides, as DiffKV's prefill rule intends.
 
-This module is the torch reference path (any device). The Triton kernels implement the same contract.
+The torch path here is the reference (any device). When the store uses kernels (``store.kernels``, see
+:mod:`diffkv_sglang.backend_select`), :class:`DecodeAttentionWrapper` runs the Triton decode kernel
+(:class:`diffkv_sglang.kernels.decode_attention.DecodePlan`) behind the same ``plan()`` / ``run()``; extend attention
+always runs the reference.
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ class PagedBatchPlan:
     sm_scale: float
 
 
+def _check_pages(kv_page_indptr: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> None:
+    counts = kv_page_indptr[1:].to(seq_lens.device, torch.int64) - kv_page_indptr[:-1].to(seq_lens.device, torch.int64)
+    if bool((counts < (seq_lens + page_size - 1) // page_size).any()):
+        raise ValueError("plan: some requests have fewer pages than their seq_lens need")
+
+
 def _page_table(kv_page_indptr: torch.Tensor, kv_page_indices: torch.Tensor, device) -> torch.Tensor:
     indptr = kv_page_indptr.to(device, torch.int64)
     counts = indptr[1:] - indptr[:-1]
@@ -77,10 +86,7 @@ class _PagedAttentionBase:
         num_keys = table.shape[1] * store.page_size
         t = torch.arange(num_keys, device=store.device)
         key_locs = table[:, t // store.page_size] * store.page_size + t % store.page_size
-        pages_needed = (seq_lens + store.page_size - 1) // store.page_size
-        counts = kv_page_indptr[1:].to(store.device, torch.int64) - kv_page_indptr[:-1].to(store.device, torch.int64)
-        if bool((counts < pages_needed).any()):
-            raise ValueError("plan: some requests have fewer pages than their seq_lens need")
+        _check_pages(kv_page_indptr, seq_lens, store.page_size)
         return table, seq_lens, key_locs, t[None, :] < seq_lens[:, None]
 
     def _run(self, q_padded: torch.Tensor, layer: int, sm_scale: float | None) -> torch.Tensor:
@@ -123,6 +129,16 @@ class _PagedAttentionBase:
 class DecodeAttentionWrapper(_PagedAttentionBase):
     """Decode attention: one query per request over its paged, partly compressed KV.
 
+    With ``store.kernels`` (CUDA by default) ``run`` launches the Triton decode kernel: ``plan`` keeps the page
+    table, and the first ``run`` of a batch fills a :class:`~diffkv_sglang.kernels.decode_attention.DecodePlan`
+    (its buffers are sized for the number of query heads, which only ``q`` tells). The plan's capacity (requests,
+    pages per request) is given here or grows to the next power of two of what a batch needs (pages capped by
+    the store's page count); growing reallocates its buffers outside ``run``'s launches.
+
+    Args:
+        store: the compressed store.
+        max_batch, max_pages: initial capacity of the kernel plan (ignored on the reference path).
+
     Example::
 
         wrapper = DecodeAttentionWrapper(store)
@@ -131,6 +147,13 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
             store.write_tokens(layer, new_token_locs, k[layer], v[layer])
             out = wrapper.run(q[layer], layer)                           # [B, Hq, D]
     """
+
+    def __init__(self, store: CompressedKVStore, max_batch: int = 1, max_pages: int = 1):
+        super().__init__(store)
+        self._kernel_plan = None                     # DecodePlan, built at the first run (needs Hq)
+        self._capacity = (max(1, max_batch), max(1, min(max_pages, store.num_pages)))
+        self._batch: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._kernel_planned = False
 
     def plan(self, kv_page_indptr: torch.Tensor, kv_page_indices: torch.Tensor, seq_lens: torch.Tensor,
              sm_scale: float | None = None) -> None:
@@ -142,18 +165,54 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
             seq_lens: ``[B]`` int tokens per request, the new token included (it is the query's position + 1).
             sm_scale: softmax scale (default ``1 / sqrt(head_dim)``).
         """
+        sm_scale = sm_scale if sm_scale is not None else self.store.head_dim ** -0.5
+        if self.store.kernels:
+            store = self.store
+            seq_lens = seq_lens.to(store.device, torch.int64)
+            _check_pages(kv_page_indptr, seq_lens, store.page_size)
+            self._batch = (_page_table(kv_page_indptr, kv_page_indices, store.device), seq_lens, sm_scale)
+            self._kernel_planned = False
+            return
         table, seq_lens, key_locs, key_valid = self._plan_keys(kv_page_indptr, kv_page_indices, seq_lens)
         batch = seq_lens.numel()
         ones = torch.ones(batch, 1, dtype=torch.bool, device=table.device)
         self._plan = PagedBatchPlan(
             page_table=table, seq_lens=seq_lens, key_locs=key_locs, key_valid=key_valid,
             q_positions=(seq_lens - 1)[:, None], q_valid=ones, q_index=torch.arange(batch, device=table.device),
-            observe=ones, accumulate=True, sm_scale=sm_scale if sm_scale is not None else self.store.head_dim ** -0.5)
+            observe=ones, accumulate=True, sm_scale=sm_scale)
 
     def run(self, q: torch.Tensor, layer: int, sm_scale: float | None = None) -> torch.Tensor:
         """``q`` ``[B, Hq, D]`` -> output ``[B, Hq, D]`` in ``q.dtype``; accumulates staged-token importance.
         ``sm_scale`` overrides the plan's softmax scale for this layer."""
+        if self.store.kernels:
+            return self._run_kernel(q, layer, sm_scale)
         return self._run(q[:, None], layer, sm_scale)[:, 0].to(q.dtype)
+
+    def _run_kernel(self, q: torch.Tensor, layer: int, sm_scale: float | None) -> torch.Tensor:
+        if self._batch is None:
+            raise RuntimeError("call plan() before run()")
+        table, seq_lens, plan_scale = self._batch
+        if seq_lens.numel() == 0:
+            return torch.empty_like(q)
+        if not self._kernel_planned:
+            self._plan_kernel(q.shape[1], table, seq_lens)
+        return self._kernel_plan.run(q if q.stride(-1) == 1 else q.contiguous(), layer,
+                                     sm_scale=plan_scale if sm_scale is None else sm_scale)
+
+    def _plan_kernel(self, num_q_heads: int, table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Fill the kernel plan for the planned batch, (re)building it for new heads or a larger batch."""
+        from .kernels.decode_attention import DecodePlan
+
+        batch, cols = table.shape
+        plan = self._kernel_plan
+        if plan is None or plan.num_q_heads != num_q_heads or batch > plan.max_batch or cols > plan.max_pages:
+            grow = lambda need, have: max(have, 1 << (need - 1).bit_length())          # noqa: E731
+            max_batch = grow(batch, self._capacity[0])
+            max_pages = min(grow(cols, self._capacity[1]), max(cols, self.store.num_pages))
+            self._capacity = (max_batch, max_pages)
+            self._kernel_plan = plan = DecodePlan(self.store, num_q_heads, max_batch=max_batch, max_pages=max_pages)
+        plan.plan(table, seq_lens, check=False)          # plan() checked the pages against seq_lens
+        self._kernel_planned = True
 
 
 class ExtendAttentionWrapper(_PagedAttentionBase):

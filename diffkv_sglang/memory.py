@@ -15,6 +15,9 @@ through a temporary buffer in 16-byte units, in one gather and one scatter. Repe
 calls therefore converge to a packed arena with all free space in one region at the end.
 Every batch operation is vectorized on the arena's device and reads its results back to the
 host in one synchronisation (compaction in two: the live-block count, then the move plan).
+Compaction's data movement runs the Triton kernel ``kernels/compaction.py`` (``move_blocks``) when
+the arena uses kernels (see :mod:`diffkv_sglang.backend_select`), the torch unit gather/scatter
+otherwise; both copy the same bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .backend_select import use_kernels
 
 __all__ = ["ARENA_ALIGN", "ArenaOutOfMemory", "BlockArena", "CompactionStats"]
 
@@ -103,6 +108,9 @@ class BlockArena:
         Number of slot ids, ``[0, num_slots)``; must be > 0.
     device : torch.device or str
         Where the bytes and tables live.
+    kernels : bool or None
+        Move compacted blocks with the Triton kernel (True) or torch (False); None asks
+        :func:`diffkv_sglang.backend_select.use_kernels` (the ``DIFFKV_KERNELS`` switch).
 
     Attributes
     ----------
@@ -118,7 +126,8 @@ class BlockArena:
     ``[0, capacity_bytes]`` that addresses no bytes.
     """
 
-    def __init__(self, capacity_bytes: int, num_slots: int, device: torch.device | str = "cpu"):
+    def __init__(self, capacity_bytes: int, num_slots: int, device: torch.device | str = "cpu",
+                 kernels: bool | None = None):
         capacity = int(capacity_bytes) // ARENA_ALIGN * ARENA_ALIGN
         if capacity <= 0:
             raise ValueError(
@@ -127,6 +136,7 @@ class BlockArena:
         if int(num_slots) <= 0:
             raise ValueError(f"num_slots must be > 0, got {num_slots}")
         self.device = torch.device(device)
+        self.kernels = use_kernels(self.device) if kernels is None else bool(kernels)
         self.num_slots = int(num_slots)
         self.data = torch.empty(capacity, dtype=torch.uint8, device=self.device)
         self.block_offset = torch.full((self.num_slots,), -1, dtype=torch.int64, device=self.device)
@@ -349,8 +359,16 @@ class BlockArena:
     def _move_units(self, sources: Tensor, targets: Tensor, sizes: Tensor, total_bytes: int) -> None:
         """Copy blocks (int64 [m] offsets and sizes) to targets that are packed one after another.
 
-        One gather of every moved 16-byte unit into a temporary buffer, then one scatter.
+        One gather of every moved 16-byte unit into a temporary buffer, then one scatter: two launches
+        of ``move_blocks`` with kernels (its buffer allocated here from the known total, so the move
+        costs no extra host sync; the caching allocator reuses it), else torch indexing.
         """
+        if self.kernels:
+            from .kernels.compaction import move_blocks
+
+            tmp = torch.empty(max(total_bytes, ARENA_ALIGN), dtype=torch.uint8, device=self.device)
+            move_blocks(self.data, sources, targets, sizes, tmp)
+            return
         units = sizes // ARENA_ALIGN
         total_units = total_bytes // ARENA_ALIGN
         dst = targets[0] // ARENA_ALIGN + torch.arange(total_units, device=self.device)

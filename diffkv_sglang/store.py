@@ -12,12 +12,16 @@ A page's life::
 * ``stage(pages)`` gives the pages dense blocks (model dtype K/V plus importance statistics) in every layer.
 * ``write_tokens(layer, locs, k, v)`` stores new tokens; ``add_importance(...)`` accumulates attention.
 * ``seal(pages, context_lens)`` classifies each token per (layer, head) with :mod:`policy`, writes one compressed
-  block per (page, layer, head) with :mod:`quant`, and frees the dense blocks. The staged bytes are read out
-  and freed before the compressed blocks are allocated, and a compressed block is never larger than a
-  staged one, so sealing never runs out of memory.
+  block per (page, layer, head) with :mod:`quant` (or the seal kernel, byte for byte the same, when
+  ``store.kernels``), and frees the dense blocks. The staged bytes are read out and freed before the compressed
+  blocks are allocated, and a compressed block is never larger than a staged one, so sealing never runs out of
+  memory.
 * ``release(pages)`` frees every block of the pages (the allocator calls it for every page SGLang frees).
 
 Both states live in one physical budget (the arena), so admission checks need only one number.
+
+``store.kernels`` (decided once, from ``DIFFKV_KERNELS`` and the device: :mod:`diffkv_sglang.backend_select`) selects
+the Triton kernels for sealing, compaction moves and decode attention, else the torch reference.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import enum
 
 import torch
 
+from .backend_select import use_kernels
 from .config import DiffKVConfig
 from .format import LayerFormats
 from .memory import BlockArena
@@ -85,6 +90,10 @@ class CompressedKVStore:
         device: where the arena and tables live.
         seal_chunk_pages: pages sealed per internal chunk (bounds the temporary dense copy).
 
+    Attributes:
+        kernels: True when this store runs the Triton kernels (seal, compaction moves, decode attention); see
+            :mod:`diffkv_sglang.backend_select`.
+
     Example::
 
         store = CompressedKVStore(DiffKVConfig(), num_layers=2, num_kv_heads=2, head_dim=64,
@@ -108,7 +117,8 @@ class CompressedKVStore:
         self.num_pages, self.page_size, self.dtype = num_pages, config.page_size, dtype
         self.device = torch.device(device)
         self.seal_chunk_pages = seal_chunk_pages
-        self.arena = BlockArena(arena_bytes, num_pages * num_layers * num_kv_heads, self.device)
+        self.kernels = use_kernels(self.device, head_dim)
+        self.arena = BlockArena(arena_bytes, num_pages * num_layers * num_kv_heads, self.device, kernels=self.kernels)
         self.page_state = torch.zeros(num_pages, dtype=torch.int8, device=self.device)
         self.tier_counts = torch.zeros(num_pages, num_layers, num_kv_heads, config.num_tiers,
                                        dtype=torch.int32, device=self.device)
@@ -235,6 +245,9 @@ class CompressedKVStore:
             self._seal_chunk(pages[start:start + self.seal_chunk_pages], context_lens[start:start + self.seal_chunk_pages])
 
     def _seal_chunk(self, pages: torch.Tensor, context_lens: torch.Tensor) -> None:
+        # The staged K/V are copied out before their blocks are freed: the sealed blocks reuse the same slots, so
+        # they can only be allocated after the free, and may then land on the staged bytes (the seal kernel could
+        # read staged blocks in place, but only into destinations that cannot overlap them).
         slots = self.slots(pages)                                                              # [n, L, H]
         keys, values, score_sum, seen = self._read_staged(slots)                              # [n, L, H, P(, D)]
         r = relative_importance(score_sum, seen, context_lens[:, None, None, None])
@@ -247,11 +260,20 @@ class CompressedKVStore:
         offsets = self.arena.allocate(slots.reshape(-1), nbytes.reshape(-1)).reshape(slots.shape)
         for fmt, layers in groups:
             flat = lambda x: x[:, layers].reshape(-1, *x.shape[3:])                            # noqa: E731
-            counts = write_sealed_blocks(fmt, self.arena.data, flat(offsets), flat(keys), flat(values), flat(tiers))
+            counts = self._write_sealed(fmt, flat(offsets), flat(keys), flat(values), flat(tiers))
             self.tier_counts[pages[:, None], layers] = counts.reshape(len(pages), len(layers), self.num_kv_heads, -1).to(torch.int32)
             self._sealed_totals[1:] += counts.sum(0)
         self._sealed_totals[0] += self.arena.block_nbytes[slots.reshape(-1)].sum()
         self.page_state[pages] = PageState.SEALED
+
+    def _write_sealed(self, fmt, offsets, keys, values, tiers) -> torch.Tensor:
+        """Write sealed blocks of one format at ``offsets`` ``[n]`` from ``keys``/``values`` ``[n, P, D]`` and
+        ``tiers`` ``[n, P]``; returns the ``[n, T]`` tier counts. One seal-kernel launch with kernels."""
+        if self.kernels:
+            from .kernels.seal import seal_blocks
+
+            return seal_blocks(fmt, self.arena.data, (keys, values), tiers, offsets)
+        return write_sealed_blocks(fmt, self.arena.data, offsets, keys, values, tiers)
 
     def _group_layers_by_format(self):
         """``[(format, layer index tensor)]``: layers sharing one sealed-block format, sealed together."""

@@ -1,6 +1,7 @@
 """Decode attention over the compressed store: flash-decoding over sealed (compressed) and staged (dense) pages.
 
-The contract is :meth:`diffkv_sglang.attention.DecodeAttentionWrapper.run`, which stays the reference: for each
+The contract is the torch path of :meth:`diffkv_sglang.attention.DecodeAttentionWrapper.run` (the reference; the
+wrapper runs this kernel instead when the store uses kernels, see :mod:`diffkv_sglang.backend_select`): for each
 request ``b`` and KV head ``h`` the ``G = Hq / H`` query heads of the group attend over every kept token of the
 request's pages, with a float32 softmax, and the attention of every staged token is added to its importance
 statistics (``score_sum += max over the group of its probability``, ``seen += 1``).
@@ -743,9 +744,11 @@ class DecodePlan:
         self.staged_pos[:batch].copy_(positions[:, :cap])
         self.batch, self.num_splits = batch, self._splits_for(max(batch, 1))
 
-    def run(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None,
+            sm_scale: float | None = None) -> torch.Tensor:
         """Attention of ``q`` ``[B, Hq, D]`` over the planned batch in ``layer``; returns ``out`` ``[B, Hq, D]``
-        (``q.dtype``; allocated only when not given) and accumulates staged-token importance."""
+        (``q.dtype``; allocated only when not given) and accumulates staged-token importance. ``sm_scale``
+        overrides the plan's softmax scale for this call (a kernel argument, not a compile-time constant)."""
         store, batch, heads, dim = self.store, self.batch, self.store.num_kv_heads, self.store.head_dim
         if batch == 0:
             raise RuntimeError("call plan() with a non-empty batch before run()")
@@ -777,7 +780,7 @@ class DecodePlan:
             store.arena.block_offset, store.page_state, store.tier_counts,
             self.page_table, self.staged_rank, self.max_pages, self.seq_lens,
             self._part_m, self._part_l, self._part_acc, self._logits,
-            layer, self.staged_cap, self.sm_scale * math.log2(math.e),
+            layer, self.staged_cap, (self.sm_scale if sm_scale is None else sm_scale) * math.log2(math.e),
             BLOCK_G=max(16, group_block), PAGES=cfg.pages_per_step, BLOCK_N=cfg.block_n,
             KV_ELEMENT_BYTES=staged.element_bytes, KV_VALUES_START=staged.values_start // staged.element_bytes,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common, **consts,

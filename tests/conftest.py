@@ -1,6 +1,7 @@
 """Shared helpers for the core tests: building stores and a float64 dense attention reference."""
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,16 @@ def dense_attention(q, keys, values, q_pos, keep=None, sm_scale=None):
         mask = mask & keep.repeat_interleave(group, dim=0)[:, None, :]
     probs = torch.softmax(logits.masked_fill(~mask, -math.inf), -1)
     return torch.einsum("hqt,htd->qhd", probs, v), probs
+
+
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def kernels(request, monkeypatch):
+    """Run a test on the torch reference and on the Triton kernels (``DIFFKV_KERNELS``; on CPU the kernels run in
+    Triton's interpreter, see diffkv_sglang.backend_select). Stores built inside the test follow the setting."""
+    if request.param == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU stores need Triton's interpreter; on CUDA the test_kernel_* tests run the kernels natively")
+    monkeypatch.setenv("DIFFKV_KERNELS", request.param)
+    return request.param
 
 
 @pytest.fixture

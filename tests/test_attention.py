@@ -18,6 +18,11 @@ def make_store(config, heads, layers=2, num_pages=64):
     return store
 
 
+@pytest.fixture(autouse=True)
+def _both_paths(kernels):
+    """Every test runs on the torch reference and on the Triton kernels (decode attention, seal)."""
+
+
 class Request:
     """A request's pages and the K/V it wrote (positions = token index)."""
 

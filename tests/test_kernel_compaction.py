@@ -90,12 +90,10 @@ def test_empty_and_zero_sized(seeded):
     _check_move(data, torch.tensor([64, 128]), torch.tensor([0, 16]), torch.tensor([0, 32]))
 
 
-def test_arena_compaction_with_kernel(monkeypatch, seeded):
-    """BlockArena with its unit copy replaced by move_blocks: bounded compactions keep every live byte."""
-    arena = BlockArena(1 << 16, 64, device=DEVICE)
+def test_arena_compaction_with_kernel(seeded):
+    """BlockArena moving blocks with move_blocks (``kernels=True``): bounded compactions keep every live byte."""
+    arena = BlockArena(1 << 16, 64, device=DEVICE, kernels=True)
     arena.data.copy_(_poisoned(1 << 16).to(DEVICE))
-    monkeypatch.setattr(BlockArena, "_move_units",
-                        lambda self, src, dst, sizes, total: move_blocks(self.data, src, dst, sizes))
     slots = torch.arange(64, device=DEVICE)
     arena.allocate(slots, torch.randint(0, 64, (64,), device=DEVICE) * 16)
     arena.free(slots[torch.randperm(64, device=DEVICE)[:30]])

@@ -3,9 +3,10 @@
 Fresh random stores built through the store's own API (stage, write, importance, seal): sealed and staged pages
 mixed, tiers steered per page (mixed tiers, one tier only so the others are empty, every token pruned), requests
 of different lengths, several splits, 1 to 3 tiers with groups > 1, Hadamard rotation of keys and/or values,
-a per-layer tier override. On CPU the kernels run in the Triton interpreter at small sizes; on CUDA the same
-tests run natively at larger sizes. Stores are built and the reference runs on the CPU (its dense fp32 copies
-stay cheap there); the kernel runs on a copy of the store on the test device.
+a per-layer tier override, a per-call softmax scale (odd layers). On CPU the kernels run in the Triton
+interpreter at small sizes; on CUDA the same tests run natively at larger sizes. Stores are built and the
+reference runs on the CPU (its dense fp32 copies stay cheap there); the kernel runs on a copy of the store on
+the test device.
 
 Tolerance: both sides compute a float32 softmax over the same dequantized values (the kernel folds the
 power-of-two meta scales into logits and probabilities, which is exact), so they differ only by float32
@@ -35,6 +36,13 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 RTOL = 1e-5
 CONTEXT = 1000                  # context length given to seal(): relative importance r = score / seen * CONTEXT
+
+@pytest.fixture(autouse=True)
+def _reference_on_torch(monkeypatch):
+    """Stores and DecodeAttentionWrapper here are the torch reference, whatever DIFFKV_KERNELS says outside;
+    the kernel is driven directly through DecodePlan."""
+    monkeypatch.setenv("DIFFKV_KERNELS", "torch")
+
 
 # per device: (page_size, heads, seq_lens); CPU sizes keep the interpreter fast
 SIZES = {"cpu": (16, 2, [1, 37, 70, 130]), "cuda": (32, 4, [1, 100, 700, 1500, 2900, 64, 333, 2048])}
@@ -114,10 +122,11 @@ def compare(store, table, seq_lens, num_q_heads, num_splits=None, config=None):
         workspace.fill_(float("nan"))                       # nothing unwritten may be read
     for layer in range(store.num_layers):
         q = torch.randn(len(seq_lens), num_q_heads, store.head_dim)
-        ref = reference.run(q, layer)
+        sm_scale = None if layer % 2 == 0 else 0.3 / math.sqrt(store.head_dim)     # odd layers override it
+        ref = reference.run(q, layer, sm_scale=sm_scale)
         ref_score, ref_seen = store.staged_importance(layer, staged)
         out = torch.full_like(q, float("nan"), device=DEVICE)
-        assert plan.run(q.to(DEVICE), layer, out=out) is out
+        assert plan.run(q.to(DEVICE), layer, out=out, sm_scale=sm_scale) is out
         out = out.cpu()
         score, seen = (x.cpu() for x in kernel_store.staged_importance(layer, staged.to(DEVICE)))
         err = float((out - ref).abs().max())

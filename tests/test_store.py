@@ -8,6 +8,11 @@ from diffkv_sglang.store import CompressedKVStore, PageState
 L, H, D, P = 3, 2, 32, 16
 
 
+@pytest.fixture(autouse=True)
+def _both_paths(kernels):
+    """Every store test runs on the torch reference and on the Triton kernels (seal, compaction moves)."""
+
+
 def make_store(config=None, num_pages=16, arena_bytes=1 << 22, dtype=torch.bfloat16):
     config = config or DiffKVConfig(page_size=P)
     store = CompressedKVStore(config, num_layers=L, num_kv_heads=H, head_dim=D, num_pages=num_pages,
