@@ -1,19 +1,36 @@
-"""Triton decode attention over the compressed store, on the GPU: checks against the torch reference, then timings.
+"""GPU benchmark of the Triton kernels (decode attention, seal, compaction): checked, then timed, in one run.
 
-One run builds random one-layer stores at real sizes (sealed blocks written in bulk with
-``quant.write_sealed_blocks``, the last two pages of every request staged), checks the kernel against
-``DecodeAttentionWrapper`` (outputs poisoned with NaN first, staged-token importance compared too), then times
-one layer's decode attention with ``triton.testing.do_bench`` (median) next to the fastest dense
-``scaled_dot_product_attention`` (flash or cuDNN) on contiguous bf16 K/V, and writes
-``$OUT/kernels-h100.json`` (``benchmarks/results/`` without ``$OUT``)::
+One run measures the device-to-device copy bandwidth, checks every kernel against its torch reference (outputs
+and workspaces poisoned first; seal and compaction byte for byte), times kernels and peers with
+``triton.testing.do_bench`` (median), and writes ``$OUT/kernels-h100.json`` (``benchmarks/results/`` without
+``$OUT``)::
 
-    python benchmarks/kernels_gpu.py            # H100, a few minutes
-    python benchmarks/kernels_gpu.py --tune     # also times every TUNE_CONFIGS entry on a few cases
+    python benchmarks/kernels_gpu.py            # H100: the full grid (several minutes)
+    python benchmarks/kernels_gpu.py --quick    # decode batch 16/64, context 4k/16k, all-high and 30/50/20,
+                                                # plus seal and compaction: under ~3 minutes on an H100
+    python benchmarks/kernels_gpu.py --tune     # also times every TUNE_CONFIGS entry on a few decode cases
     python benchmarks/kernels_gpu.py --smoke    # tiny sizes; runs on CPU under TRITON_INTERPRET=1
 
-``bytes_read`` counts what the kernel must read: the blocks of the request's pages (codes, metadata, padding;
-staged pages in full), the descriptor rows it touches (block offset, tier counts, page state, page table and
-staged rank), q and the output. ``bw_fraction = bytes_read / diffkv time / copy_gbps``.
+The result: ``device``, ``versions``, ``command`` (this command line), ``copy_gbps`` (bytes read + written per
+second of a 2 GiB copy, / 1e9), ``checks`` (``decode`` / ``seal`` / ``compaction``, each with ``ok``),
+``decode``, ``decode_summary`` and ``targets`` (batch >= 16 and context >= 4k), ``seal``, ``seal_launch_host_us``,
+``compaction``, ``seconds``. The file is written after each decode pool (a time-out keeps partial results) and
+at the end; the exit status is 1 if a check failed.
+
+Decode: Llama-3-8B (32 q / 8 kv heads, head_dim 128) and SmolLM2 (9 / 3, 64) shapes, default tiers (k8v4, k4v2),
+one layer, every request its own sealed pages then two staged pages. ``bytes_read`` counts what the kernel must
+read: the blocks of the request's pages (codes, metadata, padding; staged pages in full), the descriptor rows it
+touches (block offset, tier counts, page state, page table and staged rank), q and the output;
+``bw_fraction = bytes_read / diffkv time / copy_gbps``. ``dense_sdpa_us``: the fastest of SDPA's flash and cuDNN
+backends on contiguous bf16 K/V of the same batch and context (the best-case dense peer).
+
+Seal: Llama-3-8B (128) and SmolLM2 (64) blocks, page 32, tiers k8v4/k4v2, 256, 4096 and 16384 blocks (16384: one
+store chunk of 64 pages x 32 layers x 8 KV heads), mixes all-high / 30-50-20 / heavy pruning, K/V read from
+staged blocks in the arena; ``torch_us`` times ``quant.write_sealed_blocks`` on the same device. Compaction:
+64 MiB and 1 GiB of blocks (16 B to 8 KiB) sliding down over holes; ``bytes_moved`` counts the gather and the
+scatter, each read + write.
+
+The references run on CPU stores (torch) and the kernels on CUDA, so ``DIFFKV_KERNELS`` must be unset (auto).
 """
 
 from __future__ import annotations
@@ -22,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -34,26 +52,77 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 from diffkv_sglang.attention import DecodeAttentionWrapper  # noqa: E402
-from diffkv_sglang.config import DiffKVConfig  # noqa: E402
+from diffkv_sglang.backend_select import KERNELS_ENV, kernel_mode  # noqa: E402
+from diffkv_sglang.config import DiffKVConfig, TierSpec  # noqa: E402
+from diffkv_sglang.format import BlockFormat, StagedBlockFormat  # noqa: E402
+from diffkv_sglang.kernels.compaction import move_blocks, move_blocks_reference  # noqa: E402
 from diffkv_sglang.kernels.decode_attention import TUNE_CONFIGS, DecodeConfig, DecodePlan  # noqa: E402
+from diffkv_sglang.kernels.seal import seal_blocks  # noqa: E402
 from diffkv_sglang.quant import tier_counts, write_sealed_blocks  # noqa: E402
 from diffkv_sglang.store import CompressedKVStore, PageState  # noqa: E402
 
+MiB = 1 << 20
 MODELS = {"llama-3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}       # q heads, kv heads, head_dim
 MIXES = {"all_high": (1.0, 0.0, 0.0), "diffkv_typical": (0.3, 0.5, 0.2), "heavy_pruning": (0.1, 0.4, 0.5)}
-BATCHES, CONTEXTS = (1, 16, 64, 256), (1024, 4096, 16384, 32768)
-SMOKE_MODELS = {"llama-like": (4, 2, 32), "smollm-like": (3, 1, 32)}
-SMOKE_BATCHES, SMOKE_CONTEXTS = (1, 2), (96, 160)
 STAGED_TAIL = 2                 # staged pages at the end of every request (the protected window)
 MEMORY_LIMIT = 60 << 30         # skip cases whose arena or dense K/V would not fit
 CHUNK_BLOCKS = 1 << 11          # blocks quantized at once; the rest of a pool repeats their bytes
 TUNE_CASES = (("llama-3-8b", 1, 32768), ("llama-3-8b", 64, 16384), ("smollm2", 64, 4096))
+SEAL_TIERS = (TierSpec(8, 4), TierSpec(4, 2))
+SEAL_MIXES = {"all_high": (1.0, 0.0, 0.0), "diffkv_typical": (0.3, 0.5, 0.2), "heavy_pruning": (0.1, 0.3, 0.6)}
+SEAL_PAGE = 32
+
+GRIDS = {
+    "full": dict(models=MODELS, batches=(1, 16, 64, 256), contexts=(1024, 4096, 16384, 32768), mixes=MIXES,
+                 check_lens=[1024, 2000, 3333], seal_blocks=(256, 4096, 16384), seal_check_blocks=256,
+                 compaction_bytes=(64 * MiB, 1024 * MiB), copy_bytes=2 << 30),
+    "quick": dict(models=MODELS, batches=(16, 64), contexts=(4096, 16384),
+                  mixes={name: MIXES[name] for name in ("all_high", "diffkv_typical")},
+                  check_lens=[1024, 2000, 3333], seal_blocks=(4096, 16384), seal_check_blocks=256,
+                  compaction_bytes=(64 * MiB, 1024 * MiB), copy_bytes=2 << 30),
+    "smoke": dict(models={"llama-like": (4, 2, 32), "smollm-like": (3, 1, 32)}, batches=(1, 2), contexts=(96, 160),
+                  mixes=MIXES, check_lens=[96, 150, 133], seal_blocks=(4,), seal_check_blocks=3,
+                  compaction_bytes=(64 * 1024,), copy_bytes=MiB),
+}
+"""Per mode: decode models, batches, contexts and mixes; decode check lengths; seal block counts (and the
+check's); compaction sizes (the first is also checked); copy size."""
+
+WHY_MISSED = (
+    "The decode kernel is instruction-bound, not memory-bound (ncu: 255 registers, 2 blocks/SM, ~1.2 IPC): "
+    "unpacking 2/4/8-bit codes and per-row address arithmetic dominate, and the current version computes "
+    "float32-accurate products by splitting q and p*s into three bfloat16 parts (three tensor-core products where "
+    "one would do at bf16 input precision). Seal is also instruction-bound (~60 instructions per element: exact "
+    "divisions, packing, masked stores).")
+"""Why the decode targets were missed, as measured with Nsight Compute (H100, Triton 3.6) for the committed
+results; written to ``targets["why_missed"]`` when a target is missed. Re-measure after changing the kernels."""
 
 
 def log(*args) -> None:
     print(*args, flush=True)
 
 
+def time_us(fn, device, rep_ms: int = 50) -> float:
+    """Median microseconds of ``fn``: ``do_bench`` on CUDA, one wall-clock call elsewhere (the interpreter)."""
+    if torch.device(device).type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+
+
+def copy_gbps(device, nbytes: int) -> float:
+    """Device-to-device copy bandwidth: bytes read + written per second / 1e9."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (time_us(lambda: dst.copy_(src), device) * 1e-6) / 1e9
+
+
+def free_cache(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------- decode
 class Pool:
     """A one-layer store: ``sealed`` pages and ``staged`` pages, all tokens written. ``mix``: the share of tokens
     in each tier, then the pruned share (e.g. ``(0.3, 0.5, 0.2)`` with two tiers).
@@ -148,7 +217,7 @@ def csr(table: torch.Tensor, seq_lens: torch.Tensor, page: int):
     return indptr, indices
 
 
-def check(name: str, config: DiffKVConfig, q_heads: int, heads: int, dim: int, seq_lens: list[int],
+def check_decode(name: str, config: DiffKVConfig, q_heads: int, heads: int, dim: int, seq_lens: list[int],
           mix, device, decode_config: DecodeConfig | None = None) -> dict:
     """Kernel vs DecodeAttentionWrapper on one pool: output (poisoned first) and staged-token importance."""
     page = config.page_size
@@ -180,24 +249,7 @@ def check(name: str, config: DiffKVConfig, q_heads: int, heads: int, dim: int, s
     return row
 
 
-def bench(fn, smoke: bool) -> float:
-    """Median microseconds of ``fn`` (one call in the interpreter)."""
-    if smoke and not torch.cuda.is_available():
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e6
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
-
-
-def copy_gbps(device, smoke: bool) -> float:
-    nbytes = (1 << 20) if smoke else (2 << 30)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    us = bench(lambda: dst.copy_(src), smoke)
-    return 2 * nbytes / (us * 1e-6) / 1e9
-
-
-def dense_sdpa_us(batch: int, context: int, q_heads: int, heads: int, dim: int, device, smoke: bool):
+def dense_sdpa_us(batch: int, context: int, q_heads: int, heads: int, dim: int, device):
     """Fastest of SDPA's flash and cuDNN backends on contiguous bf16 K/V ``[B, H, ctx, D]``; (us, backend)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
@@ -209,7 +261,7 @@ def dense_sdpa_us(batch: int, context: int, q_heads: int, heads: int, dim: int, 
         try:
             with sdpa_kernel(backend):
                 sdpa(q, k, v, enable_gqa=True)
-                us = bench(lambda: sdpa(q, k, v, enable_gqa=True), smoke)
+                us = time_us(lambda: sdpa(q, k, v, enable_gqa=True), device)
         except RuntimeError as exc:                      # backend unavailable for this shape or build
             log(f"  sdpa {backend.name}: {str(exc).splitlines()[0][:100]}")
             continue
@@ -218,7 +270,7 @@ def dense_sdpa_us(batch: int, context: int, q_heads: int, heads: int, dim: int, 
     return best
 
 
-def time_decode(pool: Pool, batch: int, context: int, q_heads: int, smoke: bool,
+def time_decode(pool: Pool, batch: int, context: int, q_heads: int,
                 decode_config: DecodeConfig | None = None) -> tuple[float, int, int]:
     """One layer of decode attention for ``batch`` requests of ``context`` tokens: (us, bytes read, splits)."""
     store = pool.store
@@ -227,60 +279,18 @@ def time_decode(pool: Pool, batch: int, context: int, q_heads: int, smoke: bool,
     plan.plan(table, lens)
     q = torch.randn(batch, q_heads, store.head_dim, device=store.device, dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    us = bench(lambda: plan.run(q, 0, out=out), smoke)
+    us = time_us(lambda: plan.run(q, 0, out=out), store.device)
     return us, pool.bytes_read(table, lens, q_heads), plan.num_splits
 
 
-def write(path: str, result: dict, rows: list, tune_rows: list, started: float) -> None:
-    result["decode"] = rows
-    if tune_rows:
-        result["tune"] = tune_rows
-    result["seconds"] = time.perf_counter() - started
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU interpreter)")
-    parser.add_argument("--tune", action="store_true", help="time every TUNE_CONFIGS entry on a few cases")
-    parser.add_argument("--out", default=None, help="JSON path (default $OUT/kernels-h100.json)")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    out_path = args.out or os.path.join(out_dir, "kernels-h100.json")
-    models = SMOKE_MODELS if args.smoke else MODELS
-    batches, contexts = (SMOKE_BATCHES, SMOKE_CONTEXTS) if args.smoke else (BATCHES, CONTEXTS)
-    config = DiffKVConfig()
-    page = config.page_size
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (triton interpreter)"
-    log(f"device {name}, torch {torch.__version__}, triton {triton.__version__}")
-    result: dict = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-                    "command": "python benchmarks/kernels_gpu.py" + (" --smoke" if args.smoke else "")
-                    + (" --tune" if args.tune else "")}
-    result["copy_gbps"] = copy_gbps(device, args.smoke)
-    log(f"copy bandwidth {result['copy_gbps']:.0f} GB/s")
-
-    # ---- correctness at a couple of sizes (poisoned outputs and workspaces)
-    (big_name, (big_q, big_h, big_d)), (small_name, (small_q, small_h, small_d)) = list(models.items())[:2]
-    lens = [96, 150, 133] if args.smoke else [1024, 2000, 3333]
-    rotated = DiffKVConfig.from_dict({"tiers": ["k8v4g2x1", "k4v2g2x4", "k2v2"], "thresholds": [2.0, 0.5],
-                                      "key_rotation": "hadamard", "value_rotation": "hadamard"})
-    result["checks"] = [
-        check(f"{big_name} diffkv_typical", config, big_q, big_h, big_d, lens, MIXES["diffkv_typical"], device),
-        check(f"{small_name} heavy_pruning", config, small_q, small_h, small_d, lens[::-1], MIXES["heavy_pruning"],
-              device),
-        check(f"{small_name} 3 tiers, groups, hadamard", rotated, small_q, small_h, small_d, lens,
-              (0.3, 0.3, 0.2, 0.2), device),
-    ]
-
-    # ---- dense peer, per (model, batch, context)
+def run_decode(grid: dict, config: DiffKVConfig, device, copy: float, tune: bool, save) -> list:
+    """Dense peers first, then one pool per (model, mix) large enough for the model's largest case. Returns the
+    decode rows; ``save(rows, tune_rows)`` runs after each pool."""
+    models, page = grid["models"], config.page_size
     cases = []
     for model, (q_heads, heads, dim) in models.items():
-        for batch in batches:
-            for context in contexts:
+        for batch in grid["batches"]:
+            for context in grid["contexts"]:
                 dense_bytes = 2 * batch * heads * context * dim * 2
                 arena_bytes = batch * heads * context * (dim * 2 + 64)        # upper bound: all tokens high tier
                 if max(dense_bytes, arena_bytes) > MEMORY_LIMIT:
@@ -290,42 +300,280 @@ def main() -> int:
     dense = {}
     for model, batch, context in cases:
         q_heads, heads, dim = models[model]
-        dense[(model, batch, context)] = dense_sdpa_us(batch, context, q_heads, heads, dim, device, args.smoke)
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-    log(f"dense sdpa timed ({time.perf_counter() - started:.0f} s)")
-
-    # ---- DiffKV decode: one pool per (model, mix), large enough for the largest case
+        dense[(model, batch, context)] = dense_sdpa_us(batch, context, q_heads, heads, dim, device)
+        free_cache(device)
+    log("dense sdpa timed")
     rows, tune_rows = [], []
     for model, (q_heads, heads, dim) in models.items():
         model_cases = [c for c in cases if c[0] == model]
         sealed = max(b * (c // page - STAGED_TAIL) for _, b, c in model_cases)
         staged = max(b for _, b, _ in model_cases) * STAGED_TAIL
-        for mix_name, mix in MIXES.items():
+        for mix_name, mix in grid["mixes"].items():
             t0 = time.perf_counter()
             pool = Pool(config, heads, dim, sealed, staged, mix, device)
-            built = time.perf_counter() - t0
-            log(f"{model} {mix_name}: pool {pool.arena_bytes / 2**30:.2f} GiB, built in {built:.1f} s")
+            log(f"{model} {mix_name}: pool {pool.arena_bytes / 2**30:.2f} GiB, built in {time.perf_counter() - t0:.1f} s")
             for _, batch, context in model_cases:
-                us, nbytes, splits = time_decode(pool, batch, context, q_heads, args.smoke)
+                us, nbytes, splits = time_decode(pool, batch, context, q_heads)
                 sdpa_us, backend = dense[(model, batch, context)]
                 row = {"model": model, "batch": batch, "context": context, "head_dim": dim, "q_heads": q_heads,
                        "kv_heads": heads, "mix": dict(zip(("high", "low", "pruned"), mix)), "bytes_read": nbytes,
                        "diffkv_us": us, "dense_sdpa_us": sdpa_us, "dense_sdpa_backend": backend,
-                       "bw_fraction": nbytes / (us * 1e-6) / (result["copy_gbps"] * 1e9), "num_splits": splits}
+                       "bw_fraction": nbytes / (us * 1e-6) / (copy * 1e9), "num_splits": splits}
                 rows.append(row)
                 log(f"  batch {batch:>3} context {context:>5}: {us:8.1f} us, dense {sdpa_us or float('nan'):8.1f} us, "
                     f"bw {row['bw_fraction']:.2f}, splits {splits}")
-                if args.tune and mix_name == "diffkv_typical" and (model, batch, context) in TUNE_CASES:
+                if tune and mix_name == "diffkv_typical" and (model, batch, context) in TUNE_CASES:
                     for cfg in TUNE_CONFIGS:
-                        t_us, _, _ = time_decode(pool, batch, context, q_heads, args.smoke, cfg)
+                        t_us, _, _ = time_decode(pool, batch, context, q_heads, cfg)
                         tune_rows.append({"model": model, "batch": batch, "context": context,
                                           "config": cfg.__dict__, "diffkv_us": t_us,
-                                          "bw_fraction": nbytes / (t_us * 1e-6) / (result["copy_gbps"] * 1e9)})
+                                          "bw_fraction": nbytes / (t_us * 1e-6) / (copy * 1e9)})
                         log(f"    tune {cfg}: {t_us:.1f} us")
             del pool
-            torch.cuda.empty_cache() if device.type == "cuda" else None
-            write(out_path, result, rows, tune_rows, started)            # partial results survive a time-out
-    write(out_path, result, rows, tune_rows, started)
+            free_cache(device)
+            save(rows, tune_rows)
+    return rows
+
+
+def _dense_bytes(row: dict) -> int:
+    return 2 * row["batch"] * row["kv_heads"] * row["context"] * row["head_dim"] * 2
+
+
+def decode_targets(rows: list) -> tuple[list, dict]:
+    """Medians per (model, mix) and the issue's targets, over the rows with batch >= 16 and context >= 4k."""
+    big = [r for r in rows if r["batch"] >= 16 and r["context"] >= 4096]
+    summary = []
+    for key in dict.fromkeys((r["model"], tuple(r["mix"].values())) for r in big):
+        group = [r for r in big if (r["model"], tuple(r["mix"].values())) == key]
+        dense = [r["dense_sdpa_us"] for r in group if r["dense_sdpa_us"]]
+        summary.append({"model": key[0], "mix": dict(zip(("high", "low", "pruned"), key[1])), "cases": len(group),
+                        "diffkv_us": statistics.median(r["diffkv_us"] for r in group),
+                        "dense_sdpa_us": statistics.median(dense) if dense else None,
+                        "diffkv_gbps": statistics.median(r["bytes_read"] / r["diffkv_us"] / 1e3 for r in group),
+                        "bytes_vs_dense": statistics.median(r["bytes_read"] / _dense_bytes(r) for r in group),
+                        "bw_fraction": statistics.median(r["bw_fraction"] for r in group)})
+    if not big:
+        return summary, {"cases": 0}
+    bw = [r["bw_fraction"] for r in big]
+    ratios = [r["diffkv_us"] / (r["dense_sdpa_us"] * r["bytes_read"] / _dense_bytes(r)) for r in big
+              if r["dense_sdpa_us"]]
+    targets = {
+        "cases": len(big),
+        "decode_bw_fraction_min_0.8_at_batch_ge_16_ctx_ge_4k": {
+            "met": min(bw) >= 0.8, "median": statistics.median(bw), "min": min(bw), "max": max(bw)},
+        "decode_time_le_1.25x_dense_sdpa_x_byte_ratio": {
+            "met": bool(ratios) and max(ratios) <= 1.25,
+            "median_ratio": statistics.median(ratios) if ratios else None, "max_ratio": max(ratios, default=None)},
+    }
+    if not all(t["met"] for t in targets.values() if isinstance(t, dict)):
+        targets["why_missed"] = WHY_MISSED
+    return summary, targets
+
+
+# --------------------------------------------------------------------------------------------------- seal
+class _SealCase:
+    """One arena with ``n`` staged blocks (random bf16 K/V) and room for their sealed blocks."""
+
+    def __init__(self, fmt: BlockFormat, n: int, mix: tuple[float, float, float], device):
+        page, dim = fmt.page_size, fmt.head_dim
+        staged = StagedBlockFormat(dim, page, torch.bfloat16)
+        self.fmt, self.n = fmt, n
+        self.keys = torch.randn(n, page, dim, device=device).to(torch.bfloat16)
+        self.values = torch.randn(n, page, dim, device=device).to(torch.bfloat16)
+        draw = torch.rand(n, page, device=device)
+        self.tiers = torch.where(draw < mix[0], 0, torch.where(draw < mix[0] + mix[1], 1, -1)).to(torch.int8)
+        counts = tier_counts(self.tiers, fmt.num_tiers)
+        sizes = fmt.block_nbytes(counts)
+        self.src = torch.arange(n, device=device, dtype=torch.int64) * staged.nbytes
+        self.dst = n * staged.nbytes + torch.cumsum(sizes, 0) - sizes
+        self.data_bytes = int(fmt.data_nbytes(counts).sum())
+        capacity = n * staged.nbytes + int(sizes.sum()) + 16
+        self.data = torch.randint(0, 256, (capacity,), dtype=torch.uint8, device=device)
+        elements = self.data.view(torch.bfloat16)
+        index = (self.src // 2)[:, None] + torch.arange(page * dim, device=device)
+        elements[index] = self.keys.reshape(n, -1)
+        elements[index + page * dim] = self.values.reshape(n, -1)
+
+    def run_kernel(self):
+        return seal_blocks(self.fmt, self.data, self.src, self.tiers, self.dst)
+
+    def run_reference(self, data=None):
+        return write_sealed_blocks(self.fmt, self.data if data is None else data, self.dst, self.keys, self.values,
+                                   self.tiers)
+
+    @property
+    def bytes_moved(self) -> tuple[int, int]:
+        page, dim = self.fmt.page_size, self.fmt.head_dim
+        read = self.n * (2 * page * dim * 2 + page + 16)             # bf16 K/V, tiers, two offsets
+        written = self.data_bytes + self.n * self.fmt.num_tiers * 8  # block bytes, counts
+        return read, written
+
+
+def seal_launch_host_us(device, calls: int) -> float:
+    """Host time of one ``seal_blocks`` call (launcher + Triton launch), calls back to back: the floor of a
+    seal step when few blocks are sealed."""
+    case = _SealCase(BlockFormat(SEAL_TIERS, 128, SEAL_PAGE), 64, SEAL_MIXES["diffkv_typical"], device)
+    case.run_kernel()
+    start = time.perf_counter()
+    for _ in range(calls):
+        case.run_kernel()
+    elapsed = time.perf_counter() - start
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def check_seal(device, n: int, head_dims) -> dict:
+    """Kernel against ``write_sealed_blocks`` run on the CPU, byte for byte on poisoned arenas, both rotations;
+    the same reference run on ``device`` too (it is defined bit for bit on every device, so it must agree)."""
+    kernel_diff, device_diff, counts_equal = {}, {}, True
+    for dim in head_dims:
+        for rotation in ("none", "hadamard"):
+            fmt = BlockFormat(SEAL_TIERS, dim, SEAL_PAGE, rotation, rotation)
+            case = _SealCase(fmt, n, SEAL_MIXES["diffkv_typical"], device)
+            expected = case.data.cpu()
+            counts_ref = write_sealed_blocks(fmt, expected, case.dst.cpu(), case.keys.cpu(), case.values.cpu(),
+                                             case.tiers.cpu())
+            on_device = case.data.clone()
+            case.run_reference(on_device)
+            counts_equal &= bool(torch.equal(case.run_kernel().cpu(), counts_ref))
+            kernel_diff[f"{dim}/{rotation}"] = int((case.data.cpu() != expected).sum())
+            device_diff[f"{dim}/{rotation}"] = int((on_device.cpu() != expected).sum())
+    ok = counts_equal and not any(kernel_diff.values()) and not any(device_diff.values())
+    log(f"check seal: kernel differing bytes {kernel_diff}, device reference differing bytes {device_diff}, "
+        f"counts equal {counts_equal} -> {'ok' if ok else 'FAILED'}")
+    return {"blocks": n, "head_dims": list(head_dims), "rotations": ["none", "hadamard"], "counts_equal": counts_equal,
+            "kernel_differing_bytes": kernel_diff, "device_reference_differing_bytes": device_diff, "ok": ok}
+
+
+def bench_seal(device, block_counts) -> list[dict]:
+    """Seal rows (see the module docstring)."""
+    rows = []
+    for model, (_, _, dim) in MODELS.items():
+        for n in block_counts:
+            for mix_name, mix in SEAL_MIXES.items():
+                for rotation in ("none", "hadamard") if mix_name == "diffkv_typical" else ("none",):
+                    case = _SealCase(BlockFormat(SEAL_TIERS, dim, SEAL_PAGE, rotation, rotation), n, mix, device)
+                    kernel_us = time_us(case.run_kernel, device, rep_ms=200)
+                    torch_us = time_us(case.run_reference, device, rep_ms=200) if rotation == "none" else None
+                    read, written = case.bytes_moved
+                    rows.append({
+                        "model": model, "head_dim": dim, "page_size": SEAL_PAGE, "blocks": n, "tiers": "k8v4,k4v2",
+                        "mix": dict(zip(("high", "low", "pruned"), mix)), "rotation": rotation, "source": "staged",
+                        "bytes_read": read, "bytes_written": written, "bytes_moved": read + written,
+                        "kernel_us": kernel_us, "torch_us": torch_us, "gbps": (read + written) / kernel_us / 1e3,
+                    })
+                    log(f"seal {model:<11}{n:>6} blocks {mix_name:<15}{rotation:<9}{kernel_us:10.1f} us "
+                        f"({rows[-1]['gbps']:5.0f} GB/s), torch {torch_us or float('nan'):10.1f} us")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- compaction
+def _compaction_layout(total: int, device):
+    """Blocks of 16 B..8 KiB totalling about ``total`` bytes, with holes before about half of them; returns
+    (arena, old offsets, new packed offsets, sizes)."""
+    mean_units = 256
+    n = max(1, total // (16 * mean_units))
+    sizes = torch.randint(1, 2 * mean_units, (n,), device=device) * 16
+    holes = torch.randint(0, 2 * mean_units, (n,), device=device) * 16 * (torch.rand(n, device=device) < 0.5)
+    old = torch.cumsum(sizes + holes, 0) - sizes
+    new = torch.cumsum(sizes, 0) - sizes
+    capacity = int(old[-1] + sizes[-1]) + 16
+    data = torch.randint(0, 256, (capacity,), dtype=torch.uint8, device=device)
+    return data, old, new, sizes
+
+
+def check_compaction(device, total: int) -> dict:
+    """Kernel vs ``move_blocks_reference`` on a poisoned arena (the whole arena compared)."""
+    data, old, new, sizes = _compaction_layout(total, device)
+    expected = data.clone()
+    move_blocks_reference(expected, old, new, sizes)
+    move_blocks(data, old, new, sizes)
+    diff = int((data != expected).sum())
+    log(f"check compaction: {diff} bytes differ -> {'ok' if diff == 0 else 'FAILED'}")
+    return {"moved_bytes": int(sizes.sum()), "blocks": sizes.numel(), "differing_bytes": diff, "ok": diff == 0}
+
+
+def bench_compaction(device, totals) -> list[dict]:
+    """Compaction rows: ``bytes_moved`` counts the gather and the scatter, each read + write (4x the block bytes)."""
+    rows = []
+    for total in totals:
+        data, old, new, nbytes = _compaction_layout(total, device)
+        moved = int(nbytes.sum())
+        tmp = torch.empty(moved, dtype=torch.uint8, device=device)
+        kernel_us = time_us(lambda: move_blocks(data, old, new, nbytes, tmp), device, rep_ms=200)
+        torch_us = time_us(lambda: move_blocks_reference(data, old, new, nbytes), device, rep_ms=200)
+        rows.append({"moved_bytes": moved, "blocks": nbytes.numel(), "bytes_moved": 4 * moved,
+                     "kernel_us": kernel_us, "torch_us": torch_us, "gbps": 4 * moved / kernel_us / 1e3})
+        log(f"compaction {moved / MiB:8.1f} MiB: {kernel_us:10.1f} us ({rows[-1]['gbps']:.0f} GB/s), "
+            f"torch {torch_us:10.1f} us")
+        del data, tmp
+        free_cache(device)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- main
+def write(path: str, result: dict, started: float) -> None:
+    result["seconds"] = time.perf_counter() - started
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="reduced decode grid, seal and compaction (H100: < 3 min)")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes (CPU and the Triton interpreter work)")
+    parser.add_argument("--tune", action="store_true", help="time every TUNE_CONFIGS entry on a few decode cases")
+    parser.add_argument("--out", default=None, help="JSON path (default $OUT/kernels-h100.json)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        parser.error("no CUDA device: run with --smoke (Triton interpreter, tiny sizes)")
+    if kernel_mode() != "auto":
+        parser.error(f"{KERNELS_ENV}={kernel_mode()}: the references run on CPU stores, the kernels on CUDA; unset it")
+    grid = GRIDS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out_path = args.out or os.path.join(out_dir, "kernels-h100.json")
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (triton interpreter)"
+    log(f"device {name}, torch {torch.__version__}, triton {triton.__version__}")
+    result: dict = {"device": name, "versions": {"torch": torch.__version__, "triton": triton.__version__},
+                    "command": " ".join(["python", *sys.argv]), "copy_gbps": copy_gbps(device, grid["copy_bytes"])}
+    log(f"copy bandwidth {result['copy_gbps']:.0f} GB/s")
+
+    # ---- every kernel against its torch reference
+    models, config, lens = grid["models"], DiffKVConfig(), grid["check_lens"]
+    (big_name, (big_q, big_h, big_d)), (small_name, (small_q, small_h, small_d)) = list(models.items())[:2]
+    rotated = DiffKVConfig.from_dict({"tiers": ["k8v4g2x1", "k4v2g2x4", "k2v2"], "thresholds": [2.0, 0.5],
+                                      "key_rotation": "hadamard", "value_rotation": "hadamard"})
+    checks = result["checks"] = {"decode": [
+        check_decode(f"{big_name} diffkv_typical", config, big_q, big_h, big_d, lens, MIXES["diffkv_typical"],
+                     device),
+        check_decode(f"{small_name} heavy_pruning", config, small_q, small_h, small_d, lens[::-1],
+                     MIXES["heavy_pruning"], device),
+        check_decode(f"{small_name} 3 tiers, groups, hadamard", rotated, small_q, small_h, small_d, lens,
+                     (0.3, 0.3, 0.2, 0.2), device),
+    ]}
+    checks["seal"] = check_seal(device, grid["seal_check_blocks"], sorted({d for _, _, d in MODELS.values()}))
+    checks["compaction"] = check_compaction(device, grid["compaction_bytes"][0])
+    free_cache(device)
+
+    # ---- timings
+    def save(rows, tune_rows):
+        result["decode"] = rows
+        if tune_rows:
+            result["tune"] = tune_rows
+        write(out_path, result, started)
+
+    rows = run_decode(grid, config, device, result["copy_gbps"], args.tune, save)
+    result["decode_summary"], result["targets"] = decode_targets(rows)
+    result["seal"] = bench_seal(device, grid["seal_blocks"])
+    result["seal_launch_host_us"] = seal_launch_host_us(device, 2 if args.smoke else 200)
+    result["compaction"] = bench_compaction(device, grid["compaction_bytes"])
+    write(out_path, result, started)
 
     log(f"\n{'model':<12} {'mix':<15} {'batch':>5} {'ctx':>6} {'MB read':>8} {'diffkv us':>10} {'sdpa us':>9} "
         f"{'bw frac':>7}")
@@ -334,7 +582,9 @@ def main() -> int:
         mix = mix_names[tuple(r["mix"].values())]
         log(f"{r['model']:<12} {mix:<15} {r['batch']:>5} {r['context']:>6} {r['bytes_read'] / 1e6:>8.1f} "
             f"{r['diffkv_us']:>10.1f} {r['dense_sdpa_us'] or float('nan'):>9.1f} {r['bw_fraction']:>7.2f}")
-    failed = [c["name"] for c in result["checks"] if not c["ok"]]
+    log("targets: " + json.dumps({k: v for k, v in result["targets"].items() if k != "why_missed"}))
+    failed = [c["name"] for c in checks["decode"] if not c["ok"]]
+    failed += [kind for kind in ("seal", "compaction") if not checks[kind]["ok"]]
     log(f"wrote {out_path} in {result['seconds']:.0f} s; checks {'FAILED: ' + ', '.join(failed) if failed else 'ok'}")
     return 1 if failed else 0
 
