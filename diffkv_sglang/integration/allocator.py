@@ -36,6 +36,7 @@ class DiffKVPagedAllocator(PagedTokenToKVPoolAllocator):
         self.store = kvcache.store
         self.plan = kvcache.plan
         self._tree_cache = None
+        self._changed_since_check = True          # SGLang polls verify_byte_accounting while idle
         super().__init__(size, page_size, dtype, device, kvcache, need_sort)
 
     # ----------------------------------------------------------------------------- physical model
@@ -108,6 +109,7 @@ class DiffKVPagedAllocator(PagedTokenToKVPoolAllocator):
         """Stage the pages that ``out_indices`` opened; undo the allocation if the arena cannot hold them."""
         if out_indices is None:
             return None
+        self._changed_since_check = True
         new_pages = out_indices[out_indices % self.page_size == 0] // self.page_size
         if new_pages.numel() == 0:
             return out_indices
@@ -135,16 +137,22 @@ class DiffKVPagedAllocator(PagedTokenToKVPoolAllocator):
         pages = torch.cat(page_ids) if len(page_ids) > 1 else page_ids[0]
         self.store.release(pages)
         super()._release_page_ids(*page_ids)
+        self._changed_since_check = True
         self._kvcache.reporter.maybe_report()
 
     def clear(self):
         super().clear()
+        self._changed_since_check = True
         if hasattr(self, "_kvcache"):
             self._kvcache.clear()
 
     def verify_byte_accounting(self) -> list:
-        """Idle diagnostic (SGLang calls it when the scheduler goes idle): the arena's invariants and 'no storage
-        without a held page'. Also refreshes the gauges, which releases after the last forward left stale."""
+        """Idle diagnostic: the arena's invariants and 'no storage without a held page'; also refreshes the gauges,
+        which releases after the last forward left stale. SGLang polls it in its idle loop, so it does the work
+        once per idle period (after pages changed) and returns at once otherwise."""
+        if not self._changed_since_check:
+            return []
+        self._changed_since_check = False
         self._kvcache.reporter.refresh()
         problems = []
         try:
