@@ -56,3 +56,11 @@ def seeded():
 def reference_attention():
     """The float64 dense attention reference (see :func:`dense_attention`)."""
     return dense_attention
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random Llama checkpoint (4 layers, 2 KV heads), built once per session for the server tests."""
+    from tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"))

@@ -15,21 +15,10 @@ import urllib.request
 
 import pytest
 
-from sglang_server import SGLangServer, cpu_env, run_cli      # tests/e2e_support, put on sys.path by conftest
-from tiny_model import build_tiny_llama
+from sglang_server import SGLangServer, cpu_env      # tests/e2e_support, put on sys.path by conftest
+from e2e_common import DIFFKV, STORY, gauge, generate
 
 pytestmark = pytest.mark.server
-
-PAGE, WINDOW = 16, 16
-DIFFKV = ["--kv-pool", "diffkv", "--diffkv-page-size", str(PAGE), "--diffkv-window", str(WINDOW),
-          "--enable-metrics", "--enable-cache-report"]
-STORY = ("Once upon a time there was a small language model that lived on a CPU. The quick brown fox jumps over "
-         "the lazy dog. Keys and values are stored in a paged cache; some tokens matter more than others. ")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +26,6 @@ def server(tiny_model):
     with SGLangServer(tiny_model, DIFFKV, max_total_tokens=4096) as running:
         yield running
         assert not running.unexpected_errors(), running.unexpected_errors()
-
-
-def generate(server, text, max_new_tokens=24, **sampling):
-    params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True, **sampling}
-    return server.post("/generate", {"text": text, "sampling_params": params})
-
-
-def gauge(server, name):
-    values = [v for k, v in server.metrics().items() if k.startswith(f"sglang:diffkv_{name}")]
-    assert values, f"gauge sglang:diffkv_{name} missing"
-    return sum(values)
 
 
 def test_generate_and_sealing(server):
@@ -125,68 +103,3 @@ def test_flush_returns_every_byte(server):
     padding_page = gauge(server, "used_bytes")
     assert gauge(server, "sealed_pages") == 0 and gauge(server, "staged_pages") == 1     # only the padding page
     assert padding_page > 0
-
-
-def test_memory_pressure_evicts_and_retracts(tiny_model):
-    """A pool far too small for the load: requests must wait, evict the tree or be retracted, yet all finish with
-    the requested length, and the arena is empty again after a flush."""
-    args = [*DIFFKV, "--diffkv-window", "32"]
-    with SGLangServer(tiny_model, args, max_total_tokens=768) as small:
-        prompts = [f"{STORY} {i}" * 3 for i in range(10)]
-        with concurrent.futures.ThreadPoolExecutor(10) as pool:
-            outs = list(pool.map(lambda p: generate(small, p, max_new_tokens=120), prompts))
-        assert [o["meta_info"]["completion_tokens"] for o in outs] == [120] * 10
-        log = small.log_text()
-        assert not small.unexpected_errors(), small.unexpected_errors()
-        assert "Cache flushed" in small.post_text("/flush_cache")
-        assert gauge(small, "sealed_pages") == 0 and gauge(small, "staged_pages") == 1
-        print("retractions:", log.count("retract"), "| evictions seen in log:", log.count("evict"))
-
-
-def test_engine_offline(tiny_model):
-    script = textwrap.dedent(f"""
-        import sglang
-        if __name__ == "__main__":
-            engine = sglang.Engine(model_path="{tiny_model}", kv_pool="diffkv", diffkv_window=16,
-                                   diffkv_page_size=16, device="cpu", sampling_backend="pytorch",
-                                   max_total_tokens=2048, skip_server_warmup=True, disable_overlap_schedule=True,
-                                   log_level="warning")
-            outs = engine.generate([{STORY!r} * 2, "Hello"], {{"max_new_tokens": 12, "temperature": 0,
-                                                                "ignore_eos": True}})
-            engine.shutdown()
-            print("LENGTHS", [o["meta_info"]["completion_tokens"] for o in outs])
-    """)
-    done = subprocess.run([sys.executable, "-c", script], env=cpu_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "LENGTHS [12, 12]" in done.stdout
-
-
-# One case per stage that can reject a launch (argparse, DiffKV config, SGLang resolution); every flag's
-# message is unit-tested in test_integration_args.py without starting processes.
-@pytest.mark.parametrize("args, message", [
-    (["--kv-pool", "compressed"], "--kv-pool"),
-    (["--kv-pool", "diffkv", "--diffkv-alpha-low", "-1"], "--diffkv-alpha-low"),
-    (["--kv-pool", "diffkv", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3 is not supported"),
-])
-def test_bad_flags_fail_at_start_up(tiny_model, args, message):
-    done = run_cli(["--model-path", str(tiny_model), "--device", "cpu", "--port", "1", *args], timeout=300)
-    assert done.returncode != 0
-    assert message in done.stderr + done.stdout, (done.stderr + done.stdout)[-2000:]
-
-
-def test_tensor_parallel_each_rank_holds_its_heads(tiny_model):
-    """--tp-size 2 splits the 2 KV heads across ranks (one each); greedy output equals --tp-size 1.
-    float32 weights keep the two all-reduce orders from flipping near-tie argmaxes of the random model."""
-    prompts = [STORY * 3, STORY + "Hello there", "The quick brown fox " * 9]
-    outputs, logs = {}, {}
-    for tp in (1, 2):
-        env = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else None
-        with SGLangServer(tiny_model, [*DIFFKV, "--tp-size", str(tp), "--dtype", "float32"], env=env) as running:
-            outputs[tp] = [generate(running, p, max_new_tokens=32)["output_ids"] for p in prompts]
-            generate(running, "x", max_new_tokens=2)
-            assert gauge(running, "sealed_pages") > 0
-            logs[tp] = running.log_text()
-            assert not running.unexpected_errors(), running.unexpected_errors()
-    for rank in (0, 1):
-        assert f"DiffKV pool ready on tp rank {rank}: 4 layers x 1 KV heads" in logs[2]
-    assert outputs[1] == outputs[2]

@@ -1,0 +1,95 @@
+"""End to end with the real SGLang server on CPU, one server at a time: memory pressure, sglang.Engine,
+tensor parallel, start-up errors (a tiny random Llama). Run alone with ``pytest -m server``.
+
+Kept apart from test_e2e_server.py so that module's long-lived server is stopped before these start their own
+(two SGLang schedulers busy-polling on 2 cores slow each other down several times).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sglang_server import SGLangServer, cpu_env, run_cli      # tests/e2e_support, put on sys.path by conftest
+from e2e_common import DIFFKV, STORY, gauge, generate
+
+pytestmark = pytest.mark.server
+
+
+def _counter(server, name: str) -> float:
+    """Sum of an SGLang Prometheus counter over its label sets (0 before its first increment)."""
+    return sum(float(line.rpartition(" ")[2]) for line in server.get_text("/metrics").splitlines()
+               if line.startswith(name + "{"))
+
+
+def test_memory_pressure_evicts_and_never_crashes(tiny_model):
+    """A pool far too small for the load (768 logical tokens for 2 x 10 requests of ~270 tokens, and SGLang told
+    to over-admit): requests wait, the radix tree is evicted (and requests retracted when decode runs short), yet
+    every request finishes with its full length, and the arena is empty again after a flush."""
+    args = [*DIFFKV, "--diffkv-window", "32", "--schedule-conservativeness", "0.05"]
+    with SGLangServer(tiny_model, args, max_total_tokens=768) as small:
+        for wave in range(2):
+            prompts = [f"{STORY} wave {wave} request {i}" * 3 for i in range(10)]
+            with concurrent.futures.ThreadPoolExecutor(10) as pool:
+                outs = list(pool.map(lambda p: generate(small, p, max_new_tokens=120), prompts))
+            assert [o["meta_info"]["completion_tokens"] for o in outs] == [120] * 10
+        assert not small.unexpected_errors(), small.unexpected_errors()
+        evicted = _counter(small, "sglang:evicted_tokens_total")
+        retracted = _counter(small, "sglang:num_retracted_requests_total")
+        print(f"evicted tokens: {evicted:.0f}, retracted requests: {retracted:.0f}")
+        assert evicted > 0
+        assert "Cache flushed" in small.post_text("/flush_cache")
+        assert gauge(small, "sealed_pages") == 0 and gauge(small, "staged_pages") == 1
+
+
+def test_engine_offline(tiny_model):
+    script = textwrap.dedent(f"""
+        import sglang
+        if __name__ == "__main__":
+            engine = sglang.Engine(model_path="{tiny_model}", kv_pool="diffkv", diffkv_window=16,
+                                   diffkv_page_size=16, device="cpu", sampling_backend="pytorch",
+                                   max_total_tokens=2048, skip_server_warmup=True, disable_overlap_schedule=True,
+                                   log_level="warning")
+            outs = engine.generate([{STORY!r} * 2, "Hello"], {{"max_new_tokens": 12, "temperature": 0,
+                                                                "ignore_eos": True}})
+            engine.shutdown()
+            print("LENGTHS", [o["meta_info"]["completion_tokens"] for o in outs])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LENGTHS [12, 12]" in done.stdout
+
+
+# One case per stage that can reject a launch (argparse, DiffKV config, SGLang resolution); every flag's
+# message is unit-tested in test_integration_args.py without starting processes.
+@pytest.mark.parametrize("args, message", [
+    (["--kv-pool", "compressed"], "--kv-pool"),
+    (["--kv-pool", "diffkv", "--diffkv-alpha-low", "-1"], "--diffkv-alpha-low"),
+    (["--kv-pool", "diffkv", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3 is not supported"),
+])
+def test_bad_flags_fail_at_start_up(tiny_model, args, message):
+    done = run_cli(["--model-path", str(tiny_model), "--device", "cpu", "--port", "1", *args], timeout=300)
+    assert done.returncode != 0
+    assert message in done.stderr + done.stdout, (done.stderr + done.stdout)[-2000:]
+
+
+def test_tensor_parallel_each_rank_holds_its_heads(tiny_model):
+    """--tp-size 2 splits the 2 KV heads across ranks (one each); greedy output equals --tp-size 1.
+    float32 weights keep the two all-reduce orders from flipping near-tie argmaxes of the random model."""
+    prompts = [STORY * 3, STORY + "Hello there", "The quick brown fox " * 9]
+    outputs, logs = {}, {}
+    for tp in (1, 2):
+        env = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else None
+        with SGLangServer(tiny_model, [*DIFFKV, "--tp-size", str(tp), "--dtype", "float32"], env=env) as running:
+            outputs[tp] = [generate(running, p, max_new_tokens=32)["output_ids"] for p in prompts]
+            generate(running, "x", max_new_tokens=2)
+            assert gauge(running, "sealed_pages") > 0
+            logs[tp] = running.log_text()
+            assert not running.unexpected_errors(), running.unexpected_errors()
+    for rank in (0, 1):
+        assert f"DiffKV pool ready on tp rank {rank}: 4 layers x 1 KV heads" in logs[2]
+    assert outputs[1] == outputs[2]
