@@ -77,19 +77,30 @@ def test_bad_flags_fail_at_start_up(tiny_model, args, message):
     assert message in done.stderr + done.stdout, (done.stderr + done.stdout)[-2000:]
 
 
-def test_tensor_parallel_each_rank_holds_its_heads(tiny_model):
-    """--tp-size 2 splits the 2 KV heads across ranks (one each); greedy output equals --tp-size 1.
-    float32 weights keep the two all-reduce orders from flipping near-tie argmaxes of the random model."""
-    prompts = [STORY * 3, STORY + "Hello there", "The quick brown fox " * 9]
+def test_tensor_parallel_and_chunked_prefill_keep_the_output(tiny_model):
+    """--tp-size 2 splits the 2 KV heads across ranks (one each), and a chunked prefill (32-token chunks; the
+    prompt stays staged until its first decode step) changes nothing: greedy output equals the plain server's.
+    float32 weights keep different reduction orders from flipping near-tie argmaxes of the random model.
+
+    The observation window is the last 8 queries of the prompt's final chunk, so the prompts are chosen with a
+    final chunk of at least 8 tokens (a shorter last chunk observes with fewer queries: see docs/design.md)."""
+    chunk, window = 32, 8
+    prompts = [STORY * 3, STORY + "Hello there", "The quick brown fox " * 11]
+    common = [*DIFFKV, "--diffkv-obs-window", str(window), "--dtype", "float32"]
+    setups = {"plain": ([], None), "tp2": (["--tp-size", "2"], {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}),
+              "chunked": (["--chunked-prefill-size", str(chunk)], None)}
     outputs, logs = {}, {}
-    for tp in (1, 2):
-        env = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else None
-        with SGLangServer(tiny_model, [*DIFFKV, "--tp-size", str(tp), "--dtype", "float32"], env=env) as running:
-            outputs[tp] = [generate(running, p, max_new_tokens=32)["output_ids"] for p in prompts]
+    for name, (extra, env) in setups.items():
+        with SGLangServer(tiny_model, [*common, *extra], env=env) as running:
+            replies = [generate(running, p, max_new_tokens=32) for p in prompts]
+            outputs[name] = [r["output_ids"] for r in replies]
+            last_chunks = [r["meta_info"]["prompt_tokens"] % chunk or chunk for r in replies]
+            assert min(last_chunks) >= window, last_chunks
             generate(running, "x", max_new_tokens=2)
             assert gauge(running, "sealed_pages") > 0
-            logs[tp] = running.log_text()
+            logs[name] = running.log_text()
             assert not running.unexpected_errors(), running.unexpected_errors()
     for rank in (0, 1):
-        assert f"DiffKV pool ready on tp rank {rank}: 4 layers x 1 KV heads" in logs[2]
-    assert outputs[1] == outputs[2]
+        assert f"DiffKV pool ready on tp rank {rank}: 4 layers x 1 KV heads" in logs["tp2"]
+    assert outputs["tp2"] == outputs["plain"]
+    assert outputs["chunked"] == outputs["plain"]
