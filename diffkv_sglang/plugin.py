@@ -218,7 +218,6 @@ def register() -> None:
     if _registered:
         return
     from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
-    from sglang.srt.entrypoints import engine
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import add_attention_backend_choices
@@ -229,5 +228,10 @@ def register() -> None:
     add_attention_backend_choices(["diffkv"])
     if "diffkv" not in ATTENTION_BACKENDS:
         register_attention_backend("diffkv")(_make_backend)
-    engine.Engine.server_args_class = staticmethod(_engine_server_args_factory)
     _registered = True
+    try:
+        from sglang.srt.entrypoints import engine
+    except ImportError as error:      # e.g. a broken optional dependency of the engine module
+        logger.warning("diffkv: sglang.Engine(kv_pool=...) is unavailable (%s); the server flags still work", error)
+        return
+    engine.Engine.server_args_class = staticmethod(_engine_server_args_factory)

@@ -104,3 +104,11 @@ def test_tensor_parallel_and_chunked_prefill_keep_the_output(tiny_model):
         assert f"DiffKV pool ready on tp rank {rank}: 4 layers x 1 KV heads" in logs["tp2"]
     assert outputs["tp2"] == outputs["plain"]
     assert outputs["chunked"] == outputs["plain"]
+
+
+def test_help_lists_the_flags():
+    done = run_cli(["--help"], timeout=300)
+    assert done.returncode == 0
+    for flag in ("--kv-pool {default,diffkv}", "--diffkv-config", "--diffkv-tiers", "--diffkv-alpha-high",
+                 "--diffkv-alpha-low", "--diffkv-window", "--diffkv-page-size", "--diffkv-arena-fraction"):
+        assert flag in done.stdout, flag
