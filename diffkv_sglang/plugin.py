@@ -127,6 +127,8 @@ def _resolve(server_args, previous):
     declare_resolution(server_args, "diffkv", attention_backend="diffkv", page_size=config.page_size,
                        cuda_graph_config=graphs)
     logger.info("DiffKV pool selected: %s", config.to_dict())
+    logger.warning("--kv-pool diffkv: CUDA graphs are disabled (the diffkv attention backend does not support "
+                   "them yet) and the attention backend is 'diffkv'")
 
 
 def _refuse_unsupported_model(server_args) -> None:
