@@ -104,7 +104,8 @@ class _PagedAttentionBase:
         present &= plan.key_valid[:, None, :]
         values = values.masked_fill(~present[..., None], 0.0)     # unwritten slots may hold any bits, NaN included
         q = q_padded.float().permute(0, 2, 1, 3).reshape(batch, heads, group * num_q, dim)  # [B, H, G*Q, D]
-        logits = torch.einsum("bhqd,bhkd->bhqk", q, keys) * (plan.sm_scale if sm_scale is None else sm_scale)                  # [B, H, G*Q, T]
+        scale = plan.sm_scale if sm_scale is None else sm_scale
+        logits = torch.einsum("bhqd,bhkd->bhqk", q, keys) * scale                          # [B, H, G*Q, T]
         causal = plan.key_valid[:, None, :] & (torch.arange(keys.shape[2], device=q.device)[None, None, :]
                                                <= plan.q_positions[:, :, None])            # [B, Q, T]
         mask = causal.repeat(1, group, 1)[:, None] & present[:, :, None, :]                # [B, H, G*Q, T]
