@@ -40,6 +40,14 @@ def test_mode_parsing(monkeypatch, caplog):
         kernel_mode()
 
 
+def _three_way_importance(tokens: int, gen: torch.Generator) -> torch.Tensor:
+    """Importance ``[tokens, HEADS]`` float32 that lands a third of the tokens in each class when sealed with a
+    context of 100 (thresholds alpha_high/100 = 1e-2 and alpha_low/100 = 2e-4): tier 0, tier 1, pruned."""
+    levels = torch.tensor([5e-2, 5e-3, 1e-5])
+    jitter = 0.5 + torch.rand(tokens, HEADS, generator=gen)               # x0.5 .. x1.5 keeps each class
+    return levels[torch.randint(0, 3, (tokens, HEADS), generator=gen)] * jitter
+
+
 def _replay(seed: int, steps: list) -> tuple[CompressedKVStore, int]:
     """Build a store and apply ``steps`` (stage, write, importance, seal, release, compact) with inputs drawn
     from ``seed``: the same bytes whichever path the store uses. Returns the store and the bytes compacted."""
@@ -55,8 +63,7 @@ def _replay(seed: int, steps: list) -> tuple[CompressedKVStore, int]:
             for layer in range(LAYERS):
                 k, v = torch.randn(2, locs.numel(), HEADS, D, generator=gen) * 3
                 store.write_tokens(layer, locs, k, v)
-                r = torch.rand(locs.numel(), HEADS, generator=gen) * 2           # tier 0, tier 1 and pruned
-                store.add_importance(layer, locs, r / 100, torch.ones(locs.numel()))
+                store.add_importance(layer, locs, _three_way_importance(locs.numel(), gen), torch.ones(locs.numel()))
         elif op == "seal":
             store.seal(pages, torch.full((len(pages),), 100))
         elif op == "release":
