@@ -88,11 +88,12 @@ GRIDS = {
 check's); compaction sizes (the first is also checked); copy size."""
 
 WHY_MISSED = (
-    "The decode kernel is instruction-bound, not memory-bound (ncu: 255 registers, 2 blocks/SM, ~1.2 IPC): "
-    "unpacking 2/4/8-bit codes and per-row address arithmetic dominate, and the current version computes "
-    "float32-accurate products by splitting q and p*s into three bfloat16 parts (three tensor-core products where "
-    "one would do at bf16 input precision). Seal is also instruction-bound (~60 instructions per element: exact "
-    "divisions, packing, masked stores).")
+    "v1 (float32-accurate products from three bfloat16 parts), Nsight Compute on an H100: instruction-bound, not "
+    "memory-bound (255 registers, 2 blocks/SM, ~1.2 IPC); unpacking 2/4/8-bit codes and per-row address "
+    "arithmetic dominate. v2 (one 16-bit product per operand, 2-D tile loads) is 1.6-3.2x faster on an H200 and "
+    "still far from the copy bandwidth; mixed-tier pages run slower than all-high pages although they hold fewer "
+    "bytes, since every tier of a page is its own block_n-row tile. Seal is also instruction-bound (~60 "
+    "instructions per element: exact divisions, packing, masked stores).")
 """Why the decode targets were missed, as measured with Nsight Compute (H100, Triton 3.6) for the committed
 results; written to ``targets["why_missed"]`` when a target is missed. Re-measure after changing the kernels."""
 

@@ -10,32 +10,51 @@ Two kernels per layer:
 
 * ``_decode_split_kernel``, grid ``(B, H, num_splits)``. Request ``b``'s ``n_b = ceil(seq_len / P)`` pages are
   cut into ``num_splits`` contiguous ranges of ``max(ceil(n_b / num_splits), MIN_PAGES)`` pages; a split whose
-  range starts past ``n_b`` exits at once, so short requests cost no padding work. A program reads every
-  byte of its range once for all ``G`` query heads (GQA), ``PAGES`` pages per step: the step's descriptors
-  (block offsets, tier counts, states) are loaded a step ahead, then each tier's tokens of those pages, and
-  the staged pages' rows, go through the tensor cores in tiles of ``BLOCK_N`` rows that cross page borders
-  (pruned tokens and empty tiers leave no holes). The split's running max, sum and unnormalized output go to
-  a workspace, the base-2 logits of staged tokens to a scratch buffer indexed by the page's rank among the
-  request's staged pages (from the plan).
+  range starts past ``n_b`` exits at once, so short requests cost no padding work. A program serves all ``G``
+  query heads of its KV head (they are the M dimension of its products) and walks its range one *item* at a
+  time: a page, or a ``BLOCK_N``-row chunk of one when ``P > BLOCK_N``. In a sealed block each tier's key
+  codes, value codes, (scale, zero) rows and token indices are contiguous ``[n_t, row_bytes]`` arrays, so a
+  sealed item is, per tier, one ``[BLOCK_N, row_bytes]`` tile of each (one 2-D load, rows masked by the tier
+  count; section starts once per item from the format's coefficients), unpacked in registers with shifts,
+  masks and ``tl.join``. A staged item is one dense ``[BLOCK_N, D]`` tile of keys and one of values. The loop
+  is pipelined by hand: page ids are loaded three items ahead, descriptors (state, block offset, tier counts)
+  two ahead, a sealed item's tiles and meta scales one ahead, so their latencies overlap the current item's
+  arithmetic. Tiers with no rows in an item cost a branch. The split's running max, sum and unnormalized
+  output go to a workspace, the base-2 logits of staged tokens to a scratch buffer indexed by the page's rank
+  among the request's staged pages (from the plan).
 * ``_decode_merge_kernel``, grid ``(B, H)``: combines the splits, writes the output, then turns the staged
   tokens' logits into probabilities with the final max and sum and accumulates ``score_sum`` / ``seen``
   directly in the staged blocks of the arena (no host sync, no torch scatter).
 
-Arithmetic. Codes are unpacked in registers and enter the products exactly (integers < 256 are exact in
-bfloat16); scale and zero point are applied per row (and group) around the products, the power-of-two meta
-scale on the logits and probabilities (exact):
-``q . ((c * s + z) * m) = m * (s * (q . c) + z * sum(q))`` and ``sum_n p_n (c_n s_n + z_n) m = m * ((p s) @ c
-+ p @ z)``. The float32 operands on the other side (q, p * s) are split into three bfloat16 parts whose sum is
-exact to ~2^-24, so every product is float32-accurate on bfloat16 tensor cores with float32 accumulation. This
-equals attention over the reference's dequantized values up to float32 rounding (~1e-6 relative on random data),
-except where the two factored terms cancel far below the block's scale: e.g. a sealed partially written page,
-whose garbage tokens set the meta scale (the store never seals those). The online softmax is float32 (base 2).
+Arithmetic: 16-bit operands on tensor cores, float32 accumulation, float32 online softmax (base 2). Codes
+(< 256) are exact in float16 and enter the products as they are; scale, zero point and the power-of-two meta
+scale ``m`` are applied around the products, per row and group::
+
+    logit = m * (s * (q . c) + z * sum(q))          values += m * ((p * s) @ c + p @ z)
+
+The other operand is rounded to float16 once: ``q`` (per program; the rotated query for rotated keys) and the
+weights ``p * s`` (per tile). Both are scaled by exact powers of two so that float16's range is never a
+concern: ``q`` so its largest entry lies in [2^14, 2^15) (a bfloat16 or float16 query is then exact: 8 or 11
+significant bits, 29 binades below the maximum before float16 subnormals), ``p * s`` by 2^16 (``p <= 1``,
+``s <= 2/3`` in meta-scale units, so below 43691 < 65504; subnormal only below 2^-30). ``sum(q)`` is taken over
+the rounded query, so a logit is exactly ``m * (q~ . k^)`` up to float32 accumulation, with
+``|q~ - q| <= 2^-11 |q|``. With quantization groups, the ``J`` groups of a tier go into the M dimension: block
+``j`` of the stacked query ``[J * G, D]`` holds the query's group-``j`` columns, so one product gives every
+group's partial dot products (free while ``J * G <= 16``, the tensor cores' minimum M); for values block ``j``
+of the weights holds ``p * s_j`` and the output keeps block ``j`` on group ``j``'s columns.
+
+Precision follows the query's dtype. A 16-bit query (what a model passes) gets one float16 product per operand
+(relative rounding 2^-11 of ``q`` and of ``p * s``, below the 2^-9 rounding of a bfloat16 output); staged
+tiles use the model dtype (a 16-bit query in that dtype is exact; ``p`` rounds to it, as in a dense kernel).
+A float32 query (float32 outputs) gets each operand as a float16 pair (high part plus float16 rounding of the
+remainder: relative 2^-22), and staged tiles in float32 with IEEE products; likewise float32 models' staged
+tiles. The bound the tests check is derived in ``tests/test_kernel_decode.py``.
 
 Block byte offsets come only from :mod:`diffkv_sglang.format`: the launcher passes each layer's section
-coefficients, row sizes, bit widths and groups as ``tl.constexpr`` tuples and the kernel computes section
-starts from the block's tier counts. Hadamard rotation: ``q`` is rotated once per layer (torch, into a plan
-buffer) for sealed keys while staged keys use the plain ``q``; values of sealed pages are accumulated in the
-rotated space and staged ones in the model's space, and ``out = acc_rotated @ H + acc_staged``.
+coefficients, bit widths and groups as ``tl.constexpr`` tuples and the kernel computes section starts from the
+block's tier counts. Hadamard rotation: ``q`` is rotated once per layer (torch, into a plan buffer) for sealed
+keys while staged keys use the plain ``q``; values of sealed pages are accumulated in the rotated space and
+staged ones in the model's space, and ``out = acc_rotated @ H + acc_staged``.
 
 Example::
 
@@ -62,323 +81,516 @@ from diffkv_sglang.quant import hadamard_matrix
 from diffkv_sglang.store import CompressedKVStore, PageState
 
 # The interpreter keeps bfloat16 as raw bits and multiplies them as integers in tl.dot: there, products run on
-# the same bfloat16 parts converted to float32 (exact), so the split arithmetic is still what the tests check.
+# exact float32 copies of the 16-bit operands (what the tensor cores multiply).
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 _STAGED = tl.constexpr(int(PageState.STAGED))
 _SEALED = tl.constexpr(int(PageState.SEALED))
 _SUPPORTED_BITS = (2, 4, 8)
+W_SHIFT = 16                    # value weights p * s enter float16 multiplied by 2^W_SHIFT
+_W_SCALE = tl.constexpr(float(2 ** W_SHIFT))
+_W_UNSCALE = tl.constexpr(float(2 ** -W_SHIFT))
+MIN_TILE_ROWS = 32              # 16-row tiles computed wrong outputs on an H100 (Triton 3.6, earlier kernel)
 
 
 # --------------------------------------------------------------------------------------------- helpers
 @triton.jit
 def _section_start(n0, n1, n2, n3, C: tl.constexpr, t: tl.constexpr):
     """Byte offset of tier ``t``'s section inside a block: ``sum_u n_u * C[5t + u] + C[5t + 4]`` (format.py's
-    linear coefficients, padded to four tiers). Counts may be scalars or vectors (one entry per page)."""
+    linear coefficients, padded to four tiers)."""
     return C[5 * t + 4] + n0 * C[5 * t] + n1 * C[5 * t + 1] + n2 * C[5 * t + 2] + n3 * C[5 * t + 3]
 
 
 @triton.jit
-def _pick(onehot, vec):
-    """Gather by one-hot rows: ``onehot`` ``[BLOCK_N, PAGES]`` bool, ``vec`` ``[PAGES]`` -> ``[BLOCK_N]``
-    (0 for rows that select nothing)."""
-    return tl.sum(tl.where(onehot, vec[None, :], 0), 1)
-
-
-@triton.jit
-def _chunk_rows(r0, counts, PAGES: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows ``r0 .. r0 + BLOCK_N`` of a chunk whose pages contribute ``counts`` ``[PAGES]`` rows each, in page
-    order: returns the one-hot page of every row ``[BLOCK_N, PAGES]``, its rank inside its page and the mask
-    of rows that exist."""
-    ends = tl.cumsum(counts, 0)
-    k = r0 + tl.arange(0, BLOCK_N)
-    page = tl.sum((k[:, None] >= ends[None, :]).to(tl.int32), 1)
-    onehot = page[:, None] == tl.arange(0, PAGES)[None, :]
-    rank = k - _pick(onehot, ends - counts)
-    return onehot, rank, k < tl.sum(counts, 0)
-
-
-@triton.jit
-def _split3(x):
-    """``x`` (float32) as three bfloat16 tensors whose sum is ``x`` to ~2^-24 relative (exact products on
-    tensor cores, float32 accumulation: a float32-accurate ``tl.dot`` against operands exact in bfloat16)."""
-    a = x.to(tl.bfloat16)
-    r = x - a.to(tl.float32)
-    b = r.to(tl.bfloat16)
-    c = (r - b.to(tl.float32)).to(tl.bfloat16)
-    return a, b, c
-
-
-@triton.jit
-def _mma(a, b, acc):
-    """``acc + a @ b`` for bfloat16 operands, float32 accumulation (tensor cores)."""
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` with float32 accumulation: 16-bit operands on tensor cores, or float32 ones with IEEE
+    products (``IEEE``)."""
     if _INTERPRET:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif IEEE:
+        out = tl.dot(a, b, acc, input_precision="ieee")
     else:
         out = tl.dot(a, b, acc)
     return out
 
 
 @triton.jit
-def _dot3(a1, a2, a3, b, acc):
-    """``acc + (a1 + a2 + a3) @ b`` in float32 (smallest terms first); ``b`` bfloat16."""
-    return _mma(a1, b, _mma(a2, b, _mma(a3, b, acc)))
+def _field(words, k: tl.constexpr, BITS: tl.constexpr):
+    """Field ``k`` (``BITS`` wide, little endian) of int32 ``words``."""
+    return (words >> (k * BITS)) & ((1 << BITS) - 1)
 
 
 @triton.jit
-def _column(x, i: tl.constexpr, GROUPS: tl.constexpr):
-    """Column ``i`` of ``x`` ``[rows, GROUPS]`` as ``[rows]``."""
-    return tl.sum(tl.where(tl.arange(0, GROUPS)[None, :] == i, x, 0.0), 1)
+def _fields4(words, k0: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
+    """Fields ``k0 + i * step`` (i = 0..3) of ``words`` as ``[..., 2, 2]`` whose flattened index is ``i``."""
+    return tl.join(tl.join(_field(words, k0, BITS), _field(words, k0 + 2 * step, BITS)),
+                   tl.join(_field(words, k0 + step, BITS), _field(words, k0 + 3 * step, BITS)))
 
 
 @triton.jit
-def _codes(U8, code_at, row_mask, BITS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-           CODE_ALIGN: tl.constexpr):
-    """Codes of ``BLOCK_N`` token rows as ``[BLOCK_N, D]`` bfloat16 (exact: codes < 256). ``code_at``:
-    ``[BLOCK_N]`` int64 byte offset of each row's packed codes (multiples of CODE_ALIGN), read as contiguous
-    bytes (vector loads) and unpacked in registers (little endian: element ``j`` in byte ``j * BITS // 8`` at bit
-    ``j * BITS % 8``). Masked rows give 0."""
-    col = tl.arange(0, D * BITS // 8)
-    rows = tl.multiple_of(code_at, CODE_ALIGN)
-    raw = tl.load(U8 + rows[:, None] + col[None, :], mask=row_mask[:, None], other=0)
-    if BITS == 8:
-        codes = raw
-    elif BITS == 4:           # byte r holds elements 2r (low nibble) and 2r + 1
-        codes = tl.join(raw & 15, raw >> 4).reshape(BLOCK_N, D)
-    else:                     # 2 bits: byte r holds 4r .. 4r + 3, join(join(c0, c2), join(c1, c3))[r, i, k] = c_2i+k
-        codes = tl.join(tl.join(raw & 3, (raw >> 4) & 3), tl.join((raw >> 2) & 3, raw >> 6)).reshape(BLOCK_N, D)
-    return codes.to(tl.float32).to(tl.bfloat16)
+def _exact_f16(x):
+    """Integers ``0 <= x < 1024`` (int32) -> float16, exactly and without a conversion instruction: the bits
+    ``0x6400 | x`` are the float16 ``1024 + x``."""
+    return (x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+
+# PTX for one int32 word of packed codes -> its 32 / BITS codes as float16 (outputs $0.. in element order):
+# each instruction pair builds two float16 ``1024 + code`` (0x64 above the code byte, or 0x6400 | code) and
+# subtracts 1024 from both; ``prmt`` moves bytes, ``lop3`` does ``(x & mask) | 0x64006400`` in one step.
+_UNPACK_PTX = {
+    8: """{ .reg .b32 m, t0, t1;
+    mov.b32 m, 0x64646464;
+    prmt.b32 t0, $4, m, 0x4140;
+    prmt.b32 t1, $4, m, 0x4342;
+    mov.b32 m, 0x64006400;
+    sub.f16x2 t0, t0, m;
+    sub.f16x2 t1, t1, m;
+    mov.b32 {$0, $1}, t0;
+    mov.b32 {$2, $3}, t1; }""",
+}
+
+
+def _lop3_unpack_ptx(bits: int) -> str:
+    """PTX unpacking one word of ``bits``-wide codes (4 or 2): ``n = 16 / bits`` steps, step ``i`` masks the
+    fields ``i`` and ``i + n`` (one per 16-bit half) into two float16 ``1024 + code``, output ``$i`` and ``$(i + n)``;
+    the word is operand ``$(2 n)``."""
+    n, word = 16 // bits, 32 // bits
+    temps = ", ".join(f"t{i}" for i in range(n))
+    mask = f"0x{(1 << bits) - 1:04x}{(1 << bits) - 1:04x}"
+    lines = [f"{{ .reg .b32 m, w, {temps};", "mov.b32 m, 0x64006400;", f"lop3.b32 t0, ${word}, {mask}, m, 0xea;"]
+    for i in range(1, n):
+        lines += [f"shr.b32 w, ${word}, {i * bits};", f"lop3.b32 t{i}, w, {mask}, m, 0xea;"]
+    lines += [f"sub.f16x2 t{i}, t{i}, m;" for i in range(n)]
+    lines += [f"mov.b32 {{${i}, ${i + n}}}, t{i};" for i in range(n)]
+    return "\n    ".join(lines) + " }"
+
+
+_UNPACK_PTX.update({bits: _lop3_unpack_ptx(bits) for bits in (4, 2)})
+_UNPACK_PTX = {bits: tl.constexpr(asm) for bits, asm in _UNPACK_PTX.items()}
+_UNPACK_CONSTRAINTS = {bits: tl.constexpr(",".join(["=h"] * (32 // bits) + ["r"])) for bits in (2, 4, 8)}
+_ASM8, _ASM4, _ASM2 = _UNPACK_PTX[8], _UNPACK_PTX[4], _UNPACK_PTX[2]
+_CON8, _CON4, _CON2 = _UNPACK_CONSTRAINTS[8], _UNPACK_CONSTRAINTS[4], _UNPACK_CONSTRAINTS[2]
 
 
 @triton.jit
-def _meta(F16, meta_at, row_mask, GROUPS: tl.constexpr):
-    """Float32 (scale, zero) of ``BLOCK_N`` token rows whose float16 pairs start at byte ``meta_at`` ``[BLOCK_N]``:
-    ``[BLOCK_N]`` each with one group, ``[BLOCK_N, GROUPS]`` otherwise."""
-    meta = F16 + meta_at // 2                            # meta sections are 4-byte aligned
+def _tree4(c0, c1, c2, c3):
+    """Four tensors as ``[..., 2, 2]`` whose flattened last dims index them in order (join puts its pair in a
+    new minor dimension, so the pairs are (c0, c2) and (c1, c3))."""
+    return tl.join(tl.join(c0, c2), tl.join(c1, c3))
+
+
+@triton.jit
+def _codes(words, BITS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Packed rows as int32 words ``[BLOCK_N, D * BITS / 32]`` -> codes ``[BLOCK_N, D]`` float16 (exact). Little
+    endian: element ``j`` of a row is field ``j % (32 / BITS)`` of word ``j // (32 / BITS)``. On the GPU each
+    word is unpacked by a few instructions of PTX (:data:`_UNPACK_PTX`, about one per code); the interpreter
+    computes the same with shifts and masks. The fields are joined in bit-reversed order (``join(evens,
+    odds)``, recursively), so the reshape puts them in element order."""
+    if _INTERPRET:
+        if BITS == 8:
+            codes = _fields4(words, 0, 1, 8)
+        elif BITS == 4:
+            codes = tl.join(_fields4(words, 0, 2, 4), _fields4(words, 1, 2, 4))
+        else:
+            codes = tl.join(tl.join(_fields4(words, 0, 4, 2), _fields4(words, 2, 4, 2)),
+                            tl.join(_fields4(words, 1, 4, 2), _fields4(words, 3, 4, 2)))
+        codes = _exact_f16(codes)
+    elif BITS == 8:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(_ASM8, _CON8, [words], (tl.float16,) * 4, True, 1)
+        codes = _tree4(c0, c1, c2, c3)
+    elif BITS == 4:
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(_ASM4, _CON4, [words], (tl.float16,) * 8, True, 1)
+        codes = tl.join(_tree4(c0, c2, c4, c6), _tree4(c1, c3, c5, c7))
+    else:
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = tl.inline_asm_elementwise(
+            _ASM2, _CON2, [words], (tl.float16,) * 16, True, 1)
+        codes = tl.join(tl.join(_tree4(c0, c4, c8, c12), _tree4(c2, c6, c10, c14)),
+                        tl.join(_tree4(c1, c5, c9, c13), _tree4(c3, c7, c11, c15)))
+    return codes.reshape(BLOCK_N, D)
+
+
+@triton.jit
+def _half(bits):
+    """The float16 in the low 16 bits of int32 ``bits``, as float32."""
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _group_blocks(x, GROUPS: tl.constexpr, D: tl.constexpr):
+    """``x`` ``[M, D]`` -> ``[GROUPS * M, D]``: row block ``j`` keeps the columns of quantization group ``j``
+    (``D / GROUPS`` contiguous columns each) and zeros elsewhere; ``x`` itself for one group."""
     if GROUPS == 1:
-        scale = tl.load(meta, mask=row_mask, other=0.0).to(tl.float32)
-        zero = tl.load(meta + 1, mask=row_mask, other=0.0).to(tl.float32)
+        out = x
     else:
-        pair = meta[:, None] + 2 * tl.arange(0, GROUPS)[None, :]
-        scale = tl.load(pair, mask=row_mask[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(pair + 1, mask=row_mask[:, None], other=0.0).to(tl.float32)
-    return scale, zero
+        j = tl.arange(0, GROUPS)[:, None, None]
+        group = (tl.arange(0, D) // (D // GROUPS))[None, None, :]
+        out = tl.where(j == group, x[None, :, :], 0.0).reshape(GROUPS * x.shape[0], D)
+    return out
 
 
 @triton.jit
-def _group_sums(q1, q2, q3, GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Sums of q over each quantization group of the head dimension: ``[BLOCK_G]`` or ``[BLOCK_G, GROUPS]``."""
-    q = q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32)
+def _query_operands(q, q_pow, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr):
+    """The keys' left operand for ``GROUPS`` groups: ``q * q_pow`` (``[BLOCK_G, D]`` float32, ``q_pow`` a power of
+    two) in group blocks ``[GROUPS * BLOCK_G, D]``, as a float16 high part and (``PARTS == 2``) the float16
+    remainder, plus the group sums of what the products see (high + low parts): ``[BLOCK_G]`` for one group,
+    ``[GROUPS, BLOCK_G]`` otherwise."""
+    x = _group_blocks(q * q_pow, GROUPS, D)
+    hi = x.to(tl.float16)
+    seen = hi.to(tl.float32)
+    lo = hi
+    if PARTS == 2:
+        lo = (x - seen).to(tl.float16)
+        seen = seen + lo.to(tl.float32)
     if GROUPS == 1:
-        sums = tl.sum(q, 1)
+        sums = tl.sum(seen, 1)
     else:
-        sums = tl.sum(q.reshape(BLOCK_G, GROUPS, D // GROUPS), 2)
-    return sums
+        sums = tl.sum(seen.reshape(GROUPS, BLOCK_G, D), 2)
+    return hi, lo, sums
 
 
 @triton.jit
-def _code_scores(q1, q2, q3, q_sums, codes, scale, zero, GROUPS: tl.constexpr, D: tl.constexpr):
-    """``sum_d q[g, d] * (codes[n, d] * scale + zero)`` for ``[BLOCK_G, BLOCK_N]``: the dequantized keys'
-    logits before the meta scale, as ``scale * (q @ codes.T) + zero * sum(q)`` per group."""
-    codes_t = tl.trans(codes)
-    if GROUPS == 1:
-        s = _dot3(q1, q2, q3, codes_t, tl.zeros([q1.shape[0], codes.shape[0]], tl.float32))
-        s = s * scale[None, :] + q_sums[:, None] * zero[None, :]
-    else:
-        group = tl.arange(0, D) // (D // GROUPS)
-        s = tl.zeros([q1.shape[0], codes.shape[0]], tl.float32)
-        for i in tl.static_range(GROUPS):
-            mine = tl.where(group[:, None] == i, codes_t, tl.zeros_like(codes_t))
-            part = _dot3(q1, q2, q3, mine, tl.zeros([q1.shape[0], codes.shape[0]], tl.float32))
-            offset = _column(q_sums, i, GROUPS)[:, None] * _column(zero, i, GROUPS)[None, :]
-            s += part * _column(scale, i, GROUPS)[None, :] + offset
-    return s
+def _pow2_ratio(a, b):
+    """``a / b`` for powers of two ``a``, ``b`` (float32 scalars), exactly, by subtracting exponents."""
+    return (a.to(tl.int32, bitcast=True) - b.to(tl.int32, bitcast=True) + (127 << 23)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _code_values(acc, p, codes, scale, zero, row_scale, GROUPS: tl.constexpr, D: tl.constexpr):
-    """``acc + sum_n p[g, n] * row_scale[n] * (codes[n, d] * scale + zero)``: the dequantized values weighted by
-    ``p`` ``[BLOCK_G, BLOCK_N]`` (0 on dead rows), as ``(p * scale) @ codes + p @ zero`` per group."""
-    if GROUPS == 1:
-        w1, w2, w3 = _split3(p * (row_scale * scale)[None, :])
-        acc = _dot3(w1, w2, w3, codes, acc + tl.sum(p * (row_scale * zero)[None, :], 1)[:, None])
-    else:
-        group = tl.arange(0, D) // (D // GROUPS)
-        for i in tl.static_range(GROUPS):
-            w1, w2, w3 = _split3(p * (row_scale * _column(scale, i, GROUPS))[None, :])
-            mine = tl.where(group[None, :] == i, codes, tl.zeros_like(codes))
-            z = tl.sum(p * (row_scale * _column(zero, i, GROUPS))[None, :], 1)
-            acc = _dot3(w1, w2, w3, mine, acc + tl.where(group[None, :] == i, z[:, None], 0.0))
-    return acc
-
-
-@triton.jit
-def _dense_scores(q1, q2, q3, k):
-    """``q @ k.T`` in float32 for dense model-dtype rows ``k`` ``[BLOCK_N, D]`` (bfloat16 rows are exact operands;
-    other dtypes are split too, keeping the six largest partial products)."""
-    if k.dtype == tl.bfloat16:
-        s = _dot3(q1, q2, q3, tl.trans(k), tl.zeros([q1.shape[0], k.shape[0]], tl.float32))
-    else:
-        k1, k2, k3 = _split3(k.to(tl.float32))
-        k1, k2, k3 = tl.trans(k1), tl.trans(k2), tl.trans(k3)
-        s = _mma(q3, k1, _mma(q2, k2, _mma(q1, k3, tl.zeros([q1.shape[0], k.shape[0]], tl.float32))))
-        s = _mma(q1, k1, _mma(q1, k2, _mma(q2, k1, s)))
-    return s
-
-
-@triton.jit
-def _dense_values(acc, p, v):
-    """``acc + p @ v`` in float32 for dense model-dtype rows ``v`` ``[BLOCK_N, D]``."""
-    p1, p2, p3 = _split3(p)
-    if v.dtype == tl.bfloat16:
-        acc = _dot3(p1, p2, p3, v, acc)
-    else:
-        v1, v2, v3 = _split3(v.to(tl.float32))
-        acc = _mma(p3, v1, _mma(p2, v2, _mma(p1, v3, acc)))
-        acc = _mma(p1, v1, _mma(p1, v2, _mma(p2, v1, acc)))
-    return acc
-
-
-@triton.jit
-def _softmax_step(m_i, l_i, s):
+def _softmax_step(m_i, s):
     """One online-softmax step over base-2 logits ``s`` ``[BLOCK_G, BLOCK_N]`` (-inf = masked). Returns the new
-    running max and sum, the factor ``alpha`` that rescales earlier accumulators, and the probabilities ``p``
-    relative to the new max. A row that has seen only -inf keeps max -inf, sum 0 and gives p = 0."""
+    running max, the factor ``alpha`` that rescales earlier accumulators, and the probabilities ``p`` relative to
+    the new max. A row that has seen only -inf keeps max -inf and gives p = 0. (Running sums are kept per
+    column, ``l = l * alpha + p``, and reduced once at the end: no reduction across warps per tile.)"""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    return m_new, l_i * alpha + tl.sum(p, 1), alpha, p
+    return m_new, tl.exp2(m_i - m_safe), tl.exp2(s - m_safe[:, None])
 
 
 @triton.jit
-def _chunk_descriptors(ids, idx, in_range, seq_len, layer, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, STAGED_RANK,
-                       h, NUM_LAYERS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, P: tl.constexpr, T: tl.constexpr):
-    """Descriptors of a chunk of pages (``ids`` ``[PAGES]`` logical pages at request positions ``idx``): block
-    offsets, tier counts (0 unless sealed), rows of staged pages (their valid tokens, else 0), staged ranks,
-    and valid tokens per page."""
-    state = tl.load(PAGE_STATE + ids, mask=in_range, other=0)
-    slot = (ids * NUM_LAYERS + layer) * NUM_KV_HEADS + h
-    base = tl.load(BLOCK_OFFSET + slot, mask=in_range, other=0)
-    sealed = in_range & (state == _SEALED)
-    n0 = tl.load(TIER_COUNTS + slot * T, mask=sealed, other=0)
+def _tier_count(n0, n1, n2, n3, t: tl.constexpr):
+    if t == 0:
+        n = n0
+    elif t == 1:
+        n = n1
+    elif t == 2:
+        n = n2
+    else:
+        n = n3
+    return n
+
+
+@triton.jit
+def _page_id(table, w, w_hi, CHUNKS: tl.constexpr):
+    """Logical page of item ``w`` (page ``w // CHUNKS`` of the request; 0 past ``w_hi``)."""
+    return tl.load(table + w // CHUNKS, mask=w < w_hi, other=0).to(tl.int64)
+
+
+@triton.jit
+def _describe(page, ok, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS: tl.constexpr,
+              NUM_KV_HEADS: tl.constexpr, T: tl.constexpr):
+    """Descriptor of ``page`` in (layer, head ``h``): ``(state, block offset, n0, n1, n2, n3)``, state -1 unless
+    ``ok``, tier counts 0 unless sealed. The loads are independent of each other (no chain)."""
+    state = tl.load(PAGE_STATE + page, mask=ok, other=-1).to(tl.int32)
+    slot = (page * NUM_LAYERS + layer) * NUM_KV_HEADS + h
+    base = tl.load(BLOCK_OFFSET + slot, mask=ok, other=0)
+    sealed = state == _SEALED
+    n0 = tl.where(sealed, tl.load(TIER_COUNTS + slot * T, mask=ok, other=0), 0)
     n1 = tl.zeros_like(n0)
     n2 = tl.zeros_like(n0)
     n3 = tl.zeros_like(n0)
     if T > 1:
-        n1 = tl.load(TIER_COUNTS + slot * T + 1, mask=sealed, other=0)
+        n1 = tl.where(sealed, tl.load(TIER_COUNTS + slot * T + 1, mask=ok, other=0), 0)
     if T > 2:
-        n2 = tl.load(TIER_COUNTS + slot * T + 2, mask=sealed, other=0)
+        n2 = tl.where(sealed, tl.load(TIER_COUNTS + slot * T + 2, mask=ok, other=0), 0)
     if T > 3:
-        n3 = tl.load(TIER_COUNTS + slot * T + 3, mask=sealed, other=0)
-    valid = tl.minimum(seq_len - idx * P, P)
-    staged = in_range & (state == _STAGED)
-    staged_rows = tl.where(staged, valid, 0)
-    staged_rank = tl.load(STAGED_RANK + idx, mask=staged, other=-1)
-    return base, n0, n1, n2, n3, staged_rows, staged_rank, valid
+        n3 = tl.where(sealed, tl.load(TIER_COUNTS + slot * T + 3, mask=ok, other=0), 0)
+    return state, base, n0, n1, n2, n3
 
 
 @triton.jit
-def _attend_tier(m_i, l_i, acc, acc_st, q1, q2, q3, U8, F16, base, n0, n1, n2, n3, n_t, valid, key_scale,
-                 value_scale, t: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
-                 KEY_GROUPS: tl.constexpr, VALUE_GROUPS: tl.constexpr, KEY_ROW: tl.constexpr,
-                 VALUE_ROW: tl.constexpr, KEY_META_ROW: tl.constexpr, VALUE_META_ROW: tl.constexpr,
-                 KEY_SEC: tl.constexpr,
-                 VALUE_SEC: tl.constexpr, KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr,
-                 INDEX_SEC: tl.constexpr, CODE_ALIGN: tl.constexpr, PAGES: tl.constexpr, D: tl.constexpr,
-                 BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_ROT: tl.constexpr):
-    """Attend over tier ``t``'s tokens of a chunk of sealed pages, ``BLOCK_N`` rows at a time across pages.
-    ``q1..q3``: bfloat16 parts of the (rotated) query. Per-page vectors ``[PAGES]``: block offsets ``base``,
-    counts ``n0..n3`` (``n_t`` this tier's), ``valid`` tokens, ``key_scale`` (meta scale times the softmax
-    scale) and ``value_scale``. Codes enter the products exactly; scales and zero points are applied per row
-    (and group), so the result is attention over ``(code * scale + zero) * meta_scale`` in float32."""
-    key_at = base + _section_start(n0, n1, n2, n3, KEY_SEC, t)
-    value_at = base + _section_start(n0, n1, n2, n3, VALUE_SEC, t)
-    key_meta_at = base + _section_start(n0, n1, n2, n3, KEY_META_SEC, t)
-    value_meta_at = base + _section_start(n0, n1, n2, n3, VALUE_META_SEC, t)
-    index_at = base + _section_start(n0, n1, n2, n3, INDEX_SEC, t)
-    q_sums = _group_sums(q1, q2, q3, KEY_GROUPS, D, BLOCK_G)
-    for r0 in range(0, tl.sum(n_t, 0), BLOCK_N):
-        onehot, rank, row_mask = _chunk_rows(r0, n_t, PAGES, BLOCK_N)
-        pos = tl.load(U8 + _pick(onehot, index_at) + rank, mask=row_mask, other=0).to(tl.int32)
-        k = _codes(U8, _pick(onehot, key_at) + rank * KEY_ROW, row_mask, KEY_BITS, D, BLOCK_N, CODE_ALIGN)
-        v = _codes(U8, _pick(onehot, value_at) + rank * VALUE_ROW, row_mask, VALUE_BITS, D, BLOCK_N, CODE_ALIGN)
-        k_scale, k_zero = _meta(F16, _pick(onehot, key_meta_at) + rank * KEY_META_ROW, row_mask, KEY_GROUPS)
-        v_scale, v_zero = _meta(F16, _pick(onehot, value_meta_at) + rank * VALUE_META_ROW, row_mask, VALUE_GROUPS)
-        live = row_mask & (pos < _pick(onehot, valid))    # only a request's last page can hold later tokens
-        s = _code_scores(q1, q2, q3, q_sums, k, k_scale, k_zero, KEY_GROUPS, D)
-        s = tl.where(live[None, :], s * _pick(onehot, key_scale)[None, :], float("-inf"))
-        m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s)
-        acc = acc * alpha[:, None]
-        if VALUE_ROT:
-            acc_st = acc_st * alpha[:, None]
-        dead = (~live)[:, None] if VALUE_GROUPS > 1 else ~live          # dead rows: no NaN from stale metadata
-        v_scale = tl.where(dead, 0.0, v_scale)
-        v_zero = tl.where(dead, 0.0, v_zero)
-        row_scale = tl.where(live, _pick(onehot, value_scale), 0.0)
-        acc = _code_values(acc, p, v, v_scale, v_zero, row_scale, VALUE_GROUPS, D)
-    return m_i, l_i, acc, acc_st
+def _meta(block, at, rank, in_tier, GROUPS: tl.constexpr, MAX_GROUPS: tl.constexpr):
+    """(scale, zero) float16 pairs of the tier rows ``rank`` of the meta section at word ``at`` of ``block`` (an
+    int32 pointer), one word per pair (scale in the low half): ``[BLOCK_N]`` when no tier of the layer has groups,
+    else ``[MAX_GROUPS, BLOCK_N]``, row ``j`` holding the pair of the tier's group covering the columns of group
+    ``j`` of MAX_GROUPS (group counts are powers of two, groups contiguous). 0 outside the tier."""
+    if MAX_GROUPS == 1:
+        words = tl.load(block + at + rank, mask=in_tier, other=0)
+    else:
+        group = tl.arange(0, MAX_GROUPS)[:, None] // (MAX_GROUPS // GROUPS)
+        words = tl.load(block + at + rank[None, :] * GROUPS + group, mask=in_tier[None, :], other=0)
+    return words
 
 
 @triton.jit
-def _attend_staged(m_i, l_i, acc, acc_st, q1, q2, q3, KV, base, staged_rows, staged_rank, LOGITS, staged_cap,
-                   qk_scale, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr, PAGES: tl.constexpr,
-                   D: tl.constexpr, BLOCK_N: tl.constexpr, KV_ELEMENT_BYTES: tl.constexpr,
-                   VALUES_START: tl.constexpr, VALUE_ROT: tl.constexpr):
-    """Attend over the valid rows of a chunk's staged pages (``staged_rows`` ``[PAGES]``, 0 for other pages),
-    ``BLOCK_N`` rows at a time. Logits go to ``LOGITS`` ``[staged_cap, P, G]`` at the page's staged rank.
-    Values add to ``acc_st`` with value rotation (model space; sealed ones are in the rotated space)."""
+def _tier_start(n0, n1, n2, t: tl.constexpr):
+    """First row of tier ``t`` among a block's rows ordered by tier (tokens of tier 0, then tier 1, ...)."""
+    start = tl.zeros_like(n0)
+    if t > 0:
+        start += n0
+    if t > 1:
+        start += n1
+    if t > 2:
+        start += n2
+    return start
+
+
+@triton.jit
+def _fetch_tier(block, n0, n1, n2, n3, row0, t: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
+                KEY_GROUPS: tl.constexpr, VALUE_GROUPS: tl.constexpr, MAX_KEY_GROUPS: tl.constexpr,
+                MAX_VALUE_GROUPS: tl.constexpr, KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr,
+                KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr, CODE_ALIGN: tl.constexpr,
+                D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tier ``t``'s part of an item: of the block's rows ordered by tier, rows ``row0 .. row0 + BLOCK_N``
+    that belong to tier ``t`` (``block``: the block's start as an int32 pointer). Masked by the tier's row
+    range, so nothing is read for other rows or non-sealed pages; 0 there. As int32 words (four bytes to a
+    register): packed key and value codes ``[BLOCK_N, row_bytes / 4]`` and key and value (scale, zero) words
+    (:func:`_meta`). Sections start at multiples of 4 bytes (code rows do: ``head_dim`` is a multiple of 16)."""
+    rank = row0 + tl.arange(0, BLOCK_N) - _tier_start(n0, n1, n2, t)       # row inside the tier's sections
+    in_tier = (rank >= 0) & (rank < _tier_count(n0, n1, n2, n3, t))
+    key_row: tl.constexpr = D * KEY_BITS // 32
+    value_row: tl.constexpr = D * VALUE_BITS // 32
+    key_at = tl.multiple_of(_section_start(n0, n1, n2, n3, KEY_SEC, t) >> 2, CODE_ALIGN // 4)
+    value_at = tl.multiple_of(_section_start(n0, n1, n2, n3, VALUE_SEC, t) >> 2, CODE_ALIGN // 4)
+    key_words = tl.load(block + key_at + rank[:, None] * key_row + tl.arange(0, key_row)[None, :],
+                        mask=in_tier[:, None], other=0)
+    value_words = tl.load(block + value_at + rank[:, None] * value_row + tl.arange(0, value_row)[None, :],
+                          mask=in_tier[:, None], other=0)
+    key_meta = _meta(block, _section_start(n0, n1, n2, n3, KEY_META_SEC, t) >> 2, rank, in_tier, KEY_GROUPS,
+                     MAX_KEY_GROUPS)
+    value_meta = _meta(block, _section_start(n0, n1, n2, n3, VALUE_META_SEC, t) >> 2, rank, in_tier, VALUE_GROUPS,
+                       MAX_VALUE_GROUPS)
+    return key_words, value_words, key_meta, value_meta
+
+
+@triton.jit
+def _fetch_item(U32, desc, row0, T: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
+                KEY_GROUPS: tl.constexpr, VALUE_GROUPS: tl.constexpr, MAX_KEY_GROUPS: tl.constexpr,
+                MAX_VALUE_GROUPS: tl.constexpr, KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr,
+                KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr, META_SCALE_SEC: tl.constexpr,
+                CODE_ALIGN: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Everything a sealed item needs from its block: the float32 meta scales (keys, values) and, per tier,
+    :func:`_fetch_tier` (tiers past T repeat tier 0). For other items nothing is read."""
+    state, base, n0, n1, n2, n3 = desc
+    block = U32 + tl.multiple_of(base >> 2, 4)            # blocks start at multiples of 16 bytes
+    scales_at = (n0 * META_SCALE_SEC[0] + n1 * META_SCALE_SEC[1] + n2 * META_SCALE_SEC[2]
+                 + n3 * META_SCALE_SEC[3]) >> 2
+    sealed = (n0 + n1 + n2 + n3) > 0
+    key_ms = tl.load(block + scales_at, mask=sealed, other=0).to(tl.float32, bitcast=True)
+    value_ms = tl.load(block + scales_at + 1, mask=sealed, other=0).to(tl.float32, bitcast=True)
+    tiles0 = _fetch_tier(block, n0, n1, n2, n3, row0, 0, KEY_BITS[0], VALUE_BITS[0], KEY_GROUPS[0], VALUE_GROUPS[0],
+                         MAX_KEY_GROUPS, MAX_VALUE_GROUPS, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC,
+                         CODE_ALIGN, D, BLOCK_N)
+    tiles1 = tiles0
+    tiles2 = tiles0
+    tiles3 = tiles0
+    if T > 1:
+        tiles1 = _fetch_tier(block, n0, n1, n2, n3, row0, 1, KEY_BITS[1], VALUE_BITS[1], KEY_GROUPS[1],
+                             VALUE_GROUPS[1], MAX_KEY_GROUPS, MAX_VALUE_GROUPS, KEY_SEC, VALUE_SEC, KEY_META_SEC,
+                             VALUE_META_SEC, CODE_ALIGN, D, BLOCK_N)
+    if T > 2:
+        tiles2 = _fetch_tier(block, n0, n1, n2, n3, row0, 2, KEY_BITS[2], VALUE_BITS[2], KEY_GROUPS[2],
+                             VALUE_GROUPS[2], MAX_KEY_GROUPS, MAX_VALUE_GROUPS, KEY_SEC, VALUE_SEC, KEY_META_SEC,
+                             VALUE_META_SEC, CODE_ALIGN, D, BLOCK_N)
+    if T > 3:
+        tiles3 = _fetch_tier(block, n0, n1, n2, n3, row0, 3, KEY_BITS[3], VALUE_BITS[3], KEY_GROUPS[3],
+                             VALUE_GROUPS[3], MAX_KEY_GROUPS, MAX_VALUE_GROUPS, KEY_SEC, VALUE_SEC, KEY_META_SEC,
+                             VALUE_META_SEC, CODE_ALIGN, D, BLOCK_N)
+    return key_ms, value_ms, tiles0, tiles1, tiles2, tiles3
+
+
+@triton.jit
+def _has_rows(n0, n1, n2, n3, row0, t: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether the item (rows ``row0 .. row0 + BLOCK_N`` of the block's rows ordered by tier) has rows of tier ``t``."""
+    start = _tier_start(n0, n1, n2, t)
+    return (start < row0 + BLOCK_N) & (start + _tier_count(n0, n1, n2, n3, t) > row0)
+
+
+@triton.jit
+def _tier_keys(prod, k_meta, tiles, q_hi, q_lo, present, KEY_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+               D: tl.constexpr, PARTS: tl.constexpr):
+    """Add a tier's part of the key product ``q~ @ codes.T`` and its (scale, zero) words (0 on other tiers'
+    rows, so adding is exact) if ``present`` (a branch otherwise)."""
+    if present:
+        key_words, value_words, key_meta, value_meta = tiles
+        codes_t = tl.trans(_codes(key_words, KEY_BITS, BLOCK_N, D))
+        prod = _mma(q_hi, codes_t, prod, False)
+        if PARTS == 2:
+            prod = _mma(q_lo, codes_t, prod, False)
+        k_meta = k_meta | key_meta
+    return prod, k_meta
+
+
+@triton.jit
+def _tier_values(acc, v_meta, tiles, w_hi, w_lo, present, VALUE_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D: tl.constexpr, PARTS: tl.constexpr):
+    """Add a tier's part of the value product ``w @ codes`` to ``acc`` if ``present`` (a branch otherwise)."""
+    if present:
+        key_words, value_words, key_meta, value_meta = tiles
+        codes = _codes(value_words, VALUE_BITS, BLOCK_N, D)
+        acc = _mma(w_hi, codes, acc, False)
+        if PARTS == 2:
+            acc = _mma(w_lo, codes, acc, False)
+    return acc
+
+
+@triton.jit
+def _attend_sealed(m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, U8, base, n0, n1, n2, n3, row0, valid,
+                   key_qk_scale, T: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
+                   KG: tl.constexpr, VG: tl.constexpr, INDEX_SEC: tl.constexpr, BLOCK_G: tl.constexpr,
+                   D: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr,
+                   VALUE_ROT: tl.constexpr):
+    """A sealed item: its rows (the block's tokens ordered by tier, rows ``row0 .. row0 + BLOCK_N``) as one tile
+    whatever their tiers: each tier present adds its part of the key and value products (its codes are 0 on the
+    other tiers' rows), and there is one online-softmax step. A row counts unless its token lies past the
+    request's end: only a request's last page can hold such tokens (``valid < P``), and only then are the
+    tokens' in-page indices read (one contiguous run over the tiers' index sections).
+
+    Logits: ``key_ms * softmax scale * (s * (q~ . c) + z * sum(q~))`` with the float16 query ``q~`` scaled by a
+    power of two that ``key_qk_scale`` undoes. Values: ``acc`` is kept in units of ``unit * 2^-16`` (``unit``:
+    the values' meta scale of the last sealed item, a power of two), so the value product, of float16 weights
+    ``p * s * 2^16`` with the codes, accumulates into it directly; the item switches the unit to its own.
+    ``l_i`` and ``z_acc`` (the zero points' share of every output column, units of ``acc``) are ``[BLOCK_G,
+    BLOCK_N]`` per-column partial sums. With KG (VG) groups, row block ``j`` of the key (value) product belongs
+    to group ``j``."""
+    key_ms, value_ms, tiles0, tiles1, tiles2, tiles3 = item
+    q_hi, q_lo, q_sum = q_ops
+    rows = row0 + tl.arange(0, BLOCK_N)
+    live = rows < n0 + n1 + n2 + n3
+    if valid < P:
+        pos = tl.load(U8 + base + _section_start(n0, n1, n2, n3, INDEX_SEC, 0) + rows, mask=live, other=0)
+        live = live & (pos.to(tl.int32) < valid)
+    has0 = _has_rows(n0, n1, n2, n3, row0, 0, BLOCK_N)
+    has1 = _has_rows(n0, n1, n2, n3, row0, 1, BLOCK_N)
+    has2 = _has_rows(n0, n1, n2, n3, row0, 2, BLOCK_N)
+    has3 = _has_rows(n0, n1, n2, n3, row0, 3, BLOCK_N)
+    prod = tl.zeros([KG * BLOCK_G, BLOCK_N], tl.float32)
+    k_meta = tl.zeros_like(tiles0[2])
+    prod, k_meta = _tier_keys(prod, k_meta, tiles0, q_hi, q_lo, has0, KEY_BITS[0], BLOCK_N, D, PARTS)
+    v_meta = tiles0[3]
+    if T > 1:
+        prod, k_meta = _tier_keys(prod, k_meta, tiles1, q_hi, q_lo, has1, KEY_BITS[1], BLOCK_N, D, PARTS)
+        v_meta = v_meta | tiles1[3]
+    if T > 2:
+        prod, k_meta = _tier_keys(prod, k_meta, tiles2, q_hi, q_lo, has2, KEY_BITS[2], BLOCK_N, D, PARTS)
+        v_meta = v_meta | tiles2[3]
+    if T > 3:
+        prod, k_meta = _tier_keys(prod, k_meta, tiles3, q_hi, q_lo, has3, KEY_BITS[3], BLOCK_N, D, PARTS)
+        v_meta = v_meta | tiles3[3]
+    if KG == 1:
+        k_scale = tl.where(live, _half(k_meta), 0.0)                      # no NaN from rows past the request
+        k_zero = tl.where(live, _half(k_meta >> 16), 0.0)
+        s = prod * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
+    else:
+        k_scale = tl.where(live[None, :], _half(k_meta), 0.0)            # [KG, BLOCK_N]
+        k_zero = tl.where(live[None, :], _half(k_meta >> 16), 0.0)
+        s = tl.sum(prod.reshape(KG, BLOCK_G, BLOCK_N) * k_scale[:, None, :] + q_sum[:, :, None] * k_zero[:, None, :],
+                   0)
+    s = tl.where(live[None, :], s * (key_ms * key_qk_scale), float("-inf"))
+    m_i, alpha, p = _softmax_step(m_i, s)
+    l_i = tl.fma(l_i, alpha[:, None], p)
+    rescale = (alpha * _pow2_ratio(unit, value_ms))[:, None]               # to the item's unit
+    if VALUE_ROT:
+        acc_st = acc_st * alpha[:, None]
+    if VG == 1:
+        v_scale = tl.where(live, _half(v_meta), 0.0)
+        v_zero = tl.where(live, _half(v_meta >> 16), 0.0)
+        w = p * (v_scale * _W_SCALE)[None, :]
+        z_acc = tl.fma(z_acc, rescale, p * (v_zero * _W_SCALE)[None, :])
+        r = acc * rescale
+    else:
+        z_acc = z_acc * rescale
+        v_scale = tl.where(live[None, :], _half(v_meta), 0.0)            # [VG, BLOCK_N]
+        v_zero = tl.where(live[None, :], _half(v_meta >> 16), 0.0)
+        w = (p[None, :, :] * (v_scale * _W_SCALE)[:, None, :]).reshape(VG * BLOCK_G, BLOCK_N)
+        r = tl.zeros([VG * BLOCK_G, D], tl.float32)
+    w_hi = w.to(tl.float16)
+    w_lo = w_hi
+    if PARTS == 2:
+        w_lo = (w - w_hi.to(tl.float32)).to(tl.float16)
+    r = _tier_values(r, v_meta, tiles0, w_hi, w_lo, has0, VALUE_BITS[0], BLOCK_N, D, PARTS)
+    if T > 1:
+        r = _tier_values(r, v_meta, tiles1, w_hi, w_lo, has1, VALUE_BITS[1], BLOCK_N, D, PARTS)
+    if T > 2:
+        r = _tier_values(r, v_meta, tiles2, w_hi, w_lo, has2, VALUE_BITS[2], BLOCK_N, D, PARTS)
+    if T > 3:
+        r = _tier_values(r, v_meta, tiles3, w_hi, w_lo, has3, VALUE_BITS[3], BLOCK_N, D, PARTS)
+    if VG == 1:
+        acc = r
+    else:
+        z = tl.sum(p[None, :, :] * v_zero[:, None, :], 2) * _W_SCALE          # [VG, BLOCK_G]
+        r = r.reshape(VG, BLOCK_G, D) + z[:, :, None]
+        group = (tl.arange(0, D) // (D // VG))[None, None, :]
+        acc = acc * rescale + tl.sum(tl.where(tl.arange(0, VG)[:, None, None] == group, r, 0.0), 0)
+    return m_i, l_i, acc, z_acc, acc_st, value_ms
+
+
+@triton.jit
+def _attend_staged(m_i, l_i, acc, z_acc, acc_st, unit, q, KV, base, row0, valid, srank, LOGITS, staged_cap, qk_scale,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                   BLOCK_N: tl.constexpr, KV_ELEMENT_BYTES: tl.constexpr, VALUES_START: tl.constexpr,
+                   VALUE_ROT: tl.constexpr, IEEE: tl.constexpr):
+    """One staged item: rows ``row0 .. row0 + BLOCK_N`` of a dense block (the first ``valid - row0`` exist).
+    ``q`` ``[BLOCK_G, D]`` float32, plain (staged keys are in the model's space). Products in the model dtype
+    (``q`` and ``p`` rounded to it), or in float32 with IEEE products. Logits go to ``LOGITS``
+    ``[staged_cap, P, G]`` at the page's staged rank; values to ``acc_st`` with value rotation (model space,
+    plain units), else to ``acc`` (units ``unit * 2^-16``)."""
+    rows = row0 + tl.arange(0, BLOCK_N)
+    ok = rows < valid
+    at = tl.multiple_of(base // KV_ELEMENT_BYTES, 16 // KV_ELEMENT_BYTES) + rows[:, None] * D + tl.arange(0, D)[None, :]
+    k = tl.load(KV + at, mask=ok[:, None], other=0.0)
+    v = tl.load(KV + VALUES_START + at, mask=ok[:, None], other=0.0)
+    if IEEE:
+        s = _mma(q, tl.trans(k.to(tl.float32)), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), True)
+    else:
+        s = _mma(q.to(k.dtype), tl.trans(k), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), False)
+    s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
     g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, D)
-    element = base // KV_ELEMENT_BYTES
-    for r0 in range(0, tl.sum(staged_rows, 0), BLOCK_N):
-        onehot, rank, row_mask = _chunk_rows(r0, staged_rows, PAGES, BLOCK_N)
-        rows = tl.multiple_of(_pick(onehot, element) + rank * D, 16 // KV_ELEMENT_BYTES)[:, None] + d[None, :]
-        k = tl.load(KV + rows, mask=row_mask[:, None], other=0.0)
-        v = tl.load(KV + VALUES_START + rows, mask=row_mask[:, None], other=0.0)
-        s = tl.where(row_mask[None, :], _dense_scores(q1, q2, q3, k) * qk_scale, float("-inf"))
-        srank = _pick(onehot, staged_rank)
-        keep = row_mask & (srank >= 0) & (srank < staged_cap)
-        tl.store(LOGITS + (srank * P + rank)[None, :] * G + g[:, None], s, mask=(g[:, None] < G) & keep[None, :])
-        m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s)
-        acc = acc * alpha[:, None]
-        if VALUE_ROT:
-            acc_st = _dense_values(acc_st * alpha[:, None], p, v)
-        else:
-            acc = _dense_values(acc, p, v)
-    return m_i, l_i, acc, acc_st
+    keep = ok & (srank >= 0) & (srank < staged_cap)
+    tl.store(LOGITS + (srank * P + rows)[None, :] * G + g[:, None], s, mask=(g[:, None] < G) & keep[None, :])
+    m_i, alpha, p = _softmax_step(m_i, s)
+    l_i = tl.fma(l_i, alpha[:, None], p)
+    if IEEE:
+        r = _mma(p, v.to(tl.float32), tl.zeros([BLOCK_G, D], tl.float32), True)
+    else:
+        r = _mma(p.to(v.dtype), v, tl.zeros([BLOCK_G, D], tl.float32), False)
+    acc = acc * alpha[:, None]
+    z_acc = z_acc * alpha[:, None]
+    if VALUE_ROT:
+        acc_st = tl.fma(acc_st, alpha[:, None], r)
+    else:
+        acc += r * (_W_SCALE / unit)
+    return m_i, l_i, acc, z_acc, acc_st
 
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _decode_split_kernel(
         Q, stride_qb, stride_qh, Q_ROT, stride_rb, stride_rh,
-        U8, F16, F32, KV,
+        U8, U32, KV,
         BLOCK_OFFSET, PAGE_STATE, TIER_COUNTS,
         PAGE_TABLE, STAGED_RANK, stride_pt, SEQ_LENS,
         PART_M, PART_L, PART_ACC, LOGITS,
         layer, staged_cap, qk_scale,
         NUM_LAYERS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-        PAGES: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PAGES: tl.constexpr,
+        BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, MIN_PAGES: tl.constexpr,
         T: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
-        KEY_GROUPS: tl.constexpr, VALUE_GROUPS: tl.constexpr, ROW_BYTES: tl.constexpr,
+        KEY_GROUPS: tl.constexpr, VALUE_GROUPS: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr,
         KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr, KEY_META_SEC: tl.constexpr,
         VALUE_META_SEC: tl.constexpr, INDEX_SEC: tl.constexpr, META_SCALE_SEC: tl.constexpr,
         CODE_ALIGN: tl.constexpr, KV_ELEMENT_BYTES: tl.constexpr, KV_VALUES_START: tl.constexpr,
-        KEY_ROT: tl.constexpr, VALUE_ROT: tl.constexpr):
+        KEY_ROT: tl.constexpr, VALUE_ROT: tl.constexpr, PARTS: tl.constexpr, STAGED_IEEE: tl.constexpr,
+        UNROLL: tl.constexpr):
     """One split of one (request, KV head): online softmax over the split's pages for all G query heads.
 
-    Pages are visited in chunks of PAGES: the chunk's descriptors are loaded one chunk ahead (its page ids two
-    chunks ahead), then each tier's tokens of the whole chunk, and its staged rows, are processed in tiles of
-    BLOCK_N rows that cross page boundaries (so short tiers and pruned tokens do not leave tiles empty).
+    Items (pages, or BLOCK_N-row chunks of pages: CHUNKS per page) are visited in order with a hand-made
+    pipeline: page ids three items ahead, descriptors two ahead, a sealed item's tiles one ahead.
 
     Q ``[B, Hq, D]`` (any float dtype), Q_ROT the same rotated (float32; Q itself without key rotation);
-    U8/F16/F32/KV: the arena as uint8 / float16 / float32 / model dtype; BLOCK_OFFSET ``[slots]`` int64;
-    PAGE_STATE ``[pages]`` int8; TIER_COUNTS ``[slots, T]`` int32; PAGE_TABLE / STAGED_RANK ``[B, stride_pt]``
-    int32; SEQ_LENS ``[B]`` int32. Writes PART_M / PART_L ``[B * H * S, G]`` float32 (base-2 running max, sum),
-    PART_ACC ``[B * H * S, (1 + VALUE_ROT) * G * D]`` float32 (unnormalized output; with value rotation the
-    rotated-space part, then the model-space part), LOGITS ``[B, H, staged_cap, P, G]`` float32 (base-2 logits
-    of staged tokens).
+    U8/U32/KV: the arena as uint8 / int32 / model dtype; BLOCK_OFFSET ``[slots]`` int64; PAGE_STATE ``[pages]``
+    int8; TIER_COUNTS ``[slots, T]`` int32; PAGE_TABLE / STAGED_RANK ``[B, stride_pt]`` int32; SEQ_LENS ``[B]``
+    int32. Writes PART_M / PART_L ``[B * H * S, G]`` float32 (base-2 running max, sum), PART_ACC
+    ``[B * H * S, (1 + VALUE_ROT) * G * D]`` float32 (unnormalized output; with value rotation the rotated-space
+    part, then the model-space part), LOGITS ``[B, H, staged_cap, P, G]`` float32 (base-2 logits of staged
+    tokens). The G query heads are the first of BLOCK_G >= 16 rows (the products' M dimension).
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -395,15 +607,22 @@ def _decode_split_kernel(
         g_mask = g < G
         q = tl.load(Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
                     mask=g_mask[:, None], other=0.0).to(tl.float32)
-        q1, q2, q3 = _split3(q)                      # staged keys are in the model's space
-        if KEY_ROT:                                  # sealed keys in the rotated space
-            r1, r2, r3 = _split3(tl.load(Q_ROT + b * stride_rb + (h * G + g)[:, None] * stride_rh + d[None, :],
-                                         mask=g_mask[:, None], other=0.0).to(tl.float32))
+        if KEY_ROT:                                  # sealed keys live in the rotated space
+            q_key = tl.load(Q_ROT + b * stride_rb + (h * G + g)[:, None] * stride_rh + d[None, :],
+                            mask=g_mask[:, None], other=0.0).to(tl.float32)
         else:
-            r1, r2, r3 = q1, q2, q3
+            q_key = q
+        # power of two putting max |q_key| in [2^14, 2^15): float16 holds the scaled query without overflow
+        biased = (tl.max(tl.max(tl.abs(q_key), 1), 0).to(tl.int32, bitcast=True) >> 23) & 255
+        shift = tl.minimum(tl.maximum(141 - biased, -126), 127)
+        q_pow = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+        key_qk_scale = qk_scale * ((127 - shift) << 23).to(tl.float32, bitcast=True)
+        q_ops = _query_operands(q_key, q_pow, KG, BLOCK_G, D, PARTS)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        l_i = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)      # per-column partial sums (see _softmax_step)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)            # units of unit * 2^-16 (see _attend_sealed)
+        z_acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)    # zero points' share of every column of acc
+        unit = tl.full((), 1.0, tl.float32)
         if VALUE_ROT:
             acc_st = tl.zeros([BLOCK_G, D], tl.float32)
         else:
@@ -411,47 +630,45 @@ def _decode_split_kernel(
         logits = LOGITS + (b * NUM_KV_HEADS + h) * staged_cap * P * G
         table = PAGE_TABLE + b * stride_pt
         ranks = STAGED_RANK + b * stride_pt
-        j = tl.arange(0, PAGES)
-        idx = page_lo + j
-        ids = tl.load(table + idx, mask=idx < page_hi, other=0).to(tl.int64)
-        base, n0, n1, n2, n3, staged_rows, staged_rank, valid = _chunk_descriptors(
-            ids, idx, idx < page_hi, seq_len, layer, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, ranks, h,
-            NUM_LAYERS, NUM_KV_HEADS, P, T)
-        ids = tl.load(table + idx + PAGES, mask=idx + PAGES < page_hi, other=0).to(tl.int64)
-        for i0 in range(page_lo, page_hi, PAGES):
-            idx = i0 + j
-            # prefetch: page ids two chunks ahead, descriptors one chunk ahead
-            ids_after = tl.load(table + idx + 2 * PAGES, mask=idx + 2 * PAGES < page_hi, other=0).to(tl.int64)
-            nxt = _chunk_descriptors(ids, idx + PAGES, idx + PAGES < page_hi, seq_len, layer, PAGE_STATE,
-                                     BLOCK_OFFSET, TIER_COUNTS, ranks, h, NUM_LAYERS, NUM_KV_HEADS, P, T)
-            scales_at = (base + n0 * META_SCALE_SEC[0] + n1 * META_SCALE_SEC[1] + n2 * META_SCALE_SEC[2]
-                         + n3 * META_SCALE_SEC[3]) // 4
-            sealed = (n0 + n1 + n2 + n3) > 0
-            key_scale = tl.load(F32 + scales_at, mask=sealed, other=0.0) * qk_scale
-            value_scale = tl.load(F32 + scales_at + 1, mask=sealed, other=0.0)
-            for t in tl.static_range(T):
-                if t == 0:
-                    n_t = n0
-                elif t == 1:
-                    n_t = n1
-                elif t == 2:
-                    n_t = n2
-                else:
-                    n_t = n3
-                m_i, l_i, acc, acc_st = _attend_tier(
-                    m_i, l_i, acc, acc_st, r1, r2, r3, U8, F16, base, n0, n1, n2, n3, n_t, valid, key_scale,
-                    value_scale, t, KEY_BITS[t], VALUE_BITS[t], KEY_GROUPS[t], VALUE_GROUPS[t], ROW_BYTES[4 * t],
-                    ROW_BYTES[4 * t + 1], ROW_BYTES[4 * t + 2], ROW_BYTES[4 * t + 3], KEY_SEC,
-                    VALUE_SEC, KEY_META_SEC, VALUE_META_SEC, INDEX_SEC, CODE_ALIGN, PAGES, D, BLOCK_G, BLOCK_N,
-                    VALUE_ROT)
-            m_i, l_i, acc, acc_st = _attend_staged(
-                m_i, l_i, acc, acc_st, q1, q2, q3, KV, base, staged_rows, staged_rank, logits, staged_cap,
-                qk_scale, G, BLOCK_G, P, PAGES, D, BLOCK_N, KV_ELEMENT_BYTES, KV_VALUES_START, VALUE_ROT)
-            base, n0, n1, n2, n3, staged_rows, staged_rank, valid = nxt
-            ids = ids_after
+        w_lo = page_lo * CHUNKS
+        w_hi = page_hi * CHUNKS
+        # pipeline prologue: item w_lo's descriptor and tiles, item w_lo + 1's descriptor, item w_lo + 2's page
+        desc = _describe(_page_id(table, w_lo, w_hi, CHUNKS), w_lo < w_hi, layer, h, PAGE_STATE, BLOCK_OFFSET,
+                         TIER_COUNTS, NUM_LAYERS, NUM_KV_HEADS, T)
+        desc_1 = _describe(_page_id(table, w_lo + 1, w_hi, CHUNKS), w_lo + 1 < w_hi, layer, h, PAGE_STATE,
+                           BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS, NUM_KV_HEADS, T)
+        page_2 = _page_id(table, w_lo + 2, w_hi, CHUNKS)
+        item = _fetch_item(U32, desc, (w_lo % CHUNKS) * BLOCK_N, T, KEY_BITS, VALUE_BITS, KEY_GROUPS, VALUE_GROUPS,
+                           KG, VG, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC, META_SCALE_SEC, CODE_ALIGN, D,
+                           BLOCK_N)
+        for w in tl.range(w_lo, w_hi, loop_unroll_factor=UNROLL):
+            # the next item's tiles (its descriptor came during the previous item), the descriptor two items
+            # ahead, the page three ahead: their latencies overlap this item's arithmetic
+            item_1 = _fetch_item(U32, desc_1, ((w + 1) % CHUNKS) * BLOCK_N, T, KEY_BITS, VALUE_BITS, KEY_GROUPS,
+                                 VALUE_GROUPS, KG, VG, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC,
+                                 META_SCALE_SEC, CODE_ALIGN, D, BLOCK_N)
+            desc_2 = _describe(page_2, w + 2 < w_hi, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS,
+                               NUM_KV_HEADS, T)
+            page_2 = _page_id(table, w + 3, w_hi, CHUNKS)
+            state, base, n0, n1, n2, n3 = desc
+            row0 = (w % CHUNKS) * BLOCK_N
+            valid = tl.minimum(seq_len - (w // CHUNKS) * P, P)
+            if state == _SEALED:
+                if n0 + n1 + n2 + n3 > row0:                 # all-pruned blocks (and chunks past the rows): nothing
+                    m_i, l_i, acc, z_acc, acc_st, unit = _attend_sealed(
+                        m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, U8, base, n0, n1, n2, n3, row0, valid,
+                        key_qk_scale, T, KEY_BITS, VALUE_BITS, KG, VG, INDEX_SEC, BLOCK_G, D, P, BLOCK_N, PARTS,
+                        VALUE_ROT)
+            elif state == _STAGED:
+                srank = tl.load(ranks + w // CHUNKS)
+                m_i, l_i, acc, z_acc, acc_st = _attend_staged(
+                    m_i, l_i, acc, z_acc, acc_st, unit, q, KV, base, row0, valid, srank, logits, staged_cap, qk_scale, G,
+                    BLOCK_G, D, P, BLOCK_N, KV_ELEMENT_BYTES, KV_VALUES_START, VALUE_ROT, STAGED_IEEE)
+            desc, desc_1, item = desc_1, desc_2, item_1
+        acc = (acc + tl.sum(z_acc, 1)[:, None]) * (unit * _W_UNSCALE)
         row = (b * NUM_KV_HEADS + h) * num_splits + split
         tl.store(PART_M + row * G + g, m_i, mask=g_mask)
-        tl.store(PART_L + row * G + g, l_i, mask=g_mask)
+        tl.store(PART_L + row * G + g, tl.sum(l_i, 1), mask=g_mask)
         acc_ptr = PART_ACC + row * ((1 + VALUE_ROT) * G * D) + g[:, None] * D + d[None, :]
         tl.store(acc_ptr, acc, mask=g_mask[:, None])
         if VALUE_ROT:
@@ -536,35 +753,36 @@ class DecodeConfig:
     """Launch parameters of the split kernel.
 
     Attributes:
-        block_n: token rows per inner step (one tier's rows, or staged rows, across the pages of a step),
-            >= 32.
-        pages_per_step: pages whose descriptors are loaded together (and one step ahead); a power of two.
-        num_warps, num_stages, maxnreg: Triton launch options (``maxnreg`` caps registers per thread).
+        block_n: most token rows per tile. A tile is ``min(block_n, max(MIN_TILE_ROWS, next_pow2(page_size)))``
+            rows: one tier's rows of a page (or a chunk of them for pages larger than the tile), or a staged
+            page's rows.
+        num_warps, maxnreg: Triton launch options (``maxnreg`` caps registers per thread).
+        unroll: unroll factor of the item loop (2: the one-item-ahead buffers alternate instead of being
+            copied each item).
         min_pages_per_split: fewest pages a split gets (short requests use fewer splits).
     """
 
-    block_n: int = 32
-    pages_per_step: int = 4
+    block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 1
+    unroll: int = 2
     min_pages_per_split: int = 2
     maxnreg: int | None = None
 
 
-# The visible tuning table: head_dim -> config, the fastest of TUNE_CONFIGS on an H100 (Triton 3.6) for
-# Llama-3-8B-shaped (128) and SmolLM2-shaped (64) batches; benchmarks/kernels_gpu.py --tune re-times them.
+# The visible tuning table: head_dim -> config; benchmarks/kernels_gpu.py --tune times TUNE_CONFIGS for
+# Llama-3-8B-shaped (128, batch 64, context 16k) and SmolLM2-shaped (64, batch 64, context 4k) batches. Measured
+# on an H200 (benchmarks/results/kernels-h200-quick.json, "tune"): 128 -> 2 warps (1991 us against 2486 us with 4),
+# 64 -> 4 warps capped at 128 registers (194 us against 215 us).
 DECODE_CONFIGS = {
-    64: DecodeConfig(block_n=32, pages_per_step=4, num_warps=4, maxnreg=96),
-    128: DecodeConfig(block_n=32, pages_per_step=4, num_warps=4, maxnreg=128),
+    64: DecodeConfig(num_warps=4, maxnreg=128),
+    128: DecodeConfig(num_warps=2),
 }
 TUNE_CONFIGS = (
-    DecodeConfig(block_n=32, pages_per_step=2, num_warps=2),
-    DecodeConfig(block_n=32, pages_per_step=1, num_warps=4, maxnreg=128),
-    DecodeConfig(block_n=32, pages_per_step=2, num_warps=4, maxnreg=128),
-    DecodeConfig(block_n=32, pages_per_step=4, num_warps=4, maxnreg=128),
-    DecodeConfig(block_n=32, pages_per_step=4, num_warps=4, maxnreg=96),
-    DecodeConfig(block_n=32, pages_per_step=4, num_warps=8),
-    DecodeConfig(block_n=64, pages_per_step=4, num_warps=8),
+    DecodeConfig(num_warps=4),
+    DecodeConfig(num_warps=4, maxnreg=128),
+    DecodeConfig(num_warps=8),
+    DecodeConfig(num_warps=2),
+    DecodeConfig(num_warps=4, min_pages_per_split=4),
 )
 MAX_SPLITS = 64
 
@@ -609,7 +827,6 @@ def sealed_format_constants(fmt: BlockFormat) -> dict:
         T=num_tiers,
         KEY_BITS=per_tier("key_bits", 8), VALUE_BITS=per_tier("value_bits", 8),
         KEY_GROUPS=per_tier("key_groups", 1), VALUE_GROUPS=per_tier("value_groups", 1),
-        ROW_BYTES=tuple(row_bytes) + (0,) * (4 * len(pad)),     # per tier: key, value, key meta, value meta
         KEY_SEC=section(KEYS), VALUE_SEC=section(VALUES), KEY_META_SEC=section(KEY_META),
         VALUE_META_SEC=section(VALUE_META), INDEX_SEC=section(INDEX),
         META_SCALE_SEC=tuple(fmt.meta_scale_start(unit).tolist()) + tuple(pad),
@@ -663,8 +880,9 @@ class DecodePlan:
         self.max_batch, self.max_pages = max_batch, max_pages
         self.sm_scale = sm_scale if sm_scale is not None else dim ** -0.5
         self.config = config or default_config(dim)
-        if self.config.block_n < 32:       # 16-row tiles computed wrong outputs on an H100 (Triton 3.6); not diagnosed
-            raise ValueError(f"block_n={self.config.block_n} must be >= 32")
+        if self.config.block_n < MIN_TILE_ROWS or self.config.block_n & (self.config.block_n - 1):
+            raise ValueError(f"block_n={self.config.block_n} must be a power of two >= {MIN_TILE_ROWS}")
+        self.block_n = min(self.config.block_n, max(MIN_TILE_ROWS, triton.next_power_of_2(store.page_size)))
         self.record_importance = record_importance
         device = store.device
         self._fixed_splits = num_splits
@@ -681,7 +899,7 @@ class DecodePlan:
         self._fixed_staged_cap = max_staged_pages
         self._alloc_staged(max_staged_pages or 1)
         data = store.arena.data
-        self._u8, self._f16, self._f32, self._kv = (data, data.view(torch.float16), data.view(torch.float32),
+        self._u8, self._u32, self._f32, self._kv = (data, data.view(torch.int32), data.view(torch.float32),
                                                     data.view(store.dtype))
         self._had = hadamard_matrix(dim, device)
         key_rot = store.config.key_rotation == "hadamard"
@@ -771,19 +989,22 @@ class DecodePlan:
         value_rot = consts["VALUE_ROT"]
         target = self._o_rot[:batch] if value_rot else out
         staged, cfg = store.formats.staged, self.config
+        group_block = triton.next_power_of_2(self.group)
         common = dict(NUM_LAYERS=store.num_layers, NUM_KV_HEADS=heads, G=self.group, D=dim, P=store.page_size,
                       MIN_PAGES=cfg.min_pages_per_split)
-        group_block = triton.next_power_of_2(self.group)
+        parts = 2 if q.dtype == torch.float32 else 1
         _decode_split_kernel[(batch, heads, self.num_splits)](
             q, q.stride(0), q.stride(1), q_rot, q_rot.stride(0), q_rot.stride(1),
-            self._u8, self._f16, self._f32, self._kv,
+            self._u8, self._u32, self._kv,
             store.arena.block_offset, store.page_state, store.tier_counts,
             self.page_table, self.staged_rank, self.max_pages, self.seq_lens,
             self._part_m, self._part_l, self._part_acc, self._logits,
             layer, self.staged_cap, (self.sm_scale if sm_scale is None else sm_scale) * math.log2(math.e),
-            BLOCK_G=max(16, group_block), PAGES=cfg.pages_per_step, BLOCK_N=cfg.block_n,
+            BLOCK_G=max(16, group_block), BLOCK_N=self.block_n, CHUNKS=triton.cdiv(store.page_size, self.block_n),
+            KG=max(consts["KEY_GROUPS"]), VG=max(consts["VALUE_GROUPS"]),
             KV_ELEMENT_BYTES=staged.element_bytes, KV_VALUES_START=staged.values_start // staged.element_bytes,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common, **consts,
+            PARTS=parts, STAGED_IEEE=parts == 2 or store.dtype == torch.float32, UNROLL=cfg.unroll,
+            num_warps=cfg.num_warps, **common, **consts,
             **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
         _decode_merge_kernel[(batch, heads)](
             target, target.stride(0), target.stride(1), self._o_st if value_rot else target,

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# end-to-end helpers (server launcher, tiny model builder) are plain modules in tests/e2e_support
-sys.path.insert(0, str(Path(__file__).parent / "e2e_support"))
+# plain helper modules: end-to-end (server launcher, tiny model builder) and kernel-test support (error bounds)
+for support in ("e2e_support", "kernel_support"):
+    sys.path.insert(0, str(Path(__file__).parent / support))
 
 
 def pytest_report_header(config):
