@@ -1,0 +1,63 @@
+"""CI smoke test of the accuracy harness (``benchmarks/accuracy.py``) on the real SmolLM2 through the real server.
+
+A tiny budget: the dense pool and the DiffKV defaults, one 1k-token query-aware needle and one perplexity sample
+each (about 1.5 minutes on two idle cores, two server start-ups included). Checks the structure of the JSON and
+the markdown, that the second turn of the perplexity task found its prefix in the radix cache, and that the
+DiffKV cells report a measured physical compression ratio above 1.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sglang_server import REPO
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+CONFIGS = ("dense", "diffkv")
+TASKS = ("needle_1k_aware", "ppl")
+
+
+def test_quick_mode_writes_results_markdown_and_plot(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path),
+         "--configs", ",".join(CONFIGS), "--tasks", ",".join(TASKS), "--samples", "1"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "server up" in done.stdout                                    # progress output
+
+    results = json.loads((tmp_path / "accuracy.json").read_text())
+    cells = results["cells"]
+    assert set(cells) == {f"smollm2-135m-instruct/{c}/{t}" for c in CONFIGS for t in TASKS}
+    for cell in cells.values():
+        assert cell["n"] == 1 and len(cell["samples"]) == 1
+        for field in ("score", "compression_ratio", "sealed_compression_ratio", "tier_shares", "flags", "spec"):
+            assert field in cell, field
+    for task in TASKS:
+        diffkv = cells[f"smollm2-135m-instruct/diffkv/{task}"]
+        assert diffkv["sealed_compression_ratio"] > 1 and diffkv["compression_ratio"] > 1, diffkv
+        assert set(diffkv["tier_shares"]) == {"k8v4", "k4v2", "pruned"}
+        assert abs(sum(diffkv["tier_shares"].values()) - 1) < 1e-3
+        assert cells[f"smollm2-135m-instruct/dense/{task}"]["compression_ratio"] == 1.0
+    for config in CONFIGS:
+        ppl = cells[f"smollm2-135m-instruct/{config}/ppl"]
+        assert ppl["samples"][0]["cached_tokens"] >= ppl["spec"]["length"]   # scored against the cached prefix
+        assert 1 < ppl["score"] < 1000
+
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "| config | needle_1k_aware (n) | ppl (n) |" in md
+    assert "| diffkv |" in md and "![physical compression ratio vs score](accuracy.png)" in md
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # resumable: a second run keeps the finished cells and starts no server
+    again = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path),
+         "--configs", ",".join(CONFIGS), "--tasks", ",".join(TASKS), "--samples", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "starting the server" not in again.stdout
+    assert json.loads((tmp_path / "accuracy.json").read_text())["cells"] == cells
