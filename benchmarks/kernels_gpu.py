@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton kernels (decode attention, seal, compaction): checked, then timed, in one run.
+"""GPU benchmark of the Triton kernels (decode attention, seal, compaction, extend): checked, then timed, in one run.
 
 One run measures the device-to-device copy bandwidth, checks every kernel against its torch reference (outputs
 and workspaces poisoned first; seal and compaction byte for byte), times kernels and peers with
@@ -30,6 +30,9 @@ staged blocks in the arena; ``torch_us`` times ``quant.write_sealed_blocks`` on 
 64 MiB and 1 GiB of blocks (16 B to 8 KiB) sliding down over holes; ``bytes_moved`` counts the gather and the
 scatter, each read + write.
 
+Extend: one request's chunk over a sealed prefix (see :func:`bench_extend`; its correctness is tested natively by
+``tests/test_kernel_extend.py``), written to ``extend`` after the rest.
+
 The references run on CPU stores (torch) and the kernels on CUDA, so ``DIFFKV_KERNELS`` must be unset (auto).
 """
 
@@ -51,12 +54,13 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from diffkv_sglang.attention import DecodeAttentionWrapper  # noqa: E402
+from diffkv_sglang.attention import DecodeAttentionWrapper, ExtendAttentionWrapper  # noqa: E402
 from diffkv_sglang.backend_select import KERNELS_ENV, kernel_mode  # noqa: E402
 from diffkv_sglang.config import DiffKVConfig, TierSpec  # noqa: E402
 from diffkv_sglang.format import BlockFormat, StagedBlockFormat  # noqa: E402
 from diffkv_sglang.kernels.compaction import move_blocks, move_blocks_reference  # noqa: E402
 from diffkv_sglang.kernels.decode_attention import TUNE_CONFIGS, DecodeConfig, DecodePlan  # noqa: E402
+from diffkv_sglang.kernels.extend_attention import ExtendPlan  # noqa: E402
 from diffkv_sglang.kernels.seal import seal_blocks  # noqa: E402
 from diffkv_sglang.quant import tier_counts, write_sealed_blocks  # noqa: E402
 from diffkv_sglang.store import CompressedKVStore, PageState  # noqa: E402
@@ -71,18 +75,20 @@ TUNE_CASES = (("llama-3-8b", 1, 32768), ("llama-3-8b", 64, 16384), ("smollm2", 6
 SEAL_TIERS = (TierSpec(8, 4), TierSpec(4, 2))
 SEAL_MIXES = {"all_high": (1.0, 0.0, 0.0), "diffkv_typical": (0.3, 0.5, 0.2), "heavy_pruning": (0.1, 0.3, 0.6)}
 SEAL_PAGE = 32
+EXTEND_CASES = (("llama-3-8b", 0, 4096), ("llama-3-8b", 0, 16384), ("llama-3-8b", 14336, 2048),
+                ("smollm2", 0, 8192), ("smollm2", 6144, 2048))      # model, sealed prefix tokens, new tokens
 
 GRIDS = {
     "full": dict(models=MODELS, batches=(1, 16, 64, 256), contexts=(1024, 4096, 16384, 32768), mixes=MIXES,
                  check_lens=[1024, 2000, 3333], seal_blocks=(256, 4096, 16384), seal_check_blocks=256,
-                 compaction_bytes=(64 * MiB, 1024 * MiB), copy_bytes=2 << 30),
+                 compaction_bytes=(64 * MiB, 1024 * MiB), copy_bytes=2 << 30, extend=EXTEND_CASES),
     "quick": dict(models=MODELS, batches=(16, 64), contexts=(4096, 16384),
                   mixes={name: MIXES[name] for name in ("all_high", "diffkv_typical")},
                   check_lens=[1024, 2000, 3333], seal_blocks=(4096, 16384), seal_check_blocks=256,
-                  compaction_bytes=(64 * MiB, 1024 * MiB), copy_bytes=2 << 30),
+                  compaction_bytes=(64 * MiB, 1024 * MiB), copy_bytes=2 << 30, extend=EXTEND_CASES),
     "smoke": dict(models={"llama-like": (4, 2, 32), "smollm-like": (3, 1, 32)}, batches=(1, 2), contexts=(96, 160),
                   mixes=MIXES, check_lens=[96, 150, 133], seal_blocks=(4,), seal_check_blocks=3,
-                  compaction_bytes=(64 * 1024,), copy_bytes=MiB),
+                  compaction_bytes=(64 * 1024,), copy_bytes=MiB, extend=(("smollm2", 64, 96),)),
 }
 """Per mode: decode models, batches, contexts and mixes; decode check lengths; seal block counts (and the
 check's); compaction sizes (the first is also checked); copy size."""
@@ -250,19 +256,21 @@ def check_decode(name: str, config: DiffKVConfig, q_heads: int, heads: int, dim:
     return row
 
 
-def dense_sdpa_us(batch: int, context: int, q_heads: int, heads: int, dim: int, device):
-    """Fastest of SDPA's flash and cuDNN backends on contiguous bf16 K/V ``[B, H, ctx, D]``; (us, backend)."""
+def dense_sdpa_us(batch: int, context: int, q_heads: int, heads: int, dim: int, device, queries: int = 1,
+                  causal: bool = False):
+    """Fastest of SDPA's flash and cuDNN backends for ``queries`` queries per request on contiguous bf16 K/V
+    ``[B, H, ctx, D]``; (us, backend)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
-    q = torch.randn(batch, q_heads, 1, dim, device=device, dtype=torch.bfloat16)
+    q = torch.randn(batch, q_heads, queries, dim, device=device, dtype=torch.bfloat16)
     k = torch.randn(batch, heads, context, dim, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     best = (None, None)
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         try:
             with sdpa_kernel(backend):
-                sdpa(q, k, v, enable_gqa=True)
-                us = time_us(lambda: sdpa(q, k, v, enable_gqa=True), device)
+                sdpa(q, k, v, is_causal=causal, enable_gqa=True)
+                us = time_us(lambda: sdpa(q, k, v, is_causal=causal, enable_gqa=True), device)
         except RuntimeError as exc:                      # backend unavailable for this shape or build
             log(f"  sdpa {backend.name}: {str(exc).splitlines()[0][:100]}")
             continue
@@ -513,6 +521,49 @@ def bench_compaction(device, totals) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------- extend
+def bench_extend(device, cases) -> list[dict]:
+    """Extend rows: one request's chunk of ``new`` tokens over a sealed prefix of ``prefix`` tokens (DiffKV-typical
+    mix), one layer, bf16. ``wrapper_us`` times ``ExtendAttentionWrapper.run`` (the dense read of the pages, both
+    kernels, the importance write-back), ``kernels_us`` the two kernels alone; ``dense_sdpa_us`` SDPA's fastest of
+    flash and cuDNN over contiguous bf16 K/V of the same query and key counts (causal for a fresh prompt,
+    non-causal for a chunk over a prefix, which does more work). ``tflops`` counts the causal attention's
+    ``4 * Hq * D`` flops per (query, visible key) pair over the wrapper time."""
+    rows = []
+    for model, prefix, new in cases:
+        q_heads, heads, dim = MODELS[model]
+        config = DiffKVConfig()
+        page = config.page_size
+        pool = Pool(config, heads, dim, prefix // page, math.ceil(new / page), MIXES["diffkv_typical"], device)
+        store = pool.store
+        pages = torch.cat([pool.sealed[:prefix // page], pool.staged])
+        seq_len = prefix + new
+        kv_indptr = torch.tensor([0, pages.numel()], device=device)
+        qo_indptr = torch.tensor([0, new], device=device)
+        wrapper = ExtendAttentionWrapper(store)
+        wrapper.plan(qo_indptr, kv_indptr, pages, torch.tensor([seq_len], device=device))
+        q = torch.randn(new, q_heads, dim, device=device, dtype=torch.bfloat16)
+        wrapper_us = time_us(lambda: wrapper.run(q, 0), device)
+        keys, values, present = store.read_pages(0, pages)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        plan = ExtendPlan(store, q_heads)
+        plan.plan(qo_indptr, kv_indptr, pages, torch.tensor([seq_len], device=device), config.obs_window)
+        kernels_us = time_us(lambda: plan.run(q, keys, values, present, dim ** -0.5), device)
+        del keys, values, present
+        best, backend = dense_sdpa_us(1, seq_len, q_heads, heads, dim, device, queries=new, causal=prefix == 0)
+        pairs = new * prefix + new * (new + 1) // 2
+        rows.append({"model": model, "prefix": prefix, "new": new, "q_heads": q_heads, "kv_heads": heads,
+                     "head_dim": dim, "mix": dict(zip(("high", "low", "pruned"), MIXES["diffkv_typical"])),
+                     "wrapper_us": wrapper_us, "kernels_us": kernels_us, "dense_sdpa_us": best,
+                     "dense_sdpa_backend": backend,
+                     "tflops": 4 * q_heads * dim * pairs / wrapper_us / 1e6})
+        log(f"extend {model:<11} prefix {prefix:>6} new {new:>6}: wrapper {wrapper_us:9.1f} us, kernels "
+            f"{kernels_us:9.1f} us, dense sdpa {best or float('nan'):9.1f} us, {rows[-1]['tflops']:.1f} TFLOP/s")
+        del pool, store, wrapper, plan
+        free_cache(device)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------- main
 def write(path: str, result: dict, started: float) -> None:
     result["seconds"] = time.perf_counter() - started
@@ -574,6 +625,8 @@ def main() -> int:
     result["seal"] = bench_seal(device, grid["seal_blocks"])
     result["seal_launch_host_us"] = seal_launch_host_us(device, 2 if args.smoke else 200)
     result["compaction"] = bench_compaction(device, grid["compaction_bytes"])
+    write(out_path, result, started)
+    result["extend"] = bench_extend(device, grid["extend"])
     write(out_path, result, started)
 
     log(f"\n{'model':<12} {'mix':<15} {'batch':>5} {'ctx':>6} {'MB read':>8} {'diffkv us':>10} {'sdpa us':>9} "

@@ -11,8 +11,9 @@ turn over a cached prefix) the latest observation window decides, as DiffKV's pr
 
 The torch path here is the reference (any device). When the store uses kernels (``store.kernels``, see
 :mod:`diffkv_sglang.backend_select`), :class:`DecodeAttentionWrapper` runs the Triton decode kernel
-(:class:`diffkv_sglang.kernels.decode_attention.DecodePlan`) behind the same ``plan()`` / ``run()``; extend attention
-always runs the reference.
+(:class:`diffkv_sglang.kernels.decode_attention.DecodePlan`) and :class:`ExtendAttentionWrapper` the Triton extend
+kernels (:class:`diffkv_sglang.kernels.extend_attention.ExtendPlan`, flash attention over the batch's pages read
+densely) behind the same ``plan()`` / ``run()``.
 """
 
 from __future__ import annotations
@@ -121,6 +122,13 @@ class _PagedAttentionBase:
         observe = plan.observe & plan.q_valid                                              # [B, Q]
         score = group_max((probs * observe[:, None, :, None]).sum(2), store.num_kv_heads)  # [B, H, T]
         seen = (causal & observe[:, :, None]).sum(1).float()                               # [B, T]
+        self._store_importance(layer, score, seen)
+
+    def _store_importance(self, layer: int, score: torch.Tensor, seen: torch.Tensor) -> None:
+        """Give the planned batch's staged tokens that some observing query saw their statistics: ``score``
+        ``[B, H, T]`` attention mass per KV head, ``seen`` ``[B, T]`` observing queries (``T`` key positions of
+        the plan; entries of other tokens are ignored)."""
+        plan, store = self._plan, self.store
         pages = plan.key_locs // store.page_size
         target = plan.key_valid & (store.page_state[pages] == PageState.STAGED) & (seen > 0)
         b, t = target.nonzero(as_tuple=True)
@@ -232,6 +240,12 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
             out = wrapper.run(q[layer], layer)                           # [total_new, Hq, D]
     """
 
+    def __init__(self, store: CompressedKVStore):
+        super().__init__(store)
+        self._kernel_plan = None                     # ExtendPlan, built at the first run (needs Hq)
+        self._kernel_planned = False
+        self._csr = None
+
     def plan(self, qo_indptr: torch.Tensor, kv_page_indptr: torch.Tensor, kv_page_indices: torch.Tensor,
              seq_lens: torch.Tensor, sm_scale: float | None = None, obs_window: int | None = None) -> None:
         """Build per-batch metadata.
@@ -246,13 +260,16 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
         table, seq_lens, key_locs, key_valid = self._plan_keys(kv_page_indptr, kv_page_indices, seq_lens)
         device = table.device
         qo_indptr = qo_indptr.to(device, torch.int64)
+        window = obs_window if obs_window is not None else self.store.config.obs_window
+        self._csr = (qo_indptr, kv_page_indptr.to(device, torch.int64), kv_page_indices.to(device, torch.int64),
+                     seq_lens, window)
+        self._kernel_planned = False
         extend_lens = qo_indptr[1:] - qo_indptr[:-1]
         batch = extend_lens.numel()
         max_q = int(extend_lens.max()) if batch else 0
         i = torch.arange(max(max_q, 1), device=device)
         q_valid = i[None, :] < extend_lens[:, None]
         q_positions = (seq_lens - extend_lens)[:, None] + i[None, :]
-        window = obs_window if obs_window is not None else self.store.config.obs_window
         observe = q_positions >= (seq_lens - window)[:, None]
         q_index = (torch.arange(batch, device=device)[:, None] * q_valid.shape[1] + i[None, :])[q_valid]
         self._plan = PagedBatchPlan(
@@ -266,8 +283,27 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
         plan = self._plan
         if plan is None:
             raise RuntimeError("call plan() before run()")
+        if self.store.kernels:
+            return self._run_kernel(q, layer, plan.sm_scale if sm_scale is None else sm_scale)
         batch, max_q = plan.q_valid.shape
         padded = torch.zeros(batch * max_q, *q.shape[1:], dtype=q.dtype, device=q.device)
         padded[plan.q_index] = q
         out = self._run(padded.reshape(batch, max_q, *q.shape[1:]), layer, sm_scale)
         return out.reshape(batch * max_q, *q.shape[1:])[plan.q_index].to(q.dtype)
+
+    def _run_kernel(self, q: torch.Tensor, layer: int, sm_scale: float) -> torch.Tensor:
+        """The Triton extend kernels over the batch's pages, read densely in ``q``'s dtype."""
+        from .kernels.extend_attention import ExtendPlan
+
+        qo_indptr, kv_page_indptr, kv_page_indices, seq_lens, window = self._csr
+        if self._kernel_plan is None or self._kernel_plan.num_q_heads != q.shape[1]:
+            self._kernel_plan = ExtendPlan(self.store, q.shape[1])
+            self._kernel_planned = False
+        if not self._kernel_planned:
+            self._kernel_plan.plan(qo_indptr, kv_page_indptr, kv_page_indices, seq_lens, window)
+            self._kernel_planned = True
+        keys, values, present = self.store.read_pages(layer, kv_page_indices)
+        out, score, seen = self._kernel_plan.run(q.contiguous(), keys.to(q.dtype), values.to(q.dtype), present,
+                                                 sm_scale)
+        self._store_importance(layer, score, seen)
+        return out

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 import triton
@@ -77,12 +76,13 @@ import triton.language as tl
 
 from diffkv_sglang.config import MAX_TIERS
 from diffkv_sglang.format import INDEX, KEY_META, KEYS, META_BYTES, VALUE_META, VALUES, BlockFormat
+from diffkv_sglang.kernels.tl_utils import INTERPRET as _INTERPRET
+from diffkv_sglang.kernels.tl_utils import mma as _mma
 from diffkv_sglang.quant import hadamard_matrix
 from diffkv_sglang.store import CompressedKVStore, PageState
 
 # The interpreter keeps bfloat16 as raw bits and multiplies them as integers in tl.dot: there, products run on
 # exact float32 copies of the 16-bit operands (what the tensor cores multiply).
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 _STAGED = tl.constexpr(int(PageState.STAGED))
 _SEALED = tl.constexpr(int(PageState.SEALED))
 _SUPPORTED_BITS = (2, 4, 8)
@@ -98,19 +98,6 @@ def _section_start(n0, n1, n2, n3, C: tl.constexpr, t: tl.constexpr):
     """Byte offset of tier ``t``'s section inside a block: ``sum_u n_u * C[5t + u] + C[5t + 4]`` (format.py's
     linear coefficients, padded to four tiers)."""
     return C[5 * t + 4] + n0 * C[5 * t] + n1 * C[5 * t + 1] + n2 * C[5 * t + 2] + n3 * C[5 * t + 3]
-
-
-@triton.jit
-def _mma(a, b, acc, IEEE: tl.constexpr):
-    """``acc + a @ b`` with float32 accumulation: 16-bit operands on tensor cores, or float32 ones with IEEE
-    products (``IEEE``)."""
-    if _INTERPRET:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    elif IEEE:
-        out = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc)
-    return out
 
 
 @triton.jit

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run in the interpreter where there is no GPU; set before any test module imports triton
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # plain helper modules: end-to-end (server launcher, tiny model builder) and kernel-test support (error bounds)
 for support in ("e2e_support", "kernel_support"):
     sys.path.insert(0, str(Path(__file__).parent / support))
@@ -65,3 +69,10 @@ def tiny_model(tmp_path_factory):
     from tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def torch_reference(monkeypatch):
+    """Stores and wrappers built in the test use the torch reference whatever ``DIFFKV_KERNELS`` says outside;
+    kernel tests drive the kernels directly (``DecodePlan``, ``ExtendPlan``)."""
+    monkeypatch.setenv("DIFFKV_KERNELS", "torch")

@@ -5,16 +5,11 @@ packed targets, so most new ranges overlap old ranges of other moved blocks. The
 bytes outside the new ranges must keep their poison.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")      # before triton is imported
-
-from diffkv_sglang.kernels.compaction import move_blocks, move_blocks_reference  # noqa: E402
-from diffkv_sglang.memory import BlockArena  # noqa: E402
+from diffkv_sglang.kernels.compaction import move_blocks, move_blocks_reference
+from diffkv_sglang.memory import BlockArena
 
 pytestmark = pytest.mark.triton
 

@@ -41,95 +41,26 @@ rounding errors do not align.
 """
 
 import math
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")          # before triton is imported
+from diffkv_sglang.attention import DecodeAttentionWrapper
+from diffkv_sglang.config import DiffKVConfig
+from diffkv_sglang.kernels.decode_attention import DecodeConfig, DecodePlan
+from diffkv_sglang.store import PageState
+from decode_bound import error_bound
+from kernel_stores import CONTEXT, build, csr, mirror
 
-import pytest  # noqa: E402
-
-from diffkv_sglang.attention import DecodeAttentionWrapper  # noqa: E402
-from diffkv_sglang.config import DiffKVConfig  # noqa: E402
-from diffkv_sglang.kernels.decode_attention import DecodeConfig, DecodePlan  # noqa: E402
-from diffkv_sglang.store import CompressedKVStore, PageState  # noqa: E402
-from decode_bound import error_bound  # noqa: E402
-
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("torch_reference")]
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 RTOL = 1e-5
-CONTEXT = 1000                  # context length given to seal(): relative importance r = score / seen * CONTEXT
-
-@pytest.fixture(autouse=True)
-def _reference_on_torch(monkeypatch):
-    """Stores and DecodeAttentionWrapper here are the torch reference, whatever DIFFKV_KERNELS says outside;
-    the kernel is driven directly through DecodePlan."""
-    monkeypatch.setenv("DIFFKV_KERNELS", "torch")
 
 
 # per device: (page_size, heads, seq_lens); CPU sizes keep the interpreter fast
 SIZES = {"cpu": (16, 2, [1, 37, 70, 130]), "cuda": (32, 4, [1, 100, 700, 1500, 2900, 64, 333, 2048])}
-
-
-def tier_values(config: DiffKVConfig) -> list[float]:
-    """A relative importance that lands a token in each tier, then one that prunes it."""
-    th, prune = list(config.thresholds), config.alpha_prune
-    bounds = [max(2 * th[0], 1.0) if th else 1.0] + [(a + b) / 2 for a, b in zip(th, th[1:])]
-    last = (prune + th[-1]) / 2 if th else max(prune, 1e-3) * 2
-    return (bounds + [last])[:config.num_tiers] + [prune / 2]
-
-
-def build(config: DiffKVConfig, heads: int, dim: int, seq_lens: list[int], layers: int = 2, staged_pages: int = 1):
-    """A store holding one request per ``seq_lens`` entry on shuffled pages, every page but the last
-    ``staged_pages`` of each request sealed with steered tiers. Returns the store, page table and seq lens."""
-    page = config.page_size
-    counts = [math.ceil(n / page) for n in seq_lens]
-    store = CompressedKVStore(config, layers, heads, dim, num_pages=sum(counts) + 4,
-                              arena_bytes=sum(counts) * layers * heads * (4 * page * dim * 4 + 256) + (1 << 16),
-                              dtype=torch.float32)
-    store.arena.data.random_(0, 256)                        # unwritten slots hold garbage, NaN bit patterns too
-    pages = (torch.randperm(sum(counts)) + 2).tolist()      # page 0 is the padding page
-    table = torch.zeros(len(seq_lens), max(counts), dtype=torch.int64)
-    values = torch.tensor(tier_values(config))
-    to_seal = []
-    for b, (n, c) in enumerate(zip(seq_lens, counts)):
-        own = torch.tensor(pages[:c])
-        pages = pages[c:]
-        table[b, :c] = own
-        store.stage(own)
-        locs = (own[:, None] * page + torch.arange(page)).reshape(-1)[:n]
-        for layer in range(layers):
-            store.write_tokens(layer, locs, torch.randn(n, heads, dim) * 2, torch.randn(n, heads, dim))
-            # per page: mixed tiers, a single tier (the others empty), or everything pruned
-            mode = torch.randint(0, 3, (c, 1, 1))
-            pick = torch.where(mode == 0, torch.randint(0, len(values), (c, page, heads)),
-                               torch.where(mode == 1, torch.randint(0, len(values) - 1, (c, 1, 1)), len(values) - 1))
-            r = values[pick.expand(c, page, heads)].reshape(-1, heads)[:n]
-            store.add_importance(layer, locs, r / CONTEXT, torch.ones(n))
-        to_seal += own[:max(0, c - staged_pages)].tolist()
-    if to_seal:
-        store.seal(torch.tensor(to_seal), torch.full((len(to_seal),), CONTEXT))
-    return store, table, torch.tensor(seq_lens)
-
-
-def mirror(store: CompressedKVStore) -> CompressedKVStore:
-    """A copy of the CPU ``store`` on DEVICE (arena bytes, slot table, descriptors): the kernel's side."""
-    copy = CompressedKVStore(store.config, store.num_layers, store.num_kv_heads, store.head_dim, store.num_pages,
-                             store.arena.capacity_bytes, store.dtype, DEVICE)
-    for name in ("data", "block_offset", "block_nbytes"):
-        getattr(copy.arena, name).copy_(getattr(store.arena, name))
-    copy.tier_counts.copy_(store.tier_counts)
-    copy.page_state.copy_(store.page_state)
-    return copy
-
-
-def csr(table: torch.Tensor, seq_lens: torch.Tensor, page: int):
-    pages = (seq_lens + page - 1) // page
-    keep = torch.arange(table.shape[1], device=table.device)[None, :] < pages[:, None]
-    return torch.cat([pages.new_zeros(1), pages.cumsum(0)]), table[keep]
 
 
 def compare(store, table, seq_lens, num_q_heads, num_splits=None, config=None):
@@ -142,7 +73,7 @@ def compare(store, table, seq_lens, num_q_heads, num_splits=None, config=None):
                    & (torch.arange(table.shape[1]) < (seq_lens[:, None] + page - 1) // page)]
     reference = DecodeAttentionWrapper(store)
     reference.plan(*csr(table, seq_lens, page), seq_lens)
-    kernel_store = mirror(store)
+    kernel_store = mirror(store, DEVICE)
     plan = DecodePlan(kernel_store, num_q_heads, max_batch=len(seq_lens) + 1, max_pages=table.shape[1] + 1,
                       num_splits=num_splits, config=config)
     plan.plan(table.to(DEVICE), seq_lens.to(DEVICE))
@@ -223,7 +154,7 @@ def test_plan_checks_and_fixed_capacity(seeded):
     page, heads, dim = 16, 2, 32
     store, table, lens = build(DiffKVConfig.from_dict({"page_size": page}), heads, dim, [40, 20], layers=1,
                                staged_pages=2)
-    store, table, lens = mirror(store), table.to(DEVICE), lens.to(DEVICE)
+    store, table, lens = mirror(store, DEVICE), table.to(DEVICE), lens.to(DEVICE)
     plan = DecodePlan(store, heads, max_batch=2, max_pages=3, max_staged_pages=1)
     with pytest.raises(ValueError, match="max_staged_pages"):
         plan.plan(table, lens)
@@ -246,7 +177,7 @@ def test_run_is_capturable_in_a_cuda_graph(seeded):
     page, heads, dim = 32, 4, 128
     config = DiffKVConfig.from_dict({"page_size": page, "key_rotation": "hadamard", "value_rotation": "hadamard"})
     store, table, lens = build(config, heads, dim, [700, 100, 1500], layers=1)
-    store, table, lens = mirror(store), table.to(DEVICE), lens.to(DEVICE)
+    store, table, lens = mirror(store, DEVICE), table.to(DEVICE), lens.to(DEVICE)
     plan = DecodePlan(store, heads * 4, max_batch=3, max_pages=table.shape[1], max_staged_pages=2)
     plan.plan(table, lens)
     q = torch.randn(3, heads * 4, dim, device=DEVICE)

@@ -8,19 +8,14 @@ signed zeros made positive, correctly rounded divisions), so no byte may differ,
 tiers, groups, rotated keys and/or values, inputs with -0.0 and extreme magnitudes.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")      # before triton is imported
-
-import diffkv_sglang.quant as quant  # noqa: E402
-from diffkv_sglang.config import TierSpec  # noqa: E402
-from diffkv_sglang.format import SECTION_NAMES, BlockFormat, StagedBlockFormat  # noqa: E402
-from diffkv_sglang.kernels import seal as seal_module  # noqa: E402
-from diffkv_sglang.kernels.seal import seal_blocks  # noqa: E402
+import diffkv_sglang.quant as quant
+from diffkv_sglang.config import TierSpec
+from diffkv_sglang.format import SECTION_NAMES, BlockFormat, StagedBlockFormat
+from diffkv_sglang.kernels import seal as seal_module
+from diffkv_sglang.kernels.seal import seal_blocks
 
 pytestmark = pytest.mark.triton
 
