@@ -159,6 +159,17 @@ class Pool:
                                                arena_bytes=self.arena_bytes, dtype=torch.bfloat16, device=device)
         self.sealed = torch.arange(1, 1 + reps * chunk_pages, device=device)
         self.staged = torch.arange(1 + reps * chunk_pages, 1 + reps * chunk_pages + staged_pages, device=device)
+        if sealed_pages:
+            self._write_sealed(fmt, tiers, counts, nbytes, chunk_pages, reps, heads, page, dim, gen)
+        if staged_pages:
+            store.stage(self.staged)
+            locs = (self.staged[:, None] * page + torch.arange(page, device=device)).reshape(-1)
+            kv = torch.randn(2, locs.numel(), heads, dim, generator=gen).to(device)
+            store.write_tokens(0, locs, kv[0] * 2, kv[1])
+
+    def _write_sealed(self, fmt, tiers, counts, nbytes, chunk_pages, reps, heads, page, dim, gen) -> None:
+        """Quantize one chunk of sealed blocks and repeat its bytes over the pool's sealed pages."""
+        store, device = self.store, self.store.device
         offsets = store.arena.allocate(store.slots(self.sealed, 0).reshape(-1), nbytes.to(device).repeat(reps))
         n0, span = chunk_pages * heads, int(nbytes.sum())
         first = int(offsets[0])
@@ -172,11 +183,6 @@ class Pool:
         counts = counts.to(device, torch.int32).repeat(reps, 1).reshape(-1, heads, fmt.num_tiers)
         store.tier_counts[self.sealed, 0] = counts
         store.page_state[self.sealed] = PageState.SEALED
-        if staged_pages:
-            store.stage(self.staged)
-            locs = (self.staged[:, None] * page + torch.arange(page, device=device)).reshape(-1)
-            kv = torch.randn(2, locs.numel(), heads, dim, generator=gen).to(device)
-            store.write_tokens(0, locs, kv[0] * 2, kv[1])
 
     def table(self, seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Page table ``[B, max_pages]`` giving each request its own sealed pages then STAGED_TAIL staged pages."""
