@@ -138,15 +138,20 @@ class _PagedAttentionBase:
 class DecodeAttentionWrapper(_PagedAttentionBase):
     """Decode attention: one query per request over its paged, partly compressed KV.
 
-    With ``store.kernels`` (CUDA by default) ``run`` launches the Triton decode kernel: ``plan`` keeps the page
-    table, and the first ``run`` of a batch fills a :class:`~diffkv_sglang.kernels.decode_attention.DecodePlan`
-    (its buffers are sized for the number of query heads, which only ``q`` tells). The plan's capacity (requests,
-    pages per request) is given here or grows to the next power of two of what a batch needs (pages capped by
-    the store's page count); growing reallocates its buffers outside ``run``'s launches.
+    With ``store.kernels`` (CUDA by default) ``run`` launches the Triton decode kernel through a
+    :class:`~diffkv_sglang.kernels.decode_attention.DecodePlan` (its buffers are sized for the number of query
+    heads). Given ``num_q_heads`` here, ``plan`` fills it and ``run`` only launches: with ``out`` given, ``run``
+    allocates nothing and never syncs with the host, so a decode step (``write_tokens`` and ``run`` of every
+    layer) can be captured in a CUDA graph and replayed after ``plan`` with a new batch of the same capacity.
+    Without ``num_q_heads``, the first ``run`` of a batch learns it from ``q`` and fills the plan. The plan's
+    capacity (requests, pages per request) is given here or grows to the next power of two of what a batch needs
+    (pages capped by the store's page count); growing reallocates its buffers, in ``plan`` when the heads are
+    known.
 
     Args:
         store: the compressed store.
         max_batch, max_pages: initial capacity of the kernel plan (ignored on the reference path).
+        num_q_heads: query heads, if known before the first ``run`` (needed for CUDA-graph capture).
 
     Example::
 
@@ -157,10 +162,12 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
             out = wrapper.run(q[layer], layer)                           # [B, Hq, D]
     """
 
-    def __init__(self, store: CompressedKVStore, max_batch: int = 1, max_pages: int = 1):
+    def __init__(self, store: CompressedKVStore, max_batch: int = 1, max_pages: int = 1,
+                 num_q_heads: int | None = None):
         super().__init__(store)
-        self._kernel_plan = None                     # DecodePlan, built at the first run (needs Hq)
+        self._kernel_plan = None                     # DecodePlan, built once Hq is known
         self._capacity = (max(1, max_batch), max(1, min(max_pages, store.num_pages)))
+        self._num_q_heads = num_q_heads
         self._batch: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._kernel_planned = False
 
@@ -181,6 +188,8 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
             _check_pages(kv_page_indptr, seq_lens, store.page_size)
             self._batch = (_page_table(kv_page_indptr, kv_page_indices, store.device), seq_lens, sm_scale)
             self._kernel_planned = False
+            if self._num_q_heads is not None and seq_lens.numel():
+                self._plan_kernel(self._num_q_heads, *self._batch[:2])
             return
         table, seq_lens, key_locs, key_valid = self._plan_keys(kv_page_indptr, kv_page_indices, seq_lens)
         batch = seq_lens.numel()
@@ -190,22 +199,24 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
             q_positions=(seq_lens - 1)[:, None], q_valid=ones, q_index=torch.arange(batch, device=table.device),
             observe=ones, accumulate=True, sm_scale=sm_scale)
 
-    def run(self, q: torch.Tensor, layer: int, sm_scale: float | None = None) -> torch.Tensor:
-        """``q`` ``[B, Hq, D]`` -> output ``[B, Hq, D]`` in ``q.dtype``; accumulates staged-token importance.
-        ``sm_scale`` overrides the plan's softmax scale for this layer."""
+    def run(self, q: torch.Tensor, layer: int, sm_scale: float | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """``q`` ``[B, Hq, D]`` -> output ``[B, Hq, D]`` in ``q.dtype`` (written to ``out`` if given);
+        accumulates staged-token importance. ``sm_scale`` overrides the plan's softmax scale for this layer."""
         if self.store.kernels:
-            return self._run_kernel(q, layer, sm_scale)
-        return self._run(q[:, None], layer, sm_scale)[:, 0].to(q.dtype)
+            return self._run_kernel(q, layer, sm_scale, out)
+        result = self._run(q[:, None], layer, sm_scale)[:, 0].to(q.dtype)
+        return result if out is None else out.copy_(result)
 
-    def _run_kernel(self, q: torch.Tensor, layer: int, sm_scale: float | None) -> torch.Tensor:
+    def _run_kernel(self, q: torch.Tensor, layer: int, sm_scale: float | None, out: torch.Tensor | None):
         if self._batch is None:
             raise RuntimeError("call plan() before run()")
         table, seq_lens, plan_scale = self._batch
         if seq_lens.numel() == 0:
-            return torch.empty_like(q)
+            return torch.empty_like(q) if out is None else out
         if not self._kernel_planned:
             self._plan_kernel(q.shape[1], table, seq_lens)
-        return self._kernel_plan.run(q if q.stride(-1) == 1 else q.contiguous(), layer,
+        return self._kernel_plan.run(q if q.stride(-1) == 1 else q.contiguous(), layer, out=out,
                                      sm_scale=plan_scale if sm_scale is None else sm_scale)
 
     def _plan_kernel(self, num_q_heads: int, table: torch.Tensor, seq_lens: torch.Tensor) -> None:

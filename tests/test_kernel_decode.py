@@ -190,3 +190,53 @@ def test_run_is_capturable_in_a_cuda_graph(seeded):
     out.fill_(float("nan"))
     graph.replay()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_decode_step_through_the_wrapper_is_capturable(monkeypatch, seeded):
+    """A whole decode step (write each layer's new K/V, then attention) captured once through
+    DecodeAttentionWrapper, replayed for the next step after ``plan`` with the new lengths: outputs and staged
+    statistics equal an eager run of the same two steps on a copy of the store, bit for bit."""
+    page, heads, dim, gqa, layers = 32, 4, 128, 4, 2
+    store, table, lens = build(DiffKVConfig.from_dict({"page_size": page}), heads, dim, [700, 100, 1500], layers)
+    monkeypatch.setenv("DIFFKV_KERNELS", "auto")                            # CUDA stores run the kernels
+    stores = {mode: mirror(store, DEVICE) for mode in ("graph", "eager")}
+    assert all(s.kernels for s in stores.values())
+    table = table.to(DEVICE)
+    kv_indptr, kv_indices = csr(table, lens.to(DEVICE), page)
+    gen = torch.Generator().manual_seed(seeded)
+    steps = [lens - 1, lens]                                                # the last two positions are staged
+    shapes = [(layers, 3, heads * gqa, dim), (layers, 3, heads, dim), (layers, 3, heads, dim)]      # q, k, v
+    inputs = [[torch.randn(shape, generator=gen) for shape in shapes] for _ in steps]
+    staged = kv_indices[stores["eager"].page_state[kv_indices] == PageState.STAGED]
+    results = {}
+    for mode, kernel_store in stores.items():
+        wrapper = DecodeAttentionWrapper(kernel_store, max_batch=3, max_pages=table.shape[1], num_q_heads=heads * gqa)
+        q, k, v = (torch.empty(x.shape, device=DEVICE) for x in inputs[0])
+        locs = torch.empty(3, dtype=torch.int64, device=DEVICE)
+        out = torch.empty(layers, 3, heads * gqa, dim, device=DEVICE)
+
+        def step():
+            for layer in range(layers):
+                kernel_store.write_tokens(layer, locs, k[layer], v[layer])
+                wrapper.run(q[layer], layer, out=out[layer])
+
+        for i, step_lens in enumerate(steps):
+            for static, fresh in zip((q, k, v), inputs[i]):
+                static.copy_(fresh)
+            pos = step_lens.to(DEVICE) - 1
+            locs.copy_(table[torch.arange(3, device=DEVICE), pos // page] * page + pos % page)
+            wrapper.plan(kv_indptr, kv_indices, step_lens.to(DEVICE))
+            if mode == "graph" and i == 1:
+                out.fill_(float("nan"))
+                graph.replay()
+            else:
+                step()
+            if mode == "graph" and i == 0:                                  # capture after the eager first step
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+        results[mode] = (out.clone(), [kernel_store.staged_importance(layer, staged) for layer in range(layers)])
+    torch.testing.assert_close(results["graph"][0], results["eager"][0], rtol=0, atol=0)
+    for (score, seen), (ref_score, ref_seen) in zip(results["graph"][1], results["eager"][1]):
+        assert torch.equal(score, ref_score) and torch.equal(seen, ref_seen)

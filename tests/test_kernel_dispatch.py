@@ -150,3 +150,23 @@ def test_decode_wrapper_kernels_float32_outputs(monkeypatch, seeded):
         outs[mode] = [wrapper.run(torch.randn(2, HEADS * 2, D), layer, sm_scale=0.3) for layer in range(LAYERS)]
     for ref, out in zip(outs["torch"], outs["triton"]):
         assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.triton
+def test_decode_wrapper_with_known_heads_plans_eagerly(monkeypatch, seeded):
+    """Given ``num_q_heads``, ``plan`` fills the kernel plan (``run`` only launches: CUDA-graph capture) and
+    ``run(out=)`` writes into ``out``; the results equal the lazily planned wrapper's."""
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    store, _ = _replay(seeded, [("stage", [1, 2, 3]), ("seal", [1, 2])])
+    indptr, indices, lens = torch.tensor([0, 3]), torch.tensor([1, 2, 3]), torch.tensor([40])
+    eager = DecodeAttentionWrapper(store, num_q_heads=HEADS * 2)
+    eager.plan(indptr, indices, lens)
+    assert eager._kernel_planned
+    q = torch.randn(1, HEADS * 2, D)
+    out = torch.full_like(q, float("nan"))
+    assert eager.run(q, 0, out=out) is out
+    lazy = DecodeAttentionWrapper(store)
+    lazy.plan(indptr, indices, lens)
+    assert not lazy._kernel_planned
+    torch.testing.assert_close(lazy.run(q, 0), out, rtol=0, atol=0)
+
