@@ -131,6 +131,10 @@ CONFIGS = {c.name: c for c in (
     _diffkv("diffkv-3tier", "diffkv, K2V2g4 instead of pruning",
             "K8V4 / K4V2 / K2V2 (4 groups), thresholds 1 and 0.02, pruning off",
             "--diffkv-tiers", "k8v4,k4v2,k2v2g4", "--diffkv-thresholds", "1.0,0.02", "--diffkv-alpha-low", "0"),
+    # K2V2 with one group (41 B per token and head at head_dim 64) is smaller than K4V2 (57 B); K2V2g4 (65 B) is not
+    _diffkv("diffkv-3tier-k2v2", "diffkv, K2V2 instead of pruning",
+            "K8V4 / K4V2 / K2V2 (1 group), thresholds 1 and 0.02, pruning off",
+            "--diffkv-tiers", "k8v4,k4v2,k2v2", "--diffkv-thresholds", "1.0,0.02", "--diffkv-alpha-low", "0"),
     _diffkv("diffkv-layer", "diffkv, layer-scope pruning",
             "defaults, pruning only where a token is unimportant in every KV head of the layer",
             "--diffkv-prune-scope", "layer"),
