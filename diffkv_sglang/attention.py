@@ -13,7 +13,7 @@ The torch path here is the reference (any device). When the store uses kernels (
 :mod:`diffkv_sglang.backend_select`), :class:`DecodeAttentionWrapper` runs the Triton decode kernel
 (:class:`diffkv_sglang.kernels.decode_attention.DecodePlan`) and :class:`ExtendAttentionWrapper` the Triton extend
 kernels (:class:`diffkv_sglang.kernels.extend_attention.ExtendPlan`, flash attention over the batch's pages read
-densely) behind the same ``plan()`` / ``run()``.
+densely by :func:`diffkv_sglang.kernels.dense_read.read_pages_dense`) behind the same ``plan()`` / ``run()``.
 """
 
 from __future__ import annotations
@@ -303,7 +303,9 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
         return out.reshape(batch * max_q, *q.shape[1:])[plan.q_index].to(q.dtype)
 
     def _run_kernel(self, q: torch.Tensor, layer: int, sm_scale: float) -> torch.Tensor:
-        """The Triton extend kernels over the batch's pages, read densely in ``q``'s dtype."""
+        """The Triton extend kernels over the batch's pages, read densely in ``q``'s dtype (by the dense-read
+        kernel for the store's dtype or float32, else by the reference)."""
+        from .kernels.dense_read import read_pages_dense
         from .kernels.extend_attention import ExtendPlan
 
         qo_indptr, kv_page_indptr, kv_page_indices, seq_lens, window = self._csr
@@ -313,8 +315,11 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
         if not self._kernel_planned:
             self._kernel_plan.plan(qo_indptr, kv_page_indptr, kv_page_indices, seq_lens, window)
             self._kernel_planned = True
-        keys, values, present = self.store.read_pages(layer, kv_page_indices)
-        out, score, seen = self._kernel_plan.run(q.contiguous(), keys.to(q.dtype), values.to(q.dtype), present,
-                                                 sm_scale)
+        if q.dtype in (self.store.dtype, torch.float32):
+            keys, values, present = read_pages_dense(self.store, layer, kv_page_indices, q.dtype)
+        else:
+            keys, values, present = self.store.read_pages(layer, kv_page_indices)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        out, score, seen = self._kernel_plan.run(q.contiguous(), keys, values, present, sm_scale)
         self._store_importance(layer, score, seen)
         return out

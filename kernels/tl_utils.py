@@ -20,3 +20,16 @@ def mma(a, b, acc, IEEE: tl.constexpr):
     else:
         out = tl.dot(a, b, acc)
     return out
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """float32 ``x`` -> ``DTYPE``, rounded to nearest even (the GPU's conversion; the interpreter truncates to
+    bfloat16, so there the rounding is done on the bits)."""
+    if INTERPRET and DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(DTYPE)
+    return out

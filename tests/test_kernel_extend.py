@@ -87,8 +87,8 @@ def compare(config, heads, gqa, dim, seq_lens, extend_lens, staged_pages, dtype,
     staged = kv_indices[store.page_state[kv_indices] == PageState.STAGED]
     locs = (staged[:, None] * page + torch.arange(page)).reshape(-1)
     for layer in range(store.num_layers):
-        store.add_importance(layer, locs, torch.full((locs.numel(), heads), POISON), torch.full((locs.numel(),), POISON),
-                             accumulate=False)
+        store.add_importance(layer, locs, torch.full((locs.numel(), heads), POISON),
+                             torch.full((locs.numel(),), POISON), accumulate=False)
     kernel_store = mirror(store, DEVICE)
     reference = ExtendAttentionWrapper(store)
     reference.plan(qo_indptr, kv_indptr, kv_indices, lens)
