@@ -31,8 +31,9 @@ the attention mass on the first token (``sink_mass``), the ``attn`` error of the
 ``--sink-tokens`` tokens exact, and the key/value channel outlier ratio (largest per-channel absolute maximum over
 the median one, worst head).
 
-Selection: a layer keeps the base tiers when their error is at most ``--max-error``; otherwise it gets the first
-``--fallbacks`` list that passes (list them cheapest first), or, if none does, the list with the smallest error.
+Selection: a layer keeps the base tiers when their error is at most ``--max-error``; otherwise it gets the
+``--fallbacks`` list with the fewest expected bytes per token (the policy's tier shares in that layer times each
+tier's bytes in a block) among those that pass, or, if none does, the list with the smallest error.
 With ``--metric policy`` (default) a list's error is its ``policy`` error minus ``policy_prune_only``; with
 ``attn`` or ``kl`` it is the worst error of its tiers.
 """
@@ -56,6 +57,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, DiffKVConfig, TierSpec
+from .format import TierLayout
 from .policy import PRUNED, classify_with_config, relative_importance, window_importance, window_seen_counts
 from .quant import dequantize, meta_scale, quantize, rotate, unrotate
 
@@ -372,14 +374,26 @@ def list_error(entry: dict[str, Any], tiers: Sequence[TierSpec], metric: str) ->
     return max(entry[metric][t.name] for t in tiers)
 
 
-def select_tiers(entry: dict[str, Any], lists: Sequence[tuple[TierSpec, ...]], metric: str, max_error: float):
-    """The first list whose error is <= max_error, else the one with the smallest error."""
-    worst = [list_error(entry, tiers, metric) for tiers in lists]
-    for tiers, err in zip(lists, worst):
-        if err <= max_error:
-            return tiers, err
-    best = min(range(len(lists)), key=worst.__getitem__)
-    return lists[best], worst[best]
+def expected_bytes(entry: dict[str, Any], tiers: Sequence[TierSpec], head_dim: int) -> float:
+    """Bytes per sealed token and KV head of a tier list in this layer: the policy's tier shares times each
+    tier's bytes per token in a block (codes, metadata, index; :class:`~diffkv_sglang.format.TierLayout`)."""
+    shares = entry["policy_shares"]
+    return sum(shares[f"tier{i}"] * TierLayout(t, head_dim).bytes_per_token for i, t in enumerate(tiers))
+
+
+def select_tiers(entry: dict[str, Any], lists: Sequence[tuple[TierSpec, ...]], metric: str, max_error: float,
+                 head_dim: int):
+    """``lists[0]`` (the base tiers) if its error is <= max_error; else the fallback with the fewest expected bytes
+    among those that pass (ties: the earlier one); else the list with the smallest error."""
+    errors = [list_error(entry, tiers, metric) for tiers in lists]
+    if errors[0] <= max_error:
+        return lists[0], errors[0]
+    passing = [i for i in range(1, len(lists)) if errors[i] <= max_error]
+    if passing:
+        best = min(passing, key=lambda i: expected_bytes(entry, lists[i], head_dim))
+    else:
+        best = min(range(len(lists)), key=errors.__getitem__)
+    return lists[best], errors[best]
 
 
 @dataclass
@@ -472,8 +486,9 @@ def _calibrate(opts: Options, argv: Sequence[str]) -> dict[str, Any]:
 
     overrides = {}
     for entry in layers:
-        tiers, err = select_tiers(entry, lists, opts.metric, opts.max_error)
+        tiers, err = select_tiers(entry, lists, opts.metric, opts.max_error, head_dim)
         entry["chosen"] = {"tiers": [t.name for t in tiers], "error": err}
+        entry["policy_bytes"] = {",".join(t.name for t in tl): expected_bytes(entry, tl, head_dim) for tl in lists}
         if tiers != base.tiers:
             overrides[str(entry["layer"])] = [t.name for t in tiers]
     config = base.replace(layer_tiers=overrides)

@@ -159,3 +159,16 @@ def test_missing_model_directory_and_bad_text(tmp_path, capsys):
 def test_core_import_does_not_pull_transformers():
     code = "import sys, diffkv_sglang.calibrate; assert 'transformers' not in sys.modules and 'sglang' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_selection_keeps_passing_base_else_cheapest_passing_fallback():
+    base, fb_cheap, fb_dear = (tuple(TierSpec.parse(t) for t in pair.split(","))
+                               for pair in ("k8v4,k4v2", "k8v4,k4v4", "k8v8,k8v4"))
+    lists = [base, fb_dear, fb_cheap]
+    entry = {"policy_prune_only": 0.01, "policy_shares": {"pruned": 0.1, "tier0": 0.2, "tier1": 0.7},
+             "policy": {"k8v4,k4v2": 0.05, "k8v8,k8v4": 0.012, "k8v4,k4v4": 0.03}}
+    assert cal.select_tiers(entry, lists, "policy", 0.045, 64)[0] == base               # 0.04 above the floor
+    assert cal.select_tiers(entry, lists, "policy", 0.03, 64)[0] == fb_cheap            # both pass: fewer bytes
+    assert cal.select_tiers(entry, lists, "policy", 0.01, 64)[0] == fb_dear             # only it passes
+    assert cal.select_tiers(entry, lists, "policy", 0.0, 64)[0] == fb_dear              # none: smallest error
+    assert cal.expected_bytes(entry, fb_cheap, 64) < cal.expected_bytes(entry, fb_dear, 64)
