@@ -413,6 +413,7 @@ class Options:
     sink_tokens: int
     dtype: str
     threads: int = 1
+    kl_tiers: tuple[str, ...] = ()
 
 
 def calibrate(opts: Options, argv: Sequence[str] = ()) -> dict[str, Any]:
@@ -475,6 +476,13 @@ def _calibrate(opts: Options, argv: Sequence[str]) -> dict[str, Any]:
             f"{stats['attn'][worst]:.4f}; sink mass {stats['sink_mass']:.2f}; key outlier "
             f"{stats['key_channel_outlier']['ratio']:.1f}x")
     kl_names = sorted({t.name for t in needed})
+    if opts.kl_tiers:
+        unknown = [n for n in opts.kl_tiers if n not in by_name]
+        if unknown:
+            raise CalibrationError("--kl-tiers", ",".join(unknown), f"names among the measured tiers {list(by_name)}")
+        if opts.metric == "kl" and not set(kl_names) <= set(opts.kl_tiers):
+            raise CalibrationError("--kl-tiers", ",".join(opts.kl_tiers), f"all of {kl_names} with --metric kl")
+        kl_names = list(opts.kl_tiers)
     if opts.kl:
         for entry in layers:
             entry["kl"] = {}
@@ -554,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "policy metric compares (default 128)")
     ap.add_argument("--no-kl", action="store_true", help="skip the KL measurements (one forward pass per layer and "
                                                         "tier); needs --metric policy or attn")
+    ap.add_argument("--kl-tiers", help="measure KL only for these tiers, comma separated (default: every tier of the "
+                                       "base and fallback lists)")
     ap.add_argument("--sink-tokens", default="4", help="first tokens counted as attention sinks (default 4)")
     ap.add_argument("--dtype", default="float32", help=f"model weights dtype: one of {tuple(DTYPES)}")
     ap.add_argument("--threads", default="1", help="torch CPU threads (default 1: on a shared machine more threads "
@@ -607,7 +617,8 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         fallbacks=fallbacks, metric=ns.metric, max_error=max_error, kl=not ns.no_kl,
         eval_queries=_int_flag("--eval-queries", ns.eval_queries, 1),
         sink_tokens=_int_flag("--sink-tokens", ns.sink_tokens, 1), dtype=ns.dtype,
-        threads=_int_flag("--threads", ns.threads, 1))
+        threads=_int_flag("--threads", ns.threads, 1),
+        kl_tiers=tuple(Candidate.parse(t, base, "--kl-tiers").name for t in (ns.kl_tiers or "").split(",") if t.strip()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -138,6 +138,7 @@ def test_written_config_is_accepted_by_the_diffkv_config_flag(calibrated):
     (["--metric", "kl", "--no-kl"], "--no-kl", "--metric policy or attn"),
     (["--base-config", '{"tiers": ["k9v9"]}'], "--base-config", "one of (2, 4, 8)"),
     (["--dtype", "float8"], "--dtype", "float32"),
+    (["--kl-tiers", "k4v2x"], "--kl-tiers", "k8v4"),
 ])
 def test_bad_flags_name_the_flag_and_the_allowed_values(tmp_path, capsys, extra, flag, allowed):
     (tmp_path / "config.json").write_text("{}")
