@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib.util
 import json
@@ -384,13 +385,13 @@ def expected_bytes(entry: dict[str, Any], tiers: Sequence[TierSpec], head_dim: i
 def select_tiers(entry: dict[str, Any], lists: Sequence[tuple[TierSpec, ...]], metric: str, max_error: float,
                  head_dim: int):
     """``lists[0]`` (the base tiers) if its error is <= max_error; else the fallback with the fewest expected bytes
-    among those that pass (ties: the earlier one); else the list with the smallest error."""
+    among those that pass (ties: the smaller error); else the list with the smallest error."""
     errors = [list_error(entry, tiers, metric) for tiers in lists]
     if errors[0] <= max_error:
         return lists[0], errors[0]
     passing = [i for i in range(1, len(lists)) if errors[i] <= max_error]
     if passing:
-        best = min(passing, key=lambda i: expected_bytes(entry, lists[i], head_dim))
+        best = min(passing, key=lambda i: (expected_bytes(entry, lists[i], head_dim), errors[i]))
     else:
         best = min(range(len(lists)), key=errors.__getitem__)
     return lists[best], errors[best]
@@ -414,6 +415,7 @@ class Options:
     dtype: str
     threads: int = 1
     kl_tiers: tuple[str, ...] = ()
+    from_report: str | None = None
 
 
 def calibrate(opts: Options, argv: Sequence[str] = ()) -> dict[str, Any]:
@@ -427,6 +429,8 @@ def calibrate(opts: Options, argv: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def _calibrate(opts: Options, argv: Sequence[str]) -> dict[str, Any]:
+    if opts.from_report:
+        return _reselect(opts, argv)
     t0 = time.monotonic()
     base = opts.base_config
     lists = [base.tiers, *opts.fallbacks]
@@ -492,6 +496,44 @@ def _calibrate(opts: Options, argv: Sequence[str]) -> dict[str, Any]:
             log(f"layer {entry['layer']:3d}/{num_layers}: KL (nats/token) "
                 + ", ".join(f"{n} {entry['kl'][n]:.5f}" for n in kl_names))
 
+    report = {
+        "model_path": str(opts.model_path),
+        "model": Path(opts.model_path).name,
+        "shape": {"layers": num_layers, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim},
+        "text": source, "tokens": int(ids.shape[1]), "dtype": opts.dtype, "sink_tokens": opts.sink_tokens,
+        "eval_queries": opts.eval_queries, "threads": opts.threads, "base_config": base.to_dict(),
+        "candidates": {c.name: {"tier": c.tier.name, "key_rotation": c.key_rotation,
+                                "value_rotation": c.value_rotation} for c in candidates},
+        "kl_candidates": kl_names if opts.kl else [],
+        "layers": layers,
+        "command": ["python", "-m", "diffkv_sglang.calibrate", *argv],
+        "measure_s": round(time.monotonic() - t0, 1),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "transformers": sys.modules["transformers"].__version__},
+    }
+    return _select_and_write(report, opts, lists)
+
+
+def _reselect(opts: Options, argv: Sequence[str]) -> dict[str, Any]:
+    """``--from-report``: the measurements of an earlier run, a new selection (no model needed)."""
+    try:
+        report = json.loads(Path(opts.from_report).read_text(encoding="utf-8"))
+        layers, base = report["layers"], DiffKVConfig.from_dict(report["base_config"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ConfigError):
+        raise CalibrationError("--from-report", opts.from_report, "a report JSON written by this command") from None
+    lists = [base.tiers, *opts.fallbacks]
+    for tiers in lists:
+        try:
+            list_error(layers[0], tiers, opts.metric)
+        except KeyError:
+            raise CalibrationError("--fallbacks", ",".join(t.name for t in tiers), "tier lists whose "
+                                   f"'{opts.metric}' errors the report holds") from None
+    report["reselect_command"] = ["python", "-m", "diffkv_sglang.calibrate", *argv]
+    return _select_and_write(report, dataclasses.replace(opts, base_config=base), lists)
+
+
+def _select_and_write(report: dict[str, Any], opts: Options, lists) -> dict[str, Any]:
+    base, layers, head_dim = opts.base_config, report["layers"], report["shape"]["head_dim"]
     overrides = {}
     for entry in layers:
         tiers, err = select_tiers(entry, lists, opts.metric, opts.max_error, head_dim)
@@ -500,33 +542,17 @@ def _calibrate(opts: Options, argv: Sequence[str]) -> dict[str, Any]:
         if tiers != base.tiers:
             overrides[str(entry["layer"])] = [t.name for t in tiers]
     config = base.replace(layer_tiers=overrides)
-    config.validate_model(head_dim, num_layers)
+    config.validate_model(head_dim, report["shape"]["layers"])
     _check_accepted(config)
-    report = {
-        "model_path": str(opts.model_path),
-        "model": Path(opts.model_path).name,
-        "shape": {"layers": num_layers, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim},
-        "text": source, "tokens": int(ids.shape[1]), "dtype": opts.dtype,
-        "metric": opts.metric, "max_error": opts.max_error, "sink_tokens": opts.sink_tokens,
-        "eval_queries": opts.eval_queries, "threads": opts.threads,
-        "base_config": base.to_dict(), "fallbacks": [[t.name for t in tiers] for tiers in opts.fallbacks],
-        "candidates": {c.name: {"tier": c.tier.name, "key_rotation": c.key_rotation,
-                                "value_rotation": c.value_rotation} for c in candidates},
-        "kl_candidates": kl_names if opts.kl else [],
-        "overridden_layers": sorted(int(k) for k in overrides),
-        "config": config.to_dict(),
-        "layers": layers,
-        "command": ["python", "-m", "diffkv_sglang.calibrate", *argv],
-        "wall_s": round(time.monotonic() - t0, 1),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "transformers": sys.modules["transformers"].__version__},
-    }
+    report.update({"metric": opts.metric, "max_error": opts.max_error,
+                   "fallbacks": [[t.name for t in tiers] for tiers in lists[1:]],
+                   "overridden_layers": sorted(int(k) for k in overrides), "config": config.to_dict()})
     for path, data in ((opts.out, config.to_dict()), (opts.report, report)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     _check_accepted(opts.out)
-    log(f"{len(overrides)}/{num_layers} layers overridden {sorted(int(k) for k in overrides)}; wrote {opts.out} and "
-        f"{opts.report} in {report['wall_s']} s")
+    log(f"{len(overrides)}/{len(layers)} layers overridden {sorted(int(k) for k in overrides)}; wrote {opts.out} "
+        f"and {opts.report}")
     return report
 
 
@@ -564,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "tier); needs --metric policy or attn")
     ap.add_argument("--kl-tiers", help="measure KL only for these tiers, comma separated (default: every tier of the "
                                        "base and fallback lists)")
+    ap.add_argument("--from-report", help="reuse the measurements of an earlier report (same model) and only redo "
+                                          "the selection (--fallbacks, --metric, --max-error); the base config is "
+                                          "the report's")
     ap.add_argument("--sink-tokens", default="4", help="first tokens counted as attention sinks (default 4)")
     ap.add_argument("--dtype", default="float32", help=f"model weights dtype: one of {tuple(DTYPES)}")
     ap.add_argument("--threads", default="1", help="torch CPU threads (default 1: on a shared machine more threads "
@@ -583,6 +612,9 @@ def _int_flag(flag: str, text: str, low: int) -> int:
 
 def options_from_args(ns: argparse.Namespace) -> Options:
     """Check every flag; raises CalibrationError naming the first bad one."""
+    if ns.from_report and ns.base_config:
+        raise CalibrationError("--base-config", ns.base_config, "nothing with --from-report (the report's base "
+                                                                "config decided its measurements)")
     if not (Path(ns.model_path) / "config.json").is_file():
         raise CalibrationError("--model-path", ns.model_path, "a local model directory containing config.json")
     if ns.metric not in METRICS:
@@ -618,7 +650,7 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         eval_queries=_int_flag("--eval-queries", ns.eval_queries, 1),
         sink_tokens=_int_flag("--sink-tokens", ns.sink_tokens, 1), dtype=ns.dtype,
         threads=_int_flag("--threads", ns.threads, 1),
-        kl_tiers=tuple(Candidate.parse(t, base, "--kl-tiers").name for t in (ns.kl_tiers or "").split(",") if t.strip()))
+        from_report=ns.from_report, kl_tiers=tuple(Candidate.parse(t, base, "--kl-tiers").name for t in (ns.kl_tiers or "").split(",") if t.strip()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

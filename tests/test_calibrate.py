@@ -173,3 +173,18 @@ def test_selection_keeps_passing_base_else_cheapest_passing_fallback():
     assert cal.select_tiers(entry, lists, "policy", 0.01, 64)[0] == fb_dear             # only it passes
     assert cal.select_tiers(entry, lists, "policy", 0.0, 64)[0] == fb_dear              # none: smallest error
     assert cal.expected_bytes(entry, fb_cheap, 64) < cal.expected_bytes(entry, fb_dear, 64)
+
+
+def test_from_report_redoes_only_the_selection(calibrated, tmp_path):
+    out, _, report = calibrated
+    model_dir = report["model_path"]
+    again = tmp_path / "again.json"
+    # a threshold above every error: no layer is overridden; no model is loaded (the report is enough)
+    argv = ["--model-path", model_dir, "--out", str(again), "--from-report", str(out.with_suffix(".report.json")),
+            "--fallbacks", "k8v8,k8v8", "--max-error", "10"]
+    assert cal.main(argv) == 0
+    assert json.loads(again.read_text())["layer_tiers"] == {}
+    redone = json.loads(again.with_suffix(".report.json").read_text())
+    assert redone["layers"][SENSITIVE]["policy"] == report["layers"][SENSITIVE]["policy"]
+    with pytest.raises(SystemExit):                                     # a list the report did not measure
+        cal.main(argv[:-4] + ["--fallbacks", "k8v4,k4v4"])
