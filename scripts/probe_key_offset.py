@@ -8,7 +8,8 @@ changes each logit of a query by the same ``q . b`` and leaves attention exact; 
 changes. The DiffKV format has no such offset today; this measures what it would buy. Same sample, split and
 quantizer as ``python -m diffkv_sglang.calibrate`` (``b``: the per-channel mean of the prompt's keys): for each
 layer, the relative attention-output error of the last ``--eval-queries`` queries with only the keys quantized
-(1 group, no rotation), plain and offset-corrected, at 4 and 8 bits. Prints one line per layer.
+(1 group, no rotation), plain and offset-corrected, at 4 and 8 bits, and the channel with the largest mean
+(its mean and spread over the prompt, against the head's median channel spread). Prints one line per layer.
 """
 
 from __future__ import annotations
@@ -44,8 +45,13 @@ def main() -> None:
             for b in (torch.zeros_like(offset), offset):
                 kq = cal.fake_quantize((k - b).transpose(0, 1), bits, 1, "none", args.page_size).transpose(0, 1) + b
                 errors.append(cal.rel_error(cal.attend(q[:, ctx:], kq, v, scaling, rows)[0], exact))
+        mean, std = k[:, :ctx].mean(1), k[:, :ctx].std(1)                       # [H, D]
+        head, channel = divmod(int(mean.abs().argmax()), mean.shape[1])
         print(f"layer {layer:3d}: keys only, 4-bit {errors[0]:.3f} -> offset {errors[1]:.3f}; "
-              f"8-bit {errors[2]:.3f} -> offset {errors[3]:.3f}", flush=True)
+              f"8-bit {errors[2]:.3f} -> offset {errors[3]:.3f}; largest |mean| channel: head {head} channel "
+              f"{channel} mean {mean[head, channel]:.1f} std {std[head, channel]:.2f} (median channel std of the "
+              f"head {std[head].median():.2f}, per-token |key| max {k[head, :ctx].abs().amax(-1).median():.1f})",
+              flush=True)
 
 
 if __name__ == "__main__":
