@@ -2,7 +2,8 @@
 
     python -m diffkv_sglang.calibrate --model-path DIR --out configs/MODEL.json [--tokens 1024] [--text FILE]
         [--base-config JSON-or-path] [--fallbacks 'k8v4,k4v4;k8v8,k8v4'] [--metric policy|attn|kl] [--max-error X]
-        [--candidates k8v4,k4v2,k4v2g2x4,k4v2+hk,...] [--eval-queries 128] [--no-kl] [--threads 1] [--report FILE]
+        [--candidates k8v4,k4v2,k4v2g2x4,k4v2+hk,...] [--eval-queries 128] [--no-kl | --kl-tiers k4v2,k8v2]
+        [--threads 1] [--report FILE] [--from-report OLD.report.json]
 
 The written file is a :class:`~diffkv_sglang.config.DiffKVConfig` JSON that ``--diffkv-config`` accepts; the base
 config's fields are kept and ``layer_tiers`` gets the layers that need more precision. A report JSON (default:
@@ -22,7 +23,7 @@ Per layer, all errors are relative errors ``||O' - O|| / ||O||`` of the evaluati
   token exact (the share of the error that no tier can remove);
 * ``attn``, ``key``, ``value`` (per candidate tier): every earlier token's K and V (``attn``), K only or V only
   quantized with the tier: an upper bound that tells where the damage sits;
-* ``kl`` (unless ``--no-kl``; for the tiers of the tier lists): mean KL divergence (nats per token) of the model's
+* ``kl`` (unless ``--no-kl``; for the tiers of the tier lists, or ``--kl-tiers``): mean KL divergence (nats per token) of the model's
   next-token distributions over the whole sample when only this layer's K/V are quantized with the tier.
 
 Quantization is exactly the cache's (:func:`fake_quantize`: pages of ``page_size`` tokens with a power-of-two
@@ -35,7 +36,8 @@ Selection: a layer keeps the base tiers when their error is at most ``--max-erro
 ``--fallbacks`` list with the fewest expected bytes per token (the policy's tier shares in that layer times each
 tier's bytes in a block) among those that pass, or, if none does, the list with the smallest error.
 With ``--metric policy`` (default) a list's error is its ``policy`` error minus ``policy_prune_only``; with
-``attn`` or ``kl`` it is the worst error of its tiers.
+``attn`` or ``kl`` it is the worst error of its tiers. ``--from-report`` redoes only the selection, from the
+measurements of an earlier report (no model run). Results for SmolLM2 and Qwen2.5-Coder: ``docs/calibration.md``.
 """
 
 from __future__ import annotations
