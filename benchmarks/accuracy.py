@@ -389,12 +389,10 @@ class Runner:
         out = self.generate(self.greedy_prompt(i), task.new_tokens)
         ids = out["output_ids"]
         reference = ids if self.dense_cell is None else self.dense_cell["samples"][i]["output_ids"]
-        same = next((k for k, (a, b) in enumerate(zip(ids, reference)) if a != b), min(len(ids), len(reference)))
-        longest = max(len(ids), len(reference))
-        positional = sum(a == b for a, b in zip(ids, reference)) / longest
+        first, score, positional = agreement(ids, reference)
         return {"prompt": GREEDY_PROMPTS[i % len(GREEDY_PROMPTS)][1][:60], "output_ids": ids,
-                "output": self.text_of(out)[:300], "first_difference": same if same < longest else None,
-                "positional_agreement": 100.0 * positional, "score": 100.0 * same / longest}
+                "output": self.text_of(out)[:300], "first_difference": first, "positional_agreement": positional,
+                "score": score}
 
     # --------------------------------------------------------------------------------- multiturn
     def multiturn_sample(self, task: Task, i: int) -> dict:
@@ -492,9 +490,31 @@ def aggregate_pool(readings: list[dict]) -> dict:
 
 
 # ============================================================================================ report
-def fmt_score(task: Task, cell: dict) -> str:
+def agreement(ids: list[int], reference: list[int]) -> tuple[int | None, float, float]:
+    """Greedy agreement of a reply with a reference reply: the first differing position (None if identical),
+    % of the longer reply's tokens equal before it (the score) and % equal position by position."""
+    same = next((k for k, (a, b) in enumerate(zip(ids, reference)) if a != b), min(len(ids), len(reference)))
+    longest = max(len(ids), len(reference), 1)
+    positional = sum(a == b for a, b in zip(ids, reference)) / longest
+    return (same if same < longest else None), 100.0 * same / longest, 100.0 * positional
+
+
+def agreement_with_ours_dense(cells: dict, cell: dict) -> float | None:
+    """A greedy cell's agreement with the ``ours-dense`` greedy cell of its model (same spec), else None:
+    the reference that shares our attention arithmetic, so only compression differs."""
+    ref = cells.get(cell_key(cell["model"], "ours-dense", cell["task"]))
+    if cell["task"] != "greedy" or ref is None or json.dumps(ref["spec"]) != json.dumps(cell["spec"]):
+        return None
+    scores = [agreement(s["output_ids"], r["output_ids"])[1] for s, r in zip(cell["samples"], ref["samples"])]
+    return sum(scores) / len(scores)
+
+
+def fmt_score(task: Task, cell: dict, cells: dict | None = None) -> str:
     if task.kind == "multiturn" and "fact_logprob" in cell:
         return f"{cell['score']:.0f} (lp {cell['fact_logprob']:.2f})"
+    ours = agreement_with_ours_dense(cells, cell) if cells and task.kind == "greedy" else None
+    if ours is not None:
+        return f"{cell['score']:.0f} / {ours:.0f}"
     return f"{cell['score']:.2f}" if task.kind == "ppl" else f"{cell['score']:.0f}"
 
 
@@ -514,7 +534,9 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
              "`sglang:diffkv_sealed_compression_ratio` after each task; **held**: the same over every held page "
              "(`sglang:diffkv_compression_ratio`, the dense window and unsealed tails included). Tier shares are "
              "shares of sealed (token, layer, KV head) entries. Scores are in % except perplexity (lower is "
-             "better); `n` is the number of samples per cell.", ""]
+             "better); `n` is the number of samples per cell. Greedy `a / b`: agreement with SGLang's dense pool / "
+             "with `ours-dense` (our pool and attention, nothing compressed: only compression differs). Multiturn "
+             "`(lp x)`: mean log-probability of the fact's tokens, teacher-forced.", ""]
     for model in models:
         mcells = {k: c for k, c in cells.items() if c["model"] == model}
         configs = sorted({c["config"] for c in mcells.values()}, key=lambda n: order.get(n, 999))
@@ -530,8 +552,9 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
                 if c is None:
                     row.append("-")
                     continue
-                row.append(f"{fmt_score(TASKS[t], c)} ({c['n']})")
-                ratios.append(c["sealed_compression_ratio"])
+                row.append(f"{fmt_score(TASKS[t], c, cells)} ({c['n']})")
+                if c["sealed_compression_ratio"] > 0:                  # 0: nothing sealed (ours-dense)
+                    ratios.append(c["sealed_compression_ratio"])
                 held.append(c["compression_ratio"])
             mean = lambda xs: f"{sum(xs) / len(xs):.2f}x" if xs else "-"
             lines.append(f"| {cfg} | " + " | ".join(row) + f" | {mean(ratios)} | {mean(held)} |")
@@ -542,7 +565,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
                                                  task_order.get(mcells[k]["task"], 999))):
             c = mcells[key]
             shares = ", ".join(f"{k} {v:.0%}" for k, v in c["tier_shares"].items())
-            lines.append(f"| {c['config']} | {c['task']} | {c['n']} | {fmt_score(TASKS[c['task']], c)} | "
+            lines.append(f"| {c['config']} | {c['task']} | {c['n']} | {fmt_score(TASKS[c['task']], c, cells)} | "
                          f"{c['sealed_compression_ratio']:.2f}x | {c['compression_ratio']:.2f}x | {shares} | "
                          f"{c['seconds']:.0f} |")
         lines += [""]
@@ -587,7 +610,9 @@ def plot(results: dict, png_path: Path) -> bool:
         for col, task in enumerate(tasks):
             ax = axes[r][col]
             for family in families:
-                pts = sorted((c["sealed_compression_ratio"], c["score"], c["config"]) for c in cells
+                # x: the sealed ratio, or the held one where nothing is sealed (ours-dense)
+                pts = sorted((c["sealed_compression_ratio"] or c["compression_ratio"], c["score"], c["config"])
+                             for c in cells
                              if c["model"] == model and c["task"] == task and CONFIGS.get(c["config"]) is not None
                              and CONFIGS[c["config"]].family == family)
                 if not pts:
@@ -597,6 +622,9 @@ def plot(results: dict, png_path: Path) -> bool:
                         color=colors[family], label=family, markersize=9 if family == "dense" else 5)
                 for x, y, name in pts:
                     ax.annotate(name, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+            if not ax.lines:                                   # this model has no cell of this task
+                ax.set_visible(False)
+                continue
             ax.set_title(f"{task}" + (f"\n{model}" if len(models) > 1 else ""), fontsize=9)
             ax.set_xlabel("physical compression (sealed), x", fontsize=8)
             ax.set_ylabel(TASKS[task].metric, fontsize=8)
