@@ -92,6 +92,9 @@ class Config:
     note: str
 
 
+PAPER_PRUNING = ("--diffkv-alpha-low", "0.02")
+
+
 def _diffkv(name, family, note, *flags):
     return Config(name, family, (*DIFFKV, *flags), note)
 
@@ -114,17 +117,18 @@ CONFIGS = {c.name: c for c in (
             "--diffkv-alpha-low", "0.1"),
     _diffkv("evict-al0.5", "eviction", "K8V8 + pruning below alpha_low 0.5", "--diffkv-tiers", "k8v8",
             "--diffkv-alpha-low", "0.5"),
-    # DiffKV: defaults (K8V4 / K4V2, alpha_high 1.0, alpha_low 0.02) and a sweep of the two thresholds
-    _diffkv("diffkv", "diffkv", "defaults: K8V4 / K4V2, alpha_high 1, alpha_low 0.02"),
-    _diffkv("diffkv-ah0.5", "diffkv", "alpha_high 0.5", "--diffkv-alpha-high", "0.5"),
-    _diffkv("diffkv-ah2", "diffkv", "alpha_high 2", "--diffkv-alpha-high", "2"),
-    _diffkv("diffkv-ah4", "diffkv", "alpha_high 4", "--diffkv-alpha-high", "4"),
+    # DiffKV as published (K8V4 / K4V2, alpha_high 1.0, alpha_low 0.02: our defaults until these results turned
+    # pruning off) and a sweep of the two thresholds; the alpha_low flag is explicit since the default is now 0
+    _diffkv("diffkv", "diffkv", "DiffKV's settings: K8V4 / K4V2, alpha_high 1, alpha_low 0.02", *PAPER_PRUNING),
+    _diffkv("diffkv-ah0.5", "diffkv", "alpha_high 0.5", "--diffkv-alpha-high", "0.5", *PAPER_PRUNING),
+    _diffkv("diffkv-ah2", "diffkv", "alpha_high 2", "--diffkv-alpha-high", "2", *PAPER_PRUNING),
+    _diffkv("diffkv-ah4", "diffkv", "alpha_high 4", "--diffkv-alpha-high", "4", *PAPER_PRUNING),
     _diffkv("diffkv-al0.005", "diffkv", "alpha_low 0.005", "--diffkv-alpha-low", "0.005"),
     _diffkv("diffkv-al0.1", "diffkv", "alpha_low 0.1", "--diffkv-alpha-low", "0.1"),
     _diffkv("diffkv-ah4-al0.1", "diffkv", "alpha_high 4, alpha_low 0.1", "--diffkv-alpha-high", "4",
             "--diffkv-alpha-low", "0.1"),
     # the retrieval-safety variants of the issue
-    _diffkv("diffkv-noprune", "diffkv, no pruning", "K8V4 / K4V2, alpha_high 1, pruning off",
+    _diffkv("diffkv-noprune", "diffkv, no pruning", "K8V4 / K4V2, alpha_high 1, pruning off (the shipped defaults)",
             "--diffkv-alpha-low", "0"),
     _diffkv("diffkv-noprune-ah4", "diffkv, no pruning", "K8V4 / K4V2, alpha_high 4, pruning off",
             "--diffkv-alpha-high", "4", "--diffkv-alpha-low", "0"),
@@ -136,8 +140,8 @@ CONFIGS = {c.name: c for c in (
             "K8V4 / K4V2 / K2V2 (1 group), thresholds 1 and 0.02, pruning off",
             "--diffkv-tiers", "k8v4,k4v2,k2v2", "--diffkv-thresholds", "1.0,0.02", "--diffkv-alpha-low", "0"),
     _diffkv("diffkv-layer", "diffkv, layer-scope pruning",
-            "defaults, pruning only where a token is unimportant in every KV head of the layer",
-            "--diffkv-prune-scope", "layer"),
+            "alpha_low 0.02, pruning only where a token is unimportant in every KV head of the layer",
+            "--diffkv-prune-scope", "layer", *PAPER_PRUNING),
 )}
 QUICK_CONFIGS = ("dense", "k8v4", "diffkv")
 

@@ -20,7 +20,8 @@ from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.store import CompressedKVStore
 
 PAGES, LAYERS, HEADS, CONTEXT = 32, 2, 2, 1000
-# relative importance that lands a token in the high tier, the low tier, or pruned (defaults 1.0 / 0.02)
+# relative importance that lands a token in the high tier, the low tier, or pruned (thresholds 1.0 / 0.02: DiffKV's
+# alpha_low, so that the mixes can prune; the shipped default turns pruning off)
 R_HIGH, R_LOW, R_PRUNED = 5.0, 0.5, 0.001
 MIXES = {
     "all_high": (1.0, 0.0, 0.0),
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "format.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = DiffKVConfig()
+    config = DiffKVConfig(alpha_prune=0.02)
     results: dict = {"config": config.to_dict(), "head_dim": {}}
     print(f"{'head_dim':>8} {'mix':>15} {'B/token/head':>13} {'bf16':>6} {'ratio':>6}")
     for head_dim in (64, 128):

@@ -7,9 +7,12 @@ compression settings.
 Tiers are ordered from most to least precise. A token whose relative importance ``r`` (its mean attention
 times the context length ``N``, so ``r == 1`` means "as much attention as a uniform distribution would give")
 is pruned when ``r < alpha_prune``; otherwise it goes to the first tier ``t`` with ``r >= thresholds[t]``,
-and to the last tier when it is below every threshold. With the defaults (K8V4 and K4V2, thresholds
-``[1.0]``, ``alpha_prune = 0.02``) this is DiffKV's rule: high tier at or above ``alpha_high / N``, low tier
-between ``alpha_low / N`` and ``alpha_high / N``, pruned below ``alpha_low / N``.
+and to the last tier when it is below every threshold. With K8V4 and K4V2, thresholds ``[1.0]`` and
+``alpha_prune = 0.02`` this is DiffKV's rule: high tier at or above ``alpha_high / N``, low tier between
+``alpha_low / N`` and ``alpha_high / N``, pruned below ``alpha_low / N``. The defaults keep DiffKV's tiers and
+``alpha_high`` but turn pruning off (``alpha_prune = 0``): pruning is irreversible and decided before later
+questions arrive, and on the needle and multi-turn tasks it lost retrievals that quantization alone kept
+(``docs/accuracy.md``); DiffKV's 0.02 stays available.
 
 Example::
 
@@ -130,7 +133,8 @@ class DiffKVConfig:
         tiers: ordered precision tiers, most precise first (1 to 4).
         thresholds: relative-importance thresholds between consecutive tiers, non-increasing,
             ``len(tiers) - 1`` values. ``thresholds[0]`` is DiffKV's ``alpha_high``.
-        alpha_prune: pruning threshold (DiffKV's ``alpha_low``); 0 disables pruning.
+        alpha_prune: pruning threshold (DiffKV's ``alpha_low``, 0.02 in the paper); 0 (the default) disables
+            pruning.
         prune_scope: ``"head"`` prunes a token in each KV head independently (DiffKV); ``"layer"`` prunes a
             token only where it is below ``alpha_prune`` in every KV head of the layer, otherwise it is kept in
             the last tier.
@@ -147,7 +151,7 @@ class DiffKVConfig:
 
     tiers: tuple[TierSpec, ...] = dataclasses.field(default_factory=_default_tiers)
     thresholds: tuple[float, ...] = (1.0,)
-    alpha_prune: float = 0.02
+    alpha_prune: float = 0.0
     prune_scope: str = "head"
     window: int = 64
     obs_window: int = 64

@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-path", default=str(DEFAULT_MODEL),
                         help="Hugging Face checkpoint directory (default: the SmolLM2 converted by `make model`)")
     parser.add_argument("--device", default="cpu" if not _has_cuda() else "cuda", help="cpu or cuda")
-    parser.add_argument("--alpha-low", type=float, default=0.02, help="DiffKV pruning threshold (0: no pruning)")
+    parser.add_argument("--alpha-low", type=float, default=0.0,
+                        help="DiffKV pruning threshold (default 0: no pruning; DiffKV's paper uses 0.02)")
     parser.add_argument("--tiers", default="k8v4,k4v2", help="DiffKV precision tiers, most precise first")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-total-tokens", type=int, default=8192, help="KV pool capacity in tokens")

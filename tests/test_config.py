@@ -8,7 +8,7 @@ from diffkv_sglang.config import ConfigError, DiffKVConfig, TierSpec
 def test_defaults_are_diffkv():
     cfg = DiffKVConfig()
     assert [t.name for t in cfg.tiers] == ["k8v4", "k4v2"]
-    assert cfg.alpha_high == 1.0 and cfg.alpha_low == 0.02
+    assert cfg.alpha_high == 1.0 and cfg.alpha_low == 0.0          # pruning off by default (docs/accuracy.md)
     assert (cfg.window, cfg.obs_window, cfg.page_size) == (64, 64, 32)
     assert cfg.key_rotation == cfg.value_rotation == "none"
 

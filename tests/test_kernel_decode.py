@@ -50,7 +50,7 @@ from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.kernels.decode_attention import DecodeConfig, DecodePlan
 from diffkv_sglang.store import PageState
 from decode_bound import error_bound
-from kernel_stores import CONTEXT, build, csr, mirror
+from kernel_stores import CONTEXT, PRUNING, build, csr, mirror
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("torch_reference")]
 
@@ -123,7 +123,7 @@ def test_decode_kernel_matches_reference(case, seeded):
     page, heads, seq_lens = SIZES[DEVICE]
     if CUDA:
         dim *= 2
-    config = DiffKVConfig.from_dict({"page_size": page, **overrides})
+    config = DiffKVConfig.from_dict({"page_size": page, **PRUNING, **overrides})
     store, table, lens = build(config, heads, dim, seq_lens)
     sealed = store.page_state[table] == PageState.SEALED
     assert sealed.any() and (store.page_state[table] == PageState.STAGED).any()
@@ -152,7 +152,7 @@ def test_requests_with_nothing_kept_give_zero(seeded):
 
 def test_plan_checks_and_fixed_capacity(seeded):
     page, heads, dim = 16, 2, 32
-    store, table, lens = build(DiffKVConfig.from_dict({"page_size": page}), heads, dim, [40, 20], layers=1,
+    store, table, lens = build(DiffKVConfig.from_dict({"page_size": page, **PRUNING}), heads, dim, [40, 20], layers=1,
                                staged_pages=2)
     store, table, lens = mirror(store, DEVICE), table.to(DEVICE), lens.to(DEVICE)
     plan = DecodePlan(store, heads, max_batch=2, max_pages=3, max_staged_pages=1)
@@ -175,7 +175,7 @@ def test_plan_checks_and_fixed_capacity(seeded):
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_run_is_capturable_in_a_cuda_graph(seeded):
     page, heads, dim = 32, 4, 128
-    config = DiffKVConfig.from_dict({"page_size": page, "key_rotation": "hadamard", "value_rotation": "hadamard"})
+    config = DiffKVConfig.from_dict({"page_size": page, **PRUNING, "key_rotation": "hadamard", "value_rotation": "hadamard"})
     store, table, lens = build(config, heads, dim, [700, 100, 1500], layers=1)
     store, table, lens = mirror(store, DEVICE), table.to(DEVICE), lens.to(DEVICE)
     plan = DecodePlan(store, heads * 4, max_batch=3, max_pages=table.shape[1], max_staged_pages=2)
@@ -198,7 +198,7 @@ def test_decode_step_through_the_wrapper_is_capturable(monkeypatch, seeded):
     DecodeAttentionWrapper, replayed for the next step after ``plan`` with the new lengths: outputs and staged
     statistics equal an eager run of the same two steps on a copy of the store, bit for bit."""
     page, heads, dim, gqa, layers = 32, 4, 128, 4, 2
-    store, table, lens = build(DiffKVConfig.from_dict({"page_size": page}), heads, dim, [700, 100, 1500], layers)
+    store, table, lens = build(DiffKVConfig.from_dict({"page_size": page, **PRUNING}), heads, dim, [700, 100, 1500], layers)
     monkeypatch.setenv("DIFFKV_KERNELS", "auto")                            # CUDA stores run the kernels
     stores = {mode: mirror(store, DEVICE) for mode in ("graph", "eager")}
     assert all(s.kernels for s in stores.values())

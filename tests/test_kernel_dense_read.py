@@ -16,7 +16,7 @@ import torch
 from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.kernels.dense_read import read_pages_dense
 from diffkv_sglang.store import PageState
-from kernel_stores import build, mirror
+from kernel_stores import PRUNING, build, mirror
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("torch_reference")]
 
@@ -36,7 +36,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_dense_read_matches_reference(name, store_dtype, out_dtype, seeded):
     page, heads, dim = (32, 4, 128) if CUDA else (16, 2, 32)
-    config = DiffKVConfig.from_dict({"page_size": page, **CONFIGS[name]})
+    config = DiffKVConfig.from_dict({"page_size": page, **PRUNING, **CONFIGS[name]})
     seq_lens = [40, 3 * page + 5, 1] if not CUDA else [700, 100, 1500, 1]
     store, table, lens = build(config, heads, dim, seq_lens, dtype=store_dtype)
     pages = torch.cat([table.reshape(-1), torch.tensor([0])])            # padded table: page 0 is EMPTY
@@ -66,6 +66,6 @@ def test_dense_read_matches_reference(name, store_dtype, out_dtype, seeded):
 
 
 def test_dense_read_checks_the_dtype(seeded):
-    store, table, _ = build(DiffKVConfig.from_dict({"page_size": 16}), 1, 32, [20], layers=1, dtype=torch.bfloat16)
+    store, table, _ = build(DiffKVConfig.from_dict({"page_size": 16, **PRUNING}), 1, 32, [20], layers=1, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="dtype"):
         read_pages_dense(mirror(store, DEVICE), 0, table[0].to(DEVICE), torch.float16)

@@ -20,7 +20,8 @@ from diffkv_sglang.store import CompressedKVStore, PageState
 from decode_bound import error_bound
 
 P, D, LAYERS, HEADS = 16, 32, 2, 2
-CONFIG = DiffKVConfig.from_dict({"page_size": P, "window": 0, "compaction_trigger": 0.0, "value_rotation": "hadamard",
+CONFIG = DiffKVConfig.from_dict({"page_size": P, "alpha_low": 0.02, "window": 0, "compaction_trigger": 0.0,
+                                 "value_rotation": "hadamard",
                                  "layer_tiers": {1: ["k4v2g2", "k2v2"]}})
 
 

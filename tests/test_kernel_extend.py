@@ -30,7 +30,7 @@ from diffkv_sglang.attention import ExtendAttentionWrapper
 from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.kernels.extend_attention import ExtendPlan
 from diffkv_sglang.store import PageState
-from kernel_stores import build, csr, mirror
+from kernel_stores import PRUNING, build, csr, mirror
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("torch_reference")]
 
@@ -150,7 +150,7 @@ CASES = {
 def test_extend_kernel_matches_reference(case, dtype, seeded):
     overrides, heads, gqa, seq_lens, extend_lens, staged, extend_config = CASES[case]
     page = 16
-    config = DiffKVConfig.from_dict({"page_size": page, **overrides})
+    config = DiffKVConfig.from_dict({"page_size": page, **PRUNING, **overrides})
     if CUDA:                                                # real sizes: head_dim 128, longer requests
         seq_lens, extend_lens = [4 * n for n in seq_lens], [4 * n for n in extend_lens]
     dim = 128 if CUDA else 32
@@ -159,7 +159,7 @@ def test_extend_kernel_matches_reference(case, dtype, seeded):
 
 
 def test_plan_and_run_checks(seeded):
-    config = DiffKVConfig.from_dict({"page_size": 16})
+    config = DiffKVConfig.from_dict({"page_size": 16, **PRUNING})
     store, table, lens = build(config, 2, 32, [40], layers=1, staged_pages=3)
     store = mirror(store, DEVICE)
     with pytest.raises(ValueError, match="multiple"):

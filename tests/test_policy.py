@@ -31,8 +31,9 @@ def test_seen_counts_are_min_of_remaining_and_window():
 
 
 def test_diffkv_thresholds_hand_computed():
-    """N = 100, alpha_high = 1, alpha_low = 0.02: mean attention 0.015 -> high, 0.005 -> low, 0.0001 -> pruned."""
-    cfg = DiffKVConfig()
+    """N = 100, DiffKV's alpha_high = 1, alpha_low = 0.02: mean attention 0.015 -> high, 0.005 -> low, 0.0001 ->
+    pruned."""
+    cfg = DiffKVConfig(alpha_prune=0.02)
     mean = torch.tensor([[0.015, 0.005, 0.0001, 0.01, 0.0002]])
     r = relative_importance(mean * 3, torch.full_like(mean, 3), torch.tensor(100))
     assert torch.allclose(r, mean * 100)

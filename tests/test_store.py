@@ -14,7 +14,7 @@ def _both_paths(kernels):
 
 
 def make_store(config=None, num_pages=16, arena_bytes=1 << 22, dtype=torch.bfloat16):
-    config = config or DiffKVConfig(page_size=P)
+    config = config or DiffKVConfig(page_size=P, alpha_prune=0.02)        # DiffKV's pruning: seals prune
     store = CompressedKVStore(config, num_layers=L, num_kv_heads=H, head_dim=D, num_pages=num_pages,
                               arena_bytes=arena_bytes, dtype=dtype)
     store.arena.data.random_(0, 256)                       # poison: nothing may rely on zeroed memory

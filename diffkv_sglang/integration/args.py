@@ -47,7 +47,7 @@ FLAGS = (
     Flag("--diffkv-alpha-high", "alpha_high", float, "relative importance below which a token leaves the first "
          "tier (DiffKV alpha_high, default 1.0)"),
     Flag("--diffkv-alpha-low", "alpha_low", float, "relative importance below which a token is pruned (DiffKV "
-         "alpha_low, default 0.02; 0 disables pruning)"),
+         "alpha_low; default 0: pruning off; DiffKV's paper uses 0.02)"),
     Flag("--diffkv-thresholds", "thresholds", str, "tier thresholds for 3-4 tiers, comma separated, non-increasing"),
     Flag("--diffkv-prune-scope", "prune_scope", str, "prune per KV 'head' (DiffKV) or only tokens unimportant in "
          "every head of the 'layer'", PRUNE_SCOPES),

@@ -12,11 +12,11 @@ from diffkv_sglang.store import PageState
 def error_bound(store, table, seq_lens, layer: int, q: torch.Tensor, sm_scale: float, u: float, ref: torch.Tensor,
                 staged_u: float = 0.0, float32_slack: float = 1e-5):
     """The bound derived in ``tests/test_kernel_decode.py``'s docstring for the kernel's output against ``ref``
-    (``[B, Hq, D]``) in ``layer``, for the query ``q`` (float32 values) and the query's rounding ``u``: ``(bound, E)``, ``bound`` ``[B, Hq, D]`` (in the
-    rotated space with value rotation) and ``E`` ``[B, Hq]`` the largest logit error. ``staged_u``: the rounding
-    of staged tokens' probabilities (0 for float32 stores; a 16-bit store's unit roundoff when the query is
-    16-bit, since the kernel then multiplies staged values by probabilities in the model dtype); ``float32_slack``:
-    float32 rounding-order slack, relative to ``max |ref|``."""
+    (``[B, Hq, D]``) in ``layer``, for the query ``q`` (float32 values) and the query's rounding ``u``:
+    ``(bound, E)``, ``bound`` ``[B, Hq, D]`` (in the rotated space with value rotation) and ``E`` ``[B, Hq]`` the
+    largest logit error. ``staged_u``: the rounding of staged tokens' probabilities (0 for float32 stores; a
+    16-bit store's unit roundoff when the query is 16-bit, since the kernel then multiplies staged values by
+    probabilities in the model dtype); ``float32_slack``: float32 rounding-order slack, relative to ``max |ref|``."""
     page, fmt = store.page_size, store.formats[layer]
     group = q.shape[1] // store.num_kv_heads
     bound, logit_err = torch.zeros(q.shape, dtype=torch.float64), torch.zeros(q.shape[:2], dtype=torch.float64)

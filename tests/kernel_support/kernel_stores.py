@@ -8,6 +8,7 @@ from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.store import CompressedKVStore
 
 CONTEXT = 1000                  # context length given to seal(): relative importance r = score / seen * CONTEXT
+PRUNING = {"alpha_low": 0.02}   # DiffKV's pruning threshold (the default is 0): kernel tests cover pruned tokens
 
 
 def tier_values(config: DiffKVConfig) -> list[float]:
