@@ -91,6 +91,10 @@ class Config:
     flags: tuple[str, ...]
     note: str
 
+    def resolve(self, model: str) -> list[str]:
+        """The server flags for ``model`` (``{model}`` in a flag becomes the model's name)."""
+        return [flag.replace("{model}", model) for flag in self.flags]
+
 
 PAPER_PRUNING = ("--diffkv-alpha-low", "0.02")
 
@@ -139,6 +143,8 @@ CONFIGS = {c.name: c for c in (
     _diffkv("diffkv-3tier-k2v2", "diffkv, K2V2 instead of pruning",
             "K8V4 / K4V2 / K2V2 (1 group), thresholds 1 and 0.02, pruning off",
             "--diffkv-tiers", "k8v4,k4v2,k2v2", "--diffkv-thresholds", "1.0,0.02", "--diffkv-alpha-low", "0"),
+    _diffkv("calibrated", "diffkv, calibrated", "configs/<model>.json (per-layer tiers) with pruning off",
+            "--diffkv-config", str(REPO / "configs" / "{model}.json"), "--diffkv-alpha-low", "0"),
     _diffkv("diffkv-layer", "diffkv, layer-scope pruning",
             "alpha_low 0.02, pruning only where a token is unimportant in every KV head of the layer",
             "--diffkv-prune-scope", "layer", *PAPER_PRUNING),
@@ -146,7 +152,7 @@ CONFIGS = {c.name: c for c in (
 QUICK_CONFIGS = ("dense", "k8v4", "diffkv")
 
 
-def config_tiers(config: Config) -> list[str]:
+def config_tiers(config: Config, model: str) -> list[str]:
     """The tier names a config's flags resolve to (parsed by the plugin's own flag code; validates them)."""
     if config.family == "dense":
         return []
@@ -154,7 +160,7 @@ def config_tiers(config: Config) -> list[str]:
 
     parser = argparse.ArgumentParser()
     add_cli_args(parser)
-    ns, _ = parser.parse_known_args(list(config.flags))
+    ns, _ = parser.parse_known_args(config.resolve(model))
     return [t.name for t in config_from_namespace(ns).tiers]
 
 
@@ -707,10 +713,9 @@ def main(argv=None) -> int:
     if "greedy" in tasks and "dense" not in configs:
         configs.insert(0, "dense")                       # greedy agreement needs the dense reply
     configs.sort(key=lambda n: n != "dense")             # dense first: the reference of greedy agreement
-    tiers = {name: config_tiers(CONFIGS[name]) for name in configs}   # validates every config's flags now
-
     model_path = args.model_path or prepare_model(args.model)
     model = args.model if args.model_path is None else args.model_path.name
+    tiers = {name: config_tiers(CONFIGS[name], model) for name in configs}   # validates every config's flags now
     import sglang
     results.setdefault("meta", {}).update({"sglang": sglang.__version__, "page_size": PAGE, "window": WINDOW})
     log(f"model {model} ({model_path}); configs {configs}; tasks {tasks}; results {json_path}")
@@ -730,9 +735,9 @@ def main(argv=None) -> int:
             log(f"{name}: every selected cell is finished, skipped")
             continue
         data = data or Data(model_path)
-        log(f"{name}: starting the server ({' '.join(config.flags)})")
+        log(f"{name}: starting the server ({' '.join(config.resolve(model))})")
         t0 = time.monotonic()
-        server = SGLangServer(model_path, [*config.flags, "--enable-metrics", "--enable-cache-report"],
+        server = SGLangServer(model_path, [*config.resolve(model), "--enable-metrics", "--enable-cache-report"],
                               max_total_tokens=args.max_total_tokens)
         try:
             server.start()
