@@ -92,8 +92,9 @@ class Config:
     note: str
 
     def resolve(self, model: str) -> list[str]:
-        """The server flags for ``model`` (``{model}`` in a flag becomes the model's name)."""
-        return [flag.replace("{model}", model) for flag in self.flags]
+        """The server flags for ``model`` (``{model}`` in a flag becomes the model's name, ``{configs}`` the repo's
+        ``configs/`` folder; the stored flags keep the placeholders, so results do not depend on the checkout)."""
+        return [flag.replace("{model}", model).replace("{configs}", str(REPO / "configs")) for flag in self.flags]
 
 
 PAPER_PRUNING = ("--diffkv-alpha-low", "0.02")
@@ -144,7 +145,7 @@ CONFIGS = {c.name: c for c in (
             "K8V4 / K4V2 / K2V2 (1 group), thresholds 1 and 0.02, pruning off",
             "--diffkv-tiers", "k8v4,k4v2,k2v2", "--diffkv-thresholds", "1.0,0.02", "--diffkv-alpha-low", "0"),
     _diffkv("calibrated", "diffkv, calibrated", "configs/<model>.json (per-layer tiers) with pruning off",
-            "--diffkv-config", str(REPO / "configs" / "{model}.json"), "--diffkv-alpha-low", "0"),
+            "--diffkv-config", "{configs}/{model}.json", "--diffkv-alpha-low", "0"),
     _diffkv("diffkv-layer", "diffkv, layer-scope pruning",
             "alpha_low 0.02, pruning only where a token is unimportant in every KV head of the layer",
             "--diffkv-prune-scope", "layer", *PAPER_PRUNING),
