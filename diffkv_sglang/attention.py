@@ -79,6 +79,7 @@ class _PagedAttentionBase:
     def __init__(self, store: CompressedKVStore):
         self.store = store
         self._plan: PagedBatchPlan | None = None
+        self._targets = None            # (plan, b, t, slots) of the staged tokens whose statistics run() sets
 
     def _plan_keys(self, kv_page_indptr, kv_page_indices, seq_lens):
         store = self.store
@@ -129,10 +130,15 @@ class _PagedAttentionBase:
         ``[B, H, T]`` attention mass per KV head, ``seen`` ``[B, T]`` observing queries (``T`` key positions of
         the plan; entries of other tokens are ignored)."""
         plan, store = self._plan, self.store
-        pages = plan.key_locs // store.page_size
-        target = plan.key_valid & (store.page_state[pages] == PageState.STAGED) & (seen > 0)
-        b, t = target.nonzero(as_tuple=True)
-        store.add_importance(layer, plan.key_locs[b, t], score[b, :, t], seen[b, t], accumulate=plan.accumulate)
+        if self._targets is None or self._targets[0] is not plan:
+            # which tokens those are depends on positions and page states only: found once per batch (one host
+            # sync), not in every layer
+            pages = plan.key_locs // store.page_size
+            target = plan.key_valid & (store.page_state[pages] == PageState.STAGED) & (seen > 0)
+            b, t = target.nonzero(as_tuple=True)
+            self._targets = (plan, b, t, plan.key_locs[b, t])
+        _, b, t, locs = self._targets
+        store.add_importance(layer, locs, score[b, :, t], seen[b, t], accumulate=plan.accumulate)
 
 
 class DecodeAttentionWrapper(_PagedAttentionBase):

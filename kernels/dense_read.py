@@ -26,11 +26,13 @@ Example::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from diffkv_sglang.kernels.decode_attention import (_codes, _describe, _half, _section_start,
+from diffkv_sglang.kernels.decode_attention import (_codes, _describe, _half, _section_start, _tier_count,
                                                     sealed_format_constants)
 from diffkv_sglang.kernels.tl_utils import mma, round_to
 from diffkv_sglang.quant import hadamard_matrix
@@ -43,14 +45,11 @@ _SEALED = tl.constexpr(int(PageState.SEALED))
 
 
 @triton.jit
-def _tier_rows(U32, HAD, base, n0, n1, n2, n3, t: tl.constexpr, BITS: tl.constexpr, GROUPS: tl.constexpr,
-               SEC: tl.constexpr, META_SEC: tl.constexpr, meta_scale, ROT: tl.constexpr, CODE_ALIGN: tl.constexpr,
-               D: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Tier ``t``'s rows of one kind (keys or values) of a sealed block, dequantized: ``[BLOCK_P, D]`` float32
-    (zeros past the tier's count)."""
-    rank = tl.arange(0, BLOCK_P)
-    count = tl.where(t == 0, n0, tl.where(t == 1, n1, tl.where(t == 2, n2, n3)))
-    in_tier = rank < count
+def _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t: tl.constexpr, BITS: tl.constexpr,
+               GROUPS: tl.constexpr, SEC: tl.constexpr, META_SEC: tl.constexpr, meta_scale, ROT: tl.constexpr,
+               CODE_ALIGN: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Tier ``t``'s rows ``rank`` (``[BLOCK_P]``, masked by ``in_tier``) of one kind (keys or values) of a sealed
+    block, dequantized: ``[BLOCK_P, D]`` float32 (zeros outside the tier)."""
     row_words: tl.constexpr = D * BITS // 32
     at = tl.multiple_of((base + _section_start(n0, n1, n2, n3, SEC, t)) >> 2, CODE_ALIGN // 4)
     words = tl.load(U32 + at + rank[:, None] * row_words + tl.arange(0, row_words)[None, :], mask=in_tier[:, None],
@@ -63,7 +62,7 @@ def _tier_rows(U32, HAD, base, n0, n1, n2, n3, t: tl.constexpr, BITS: tl.constex
     x = tl.where(in_tier[:, None], x, 0.0)
     if ROT:
         h = tl.load(HAD + tl.arange(0, D)[:, None] * D + tl.arange(0, D)[None, :])
-        x = mma(x, h, tl.zeros([BLOCK_P, D], tl.float32), True)
+        x = mma(x, h, tl.zeros_like(x), True)
     return x
 
 
@@ -77,16 +76,15 @@ def _store_tier(U8, U32, K_OUT, V_OUT, PRESENT, HAD, base, n0, n1, n2, n3, out_r
     """Dequantize tier ``t`` of a sealed block and scatter its rows to their in-page slots; returns the slots
     ``[BLOCK_P]`` (-1 past the tier's rows)."""
     rank = tl.arange(0, BLOCK_P)
-    count = tl.where(t == 0, n0, tl.where(t == 1, n1, tl.where(t == 2, n2, n3)))
-    in_tier = rank < count
+    in_tier = rank < _tier_count(n0, n1, n2, n3, t)
     slot = tl.load(U8 + base + _section_start(n0, n1, n2, n3, INDEX_SEC, t) + rank, mask=in_tier, other=0)
     rows = out_row + slot.to(tl.int64)
     d = tl.arange(0, D)
-    keys = _tier_rows(U32, HAD, base, n0, n1, n2, n3, t, KEY_BITS, KEY_GROUPS, KEY_SEC, KEY_META_SEC, key_ms,
-                      KEY_ROT, CODE_ALIGN, D, BLOCK_P)
+    keys = _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t, KEY_BITS, KEY_GROUPS, KEY_SEC, KEY_META_SEC,
+                      key_ms, KEY_ROT, CODE_ALIGN, D, BLOCK_P)
     tl.store(K_OUT + rows[:, None] * D + d[None, :], round_to(keys, K_OUT.dtype.element_ty), mask=in_tier[:, None])
-    values = _tier_rows(U32, HAD, base, n0, n1, n2, n3, t, VALUE_BITS, VALUE_GROUPS, VALUE_SEC, VALUE_META_SEC,
-                        value_ms, VALUE_ROT, CODE_ALIGN, D, BLOCK_P)
+    values = _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t, VALUE_BITS, VALUE_GROUPS, VALUE_SEC,
+                        VALUE_META_SEC, value_ms, VALUE_ROT, CODE_ALIGN, D, BLOCK_P)
     tl.store(V_OUT + rows[:, None] * D + d[None, :], round_to(values, V_OUT.dtype.element_ty), mask=in_tier[:, None])
     tl.store(PRESENT + rows, tl.full([BLOCK_P], 1, tl.uint8), mask=in_tier)
     return tl.where(in_tier, slot.to(tl.int32), -1)
@@ -99,8 +97,8 @@ def _covered(slots, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _dense_read_kernel(U8, U32, STAGED, PAGES, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, HAD, K_OUT, V_OUT, PRESENT, layer,
-                       values_start, NUM_LAYERS: tl.constexpr, H: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+def _dense_read_kernel(U8, U32, STAGED, PAGES, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, HAD, K_OUT, V_OUT, PRESENT,
+                       layer, values_start, NUM_LAYERS: tl.constexpr, H: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
                        ELEMENT_BYTES: tl.constexpr, BLOCK_P: tl.constexpr, T: tl.constexpr,
                        KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_GROUPS: tl.constexpr,
                        VALUE_GROUPS: tl.constexpr, KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr,
@@ -146,6 +144,18 @@ def _dense_read_kernel(U8, U32, STAGED, PAGES, PAGE_STATE, BLOCK_OFFSET, TIER_CO
         tl.store(PRESENT + out_row + slot, tl.zeros([BLOCK_P], tl.uint8), mask=empty)
 
 
+@functools.lru_cache(maxsize=64)
+def _format_constants(fmt) -> dict:
+    """A layer format's kernel constants, computed once per format (the launch is per layer)."""
+    return sealed_format_constants(fmt)
+
+
+@functools.lru_cache(maxsize=8)
+def _hadamard_on(dim: int, device: torch.device) -> torch.Tensor:
+    """The normalized Hadamard matrix on ``device``, copied there once rather than at every launch."""
+    return hadamard_matrix(dim, device)
+
+
 def read_pages_dense(store: CompressedKVStore, layer: int, pages: torch.Tensor,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys and values of ``pages`` in ``layer``, dense, in ``dtype`` (the store's dtype, or float32).
@@ -170,12 +180,13 @@ def read_pages_dense(store: CompressedKVStore, layer: int, pages: torch.Tensor,
     if n == 0:
         return keys, values, present
     fmt, staged = store.formats[layer], store.formats.staged
-    consts = sealed_format_constants(fmt)
+    consts = _format_constants(fmt)
     rotated = consts["KEY_ROT"] or consts["VALUE_ROT"]
-    had = hadamard_matrix(dim, store.device) if rotated else keys        # any pointer when nothing is rotated
+    had = _hadamard_on(dim, torch.device(store.device)) if rotated else keys   # any pointer when nothing is rotated
     arena = store.arena.data
     _dense_read_kernel[(n, heads)](
         arena, arena.view(torch.int32), arena.view(store.dtype), pages, store.page_state, store.arena.block_offset,
-        store.tier_counts, had, keys, values, present.view(torch.uint8), layer, staged.values_start, store.num_layers, heads, page, dim,
-        staged.element_bytes, max(32, triton.next_power_of_2(page)), enable_fp_fusion=False, **consts)
+        store.tier_counts, had, keys, values, present.view(torch.uint8), layer, staged.values_start,
+        store.num_layers, heads, page, dim, staged.element_bytes, max(32, triton.next_power_of_2(page)),
+        enable_fp_fusion=False, **consts)
     return keys, values, present
