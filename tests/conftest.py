@@ -16,6 +16,8 @@ if not torch.cuda.is_available():
 for support in ("e2e_support", "kernel_support"):
     sys.path.insert(0, str(Path(__file__).parent / support))
 
+from kernel_stores import needs_interpreter  # noqa: E402
+
 
 def pytest_report_header(config):
     return f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}"
@@ -39,12 +41,10 @@ def dense_attention(q, keys, values, q_pos, keep=None, sm_scale=None):
     return torch.einsum("hqt,htd->qhd", probs, v), probs
 
 
-@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.fixture(params=["torch", pytest.param("triton", marks=[pytest.mark.triton, needs_interpreter])])
 def kernels(request, monkeypatch):
     """Run a test on the torch reference and on the Triton kernels (``DIFFKV_KERNELS``; on CPU the kernels run in
     Triton's interpreter, see diffkv_sglang.backend_select). Stores built inside the test follow the setting."""
-    if request.param == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("CPU stores need Triton's interpreter; on CUDA the test_kernel_* tests run the kernels natively")
     monkeypatch.setenv("DIFFKV_KERNELS", request.param)
     return request.param
 

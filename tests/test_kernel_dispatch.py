@@ -4,7 +4,8 @@ The same operations replayed on two stores, one on the torch reference and one o
 interpreter on CPU), must leave byte-identical arenas and tables (seal, release, compaction), and the decode
 wrapper must give the same outputs and staged-token importance on both (float32 rounding order apart), with
 a per-layer softmax scale, GQA, rotation and a per-layer tier override, across batches that grow the kernel
-plan's capacity.
+plan's capacity. On a CUDA machine these tests skip (they need the interpreter); the test_kernel_* tests run the
+kernels natively there.
 """
 
 import logging
@@ -18,6 +19,9 @@ from diffkv_sglang.backend_select import KERNELS_ENV, kernel_mode, use_kernels
 from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.store import CompressedKVStore, PageState
 from decode_bound import error_bound
+from kernel_stores import needs_interpreter
+
+pytestmark = needs_interpreter      # every test here runs the kernels on CPU stores
 
 P, D, LAYERS, HEADS = 16, 32, 2, 2
 CONFIG = DiffKVConfig.from_dict({"page_size": P, "alpha_low": 0.02, "window": 0, "compaction_trigger": 0.0,

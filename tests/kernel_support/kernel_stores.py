@@ -1,7 +1,9 @@
 """Stores for the kernel tests: built through the store's own API with steered tiers, mirrored to a device."""
 
 import math
+import os
 
+import pytest
 import torch
 
 from diffkv_sglang.config import DiffKVConfig
@@ -9,6 +11,12 @@ from diffkv_sglang.store import CompressedKVStore
 
 CONTEXT = 1000                  # context length given to seal(): relative importance r = score / seen * CONTEXT
 PRUNING = {"alpha_low": 0.02}   # DiffKV's pruning threshold (the default is 0): kernel tests cover pruned tokens
+
+# Kernels on CPU stores run in Triton's interpreter, which a CUDA machine does not enable (conftest.py): there the
+# test_kernel_* tests run the kernels natively instead.
+needs_interpreter = pytest.mark.skipif(
+    torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU stores need Triton's interpreter; on CUDA the test_kernel_* tests run the kernels natively")
 
 
 def tier_values(config: DiffKVConfig) -> list[float]:
