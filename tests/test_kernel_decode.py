@@ -132,6 +132,32 @@ def test_decode_kernel_matches_reference(case, seeded):
         assert plan.num_splits == splits
 
 
+def _serving_lens(batch: int, longest: int, seed: int) -> list[int]:
+    """``batch`` lengths: two requests of ``longest`` tokens, one of 1, the rest uniform in [1, 2048]."""
+    gen = torch.Generator().manual_seed(seed)
+    return [longest, 1, longest] + torch.randint(1, 2049, (batch - 3,), generator=gen).tolist()
+
+
+SERVING = {
+    # name: (kv heads, head_dim, gqa, batch, longest context); the shapes of real models, at serving sizes
+    "qwen2.5-7b 28/4 heads (gqa 7), batch 256, 32k": (4, 128, 7, 256, 32768),
+    "llama-3-8b 32/8 heads (gqa 8), batch 16, 32k": (8, 128, 8, 16, 32768),
+    "smollm2 9/3 heads (gqa 3), head_dim 64, batch 64, 16k": (3, 64, 3, 64, 16384),
+}
+
+
+@pytest.mark.skipif(not CUDA, reason="serving sizes: natively on a GPU only (the interpreter would take hours)")
+@pytest.mark.parametrize("case", list(SERVING))
+def test_decode_kernel_at_serving_sizes(case, seeded):
+    """The issue's sizes on the GPU: GQA 7 and 8, contexts up to 32k, batch up to 256, DiffKV's default tiers with
+    pruning, every page mode (mixed tiers, one tier, all pruned) and a staged tail, one layer."""
+    heads, dim, gqa, batch, longest = SERVING[case]
+    config = DiffKVConfig.from_dict({"page_size": 32, **PRUNING})
+    store, table, lens = build(config, heads, dim, _serving_lens(batch, longest, seeded), layers=1)
+    plan, _ = compare(store, table, lens, heads * gqa)
+    assert plan.batch == batch
+
+
 def test_requests_with_nothing_kept_give_zero(seeded):
     """A request whose every page is sealed and fully pruned attends over nothing: output 0, like the reference.
     (Only full pages are sealed, as the store does: the last page of a request always stays staged.)"""
