@@ -158,6 +158,8 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
         store: the compressed store.
         max_batch, max_pages: initial capacity of the kernel plan (ignored on the reference path).
         num_q_heads: query heads, if known before the first ``run`` (needed for CUDA-graph capture).
+        max_staged_pages: staged pages a request may have, fixed (CUDA-graph capture: the plan's scratch never
+            reallocates; ``plan`` raises ValueError for a batch that needs more); None grows it as needed.
 
     Example::
 
@@ -169,11 +171,12 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
     """
 
     def __init__(self, store: CompressedKVStore, max_batch: int = 1, max_pages: int = 1,
-                 num_q_heads: int | None = None):
+                 num_q_heads: int | None = None, max_staged_pages: int | None = None):
         super().__init__(store)
         self._kernel_plan = None                     # DecodePlan, built once Hq is known
         self._capacity = (max(1, max_batch), max(1, min(max_pages, store.num_pages)))
         self._num_q_heads = num_q_heads
+        self._max_staged_pages = max_staged_pages
         self._batch: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._kernel_planned = False
 
@@ -236,8 +239,10 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
             max_batch = grow(batch, self._capacity[0])
             max_pages = min(grow(cols, self._capacity[1]), max(cols, self.store.num_pages))
             self._capacity = (max_batch, max_pages)
-            self._kernel_plan = plan = DecodePlan(self.store, num_q_heads, max_batch=max_batch, max_pages=max_pages)
-        plan.plan(table, seq_lens, check=False)          # plan() checked the pages against seq_lens
+            self._kernel_plan = plan = DecodePlan(self.store, num_q_heads, max_batch=max_batch, max_pages=max_pages,
+                                                  max_staged_pages=self._max_staged_pages)
+        # plan() checked the pages against seq_lens; a fixed staged capacity is checked here (a host sync)
+        plan.plan(table, seq_lens, check=self._max_staged_pages is not None)
         self._kernel_planned = True
 
 

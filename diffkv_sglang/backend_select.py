@@ -11,8 +11,8 @@ One switch, the environment variable ``DIFFKV_KERNELS``, read here and nowhere e
 
 :class:`~diffkv_sglang.store.CompressedKVStore` decides once, when it is built (``store.kernels``), and its
 arena (compaction moves) and :class:`~diffkv_sglang.attention.DecodeAttentionWrapper` follow that decision; the
-seal step, the compaction moves and decode attention switch together. Extend attention has no kernel yet and
-always runs the reference.
+seal step, the compaction moves, decode attention and extend attention (its dense read and attention kernels)
+switch together.
 
 The kernels tile ``head_dim`` with ``tl.arange``, so they need a power of two: with ``auto`` another
 ``head_dim`` falls back to the reference (with a warning), with ``triton`` it is an error.
@@ -26,9 +26,10 @@ import sys
 
 import torch
 
-__all__ = ["KERNELS_ENV", "MODES", "kernel_mode", "use_kernels"]
+__all__ = ["CUDA_GRAPH_ENV", "KERNELS_ENV", "MODES", "cuda_graph_enabled", "kernel_mode", "use_kernels"]
 
 KERNELS_ENV = "DIFFKV_KERNELS"
+CUDA_GRAPH_ENV = "DIFFKV_CUDA_GRAPH"
 MODES = ("auto", "torch", "triton")
 _KERNEL_MODULES = tuple(f"diffkv_sglang.kernels.{name}" for name in ("seal", "compaction", "decode_attention"))
 
@@ -67,3 +68,15 @@ def use_kernels(device: torch.device | str, head_dim: int | None = None) -> bool
                                f"{', '.join(loaded)} was imported without it (set TRITON_INTERPRET=1 first)")
         os.environ["TRITON_INTERPRET"] = "1"
     return True
+
+
+def cuda_graph_enabled() -> bool:
+    """Whether ``--kv-pool diffkv`` lets SGLang capture decode CUDA graphs: ``DIFFKV_CUDA_GRAPH=1`` (default 0).
+
+    Opt-in: the captured decode step (write the new tokens, attention of every layer) is tested under CUDA graphs
+    on a GPU without SGLang, since SGLang cannot be installed on the GPU machines this project is tested on; the
+    backend's graph hooks are tested on CPU. Raises ValueError for a value other than 0 or 1."""
+    value = os.environ.get(CUDA_GRAPH_ENV, "0").strip() or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"{CUDA_GRAPH_ENV}={value!r}; allowed: 0 (SGLang's decode CUDA graphs off), 1 (on)")
+    return value == "1"

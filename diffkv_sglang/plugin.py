@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 
+from .backend_select import CUDA_GRAPH_ENV, cuda_graph_enabled
 from .config import ConfigError, DiffKVConfig
 from .integration import args as cli
 
@@ -122,13 +123,19 @@ def _resolve(server_args, previous):
         if chosen not in (None, "diffkv") and name != "attention_backend":
             _refuse(f"--{name.replace('_', '-')} {chosen} cannot read the DiffKV pool; leave it unset")
     _refuse_unsupported_model(server_args)
-    graphs = with_phase(with_phase(cfg.cuda_graph_config, Phase.DECODE, backend=Backend.DISABLED),
-                        Phase.PREFILL, backend=Backend.DISABLED)
+    wants_graphs = cuda_graph_enabled()
+    decode_graphs = wants_graphs and str(cfg.device or "cuda").startswith("cuda")
+    graphs = with_phase(cfg.cuda_graph_config, Phase.PREFILL, backend=Backend.DISABLED)
+    if not decode_graphs:
+        graphs = with_phase(graphs, Phase.DECODE, backend=Backend.DISABLED)
     declare_resolution(server_args, "diffkv", attention_backend="diffkv", page_size=config.page_size,
                        cuda_graph_config=graphs)
     logger.info("DiffKV pool selected: %s", config.to_dict())
-    logger.warning("--kv-pool diffkv: CUDA graphs are disabled (the diffkv attention backend does not support "
-                   "them yet) and the attention backend is 'diffkv'")
+    decode_state = (f"as SGLang configures them ({CUDA_GRAPH_ENV}=1)" if decode_graphs
+                    else f"off (device {cfg.device})" if wants_graphs
+                    else f"off (set {CUDA_GRAPH_ENV}=1 to let SGLang capture them)")
+    logger.warning("--kv-pool diffkv: the attention backend is 'diffkv'; prefill CUDA graphs are off; decode CUDA "
+                   "graphs are %s", decode_state)
 
 
 def _refuse_unsupported_model(server_args) -> None:

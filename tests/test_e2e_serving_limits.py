@@ -112,3 +112,40 @@ def test_help_lists_the_flags():
     for flag in ("--kv-pool {default,diffkv}", "--diffkv-config", "--diffkv-tiers", "--diffkv-alpha-high",
                  "--diffkv-alpha-low", "--diffkv-window", "--diffkv-page-size", "--diffkv-arena-fraction"):
         assert flag in done.stdout, flag
+
+
+RESOLVE_GRAPHS = """
+import sys
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.arg_groups.overrides import resolution_result
+from sglang.srt.server_args import prepare_server_args
+args = prepare_server_args(sys.argv[1:])
+args.resolve_once()
+graphs = resolution_result(args, "cuda_graph_config")
+print("GRAPHS", graphs.decode.backend, graphs.prefill.backend)
+"""
+
+
+@pytest.mark.parametrize("env, device, decode", [
+    ("0", "cuda", "disabled"),            # the default: decode graphs off
+    ("1", "cuda", "full"),                # opt-in: SGLang's own decode setting stays
+    ("1", "cpu", "disabled"),             # never on a CPU device
+])
+def test_decode_cuda_graphs_are_opt_in(tiny_model, env, device, decode):
+    """SGLang's own resolution (run in a subprocess; resolution needs no GPU) keeps prefill graphs off and decode
+    graphs off unless DIFFKV_CUDA_GRAPH=1 on a CUDA device."""
+    argv = ["--model-path", str(tiny_model), "--device", device, "--kv-pool", "diffkv"]
+    done = subprocess.run([sys.executable, "-c", RESOLVE_GRAPHS, *argv], env=cpu_env({"DIFFKV_CUDA_GRAPH": env}),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"GRAPHS {decode} disabled" in done.stdout
+    assert "decode CUDA graphs are " + ("as SGLang configures them" if decode == "full" else "off") in done.stderr
+
+
+def test_bad_cuda_graph_switch_fails_at_start_up(tiny_model):
+    done = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_model), "--device",
+                           "cpu", "--kv-pool", "diffkv", "--port", "1"], env=cpu_env({"DIFFKV_CUDA_GRAPH": "yes"}),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "DIFFKV_CUDA_GRAPH='yes'; allowed: 0" in done.stderr + done.stdout

@@ -220,27 +220,38 @@ def test_run_is_capturable_in_a_cuda_graph(seeded):
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_decode_step_through_the_wrapper_is_capturable(monkeypatch, seeded):
-    """A whole decode step (write each layer's new K/V, then attention) captured once through
-    DecodeAttentionWrapper, replayed for the next step after ``plan`` with the new lengths: outputs and staged
-    statistics equal an eager run of the same two steps on a copy of the store, bit for bit."""
+    """SGLang's decode-graph protocol on the core: a whole decode step (write each layer's new K/V, then attention)
+    captured once through a DecodeAttentionWrapper of fixed capacities (batch, pages, staged pages), then replayed
+    for two more steps, each after host-side work outside the graph: sealing pages (the first step seals each
+    request's oldest staged page) and ``plan`` with the new lengths. One lane is padding, as in SGLang's padded
+    graphs: request row of zeros, length 1, writing to and attending over a staged padding page 0. Outputs of the
+    real lanes and the staged statistics equal an eager run of the same steps on a copy of the store, bit for
+    bit."""
     page, heads, dim, gqa, layers = 32, 4, 128, 4, 2
-    store, table, lens = build(DiffKVConfig.from_dict({"page_size": page, **PRUNING}), heads, dim, [700, 100, 1500], layers)
+    lens = [700, 100, 1500]
+    store, table, _ = build(DiffKVConfig.from_dict({"page_size": page, **PRUNING}), heads, dim, lens, layers,
+                            staged_pages=2)
     monkeypatch.setenv("DIFFKV_KERNELS", "auto")                            # CUDA stores run the kernels
     stores = {mode: mirror(store, DEVICE) for mode in ("graph", "eager")}
-    assert all(s.kernels for s in stores.values())
-    table = table.to(DEVICE)
-    kv_indptr, kv_indices = csr(table, lens.to(DEVICE), page)
+    for kernel_store in stores.values():
+        assert kernel_store.kernels
+        kernel_store.stage(torch.tensor([0]))                              # the padding page
+    table = torch.cat([table, torch.zeros(1, table.shape[1], dtype=table.dtype)]).to(DEVICE)   # padded lane last
+    lanes = len(lens) + 1
+    oldest_staged = table[torch.arange(len(lens)), torch.tensor(lens) // page - 1]
     gen = torch.Generator().manual_seed(seeded)
-    steps = [lens - 1, lens]                                                # the last two positions are staged
-    shapes = [(layers, 3, heads * gqa, dim), (layers, 3, heads, dim), (layers, 3, heads, dim)]      # q, k, v
+    steps = [torch.tensor(lens + [1]) + i for i in range(3)]               # seq lens; the padded lane stays at 1
+    steps = [torch.where(torch.arange(lanes) < len(lens), s, 1) for s in steps]
+    shapes = [(layers, lanes, heads * gqa, dim), (layers, lanes, heads, dim), (layers, lanes, heads, dim)]  # q, k, v
     inputs = [[torch.randn(shape, generator=gen) for shape in shapes] for _ in steps]
-    staged = kv_indices[stores["eager"].page_state[kv_indices] == PageState.STAGED]
     results = {}
     for mode, kernel_store in stores.items():
-        wrapper = DecodeAttentionWrapper(kernel_store, max_batch=3, max_pages=table.shape[1], num_q_heads=heads * gqa)
+        wrapper = DecodeAttentionWrapper(kernel_store, max_batch=lanes, max_pages=table.shape[1],
+                                         num_q_heads=heads * gqa, max_staged_pages=3)
         q, k, v = (torch.empty(x.shape, device=DEVICE) for x in inputs[0])
-        locs = torch.empty(3, dtype=torch.int64, device=DEVICE)
-        out = torch.empty(layers, 3, heads * gqa, dim, device=DEVICE)
+        locs = torch.empty(lanes, dtype=torch.int64, device=DEVICE)
+        out = torch.empty(layers, lanes, heads * gqa, dim, device=DEVICE)
+        outputs = []
 
         def step():
             for layer in range(layers):
@@ -248,12 +259,14 @@ def test_decode_step_through_the_wrapper_is_capturable(monkeypatch, seeded):
                 wrapper.run(q[layer], layer, out=out[layer])
 
         for i, step_lens in enumerate(steps):
+            if i == 1:                                                      # host-side work between replays
+                kernel_store.seal(oldest_staged.to(DEVICE), torch.full((len(lens),), CONTEXT))
             for static, fresh in zip((q, k, v), inputs[i]):
                 static.copy_(fresh)
             pos = step_lens.to(DEVICE) - 1
-            locs.copy_(table[torch.arange(3, device=DEVICE), pos // page] * page + pos % page)
-            wrapper.plan(kv_indptr, kv_indices, step_lens.to(DEVICE))
-            if mode == "graph" and i == 1:
+            locs.copy_(table[torch.arange(lanes, device=DEVICE), pos // page] * page + pos % page)
+            wrapper.plan(*csr(table, step_lens.to(DEVICE), page), step_lens.to(DEVICE))
+            if mode == "graph" and i > 0:
                 out.fill_(float("nan"))
                 graph.replay()
             else:
@@ -262,7 +275,13 @@ def test_decode_step_through_the_wrapper_is_capturable(monkeypatch, seeded):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     step()
-        results[mode] = (out.clone(), [kernel_store.staged_importance(layer, staged) for layer in range(layers)])
-    torch.testing.assert_close(results["graph"][0], results["eager"][0], rtol=0, atol=0)
+            outputs.append(out[:, :len(lens)].clone())
+        staged = kernel_store.page_state[table[:len(lens)]] == PageState.STAGED
+        results[mode] = (outputs, [kernel_store.staged_importance(layer, table[:len(lens)][staged])
+                                   for layer in range(layers)])
+    assert torch.equal(stores["graph"].page_state, stores["eager"].page_state)
+    for got, expected in zip(results["graph"][0], results["eager"][0]):
+        assert torch.isfinite(expected).all()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
     for (score, seen), (ref_score, ref_seen) in zip(results["graph"][1], results["eager"][1]):
         assert torch.equal(score, ref_score) and torch.equal(seen, ref_seen)

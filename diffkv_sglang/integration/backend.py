@@ -10,6 +10,13 @@ Per forward (``init_forward_metadata``):
   when a later request decodes over them;
 * the wrappers are planned once; ``forward_extend`` / ``forward_decode`` write the new tokens and run one layer.
 
+All of it is host-side preparation (``init_forward_metadata_out_graph``), so SGLang's decode CUDA graphs can
+replay the forward itself: ``init_cuda_graph_state`` gives the decode wrapper fixed capacities (SGLang's largest
+captured batch, a full-context page table, and the staged pages a decoding request can have once its old pages
+are sealed: ``window / page_size + 2``), so the plan's buffers never move; padded lanes (request row 0, length 1)
+attend over and write to the pool's padding page. Prefill (extend) batches stay eager. The plugin enables decode
+graphs only when ``DIFFKV_CUDA_GRAPH=1`` (:mod:`diffkv_sglang.backend_select`).
+
 The backend holds no algorithm: classification, quantization and attention live in the core.
 """
 
@@ -19,6 +26,7 @@ import logging
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.runtime_context import get_parallel
 
 from ..attention import DecodeAttentionWrapper, ExtendAttentionWrapper
 from ..policy import sealable_pages
@@ -42,6 +50,7 @@ class DiffKVAttnBackend(AttentionBackend):
         self.page_size = pool.page_size
         self.window = pool.plan.config.window
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.num_q_heads = model_runner.model_config.get_num_attention_heads(get_parallel().attn_tp_size)
         self.decode_wrapper = DecodeAttentionWrapper(self.store)
         self.extend_wrapper = ExtendAttentionWrapper(self.store)
         self._checked_layers: set[int] = set()
@@ -50,7 +59,8 @@ class DiffKVAttnBackend(AttentionBackend):
     def _page_table(self, forward_batch):
         """``[B, max_pages]`` logical pages of each request and the ``[B, max_pages]`` valid mask."""
         seq_lens = forward_batch.seq_lens.to(torch.int64)
-        max_len = int(forward_batch.seq_lens_cpu.max())
+        lens_cpu = forward_batch.seq_lens_cpu
+        max_len = int(lens_cpu.max() if lens_cpu is not None else seq_lens.max())
         starts = self.req_to_token[forward_batch.req_pool_indices, :max_len:self.page_size].to(torch.int64)
         pages = starts // self.page_size
         num_pages = (seq_lens + self.page_size - 1) // self.page_size
@@ -76,6 +86,11 @@ class DiffKVAttnBackend(AttentionBackend):
         self.store.seal(unique, context)
 
     def init_forward_metadata(self, forward_batch):
+        self.init_forward_metadata_out_graph(forward_batch)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        """Seal, compact and plan for this batch (host syncs allowed: it runs outside any CUDA graph; a captured
+        decode graph replays only the forward, over the buffers planned here)."""
         mode = forward_batch.forward_mode
         if mode.is_idle():
             return
@@ -94,8 +109,18 @@ class DiffKVAttnBackend(AttentionBackend):
             raise NotImplementedError(f"the diffkv backend does not support forward mode {mode}")
         self.pool.reporter.maybe_report()
 
-    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        raise NotImplementedError("the diffkv backend does not support CUDA graphs yet; run with --disable-cuda-graph")
+    # --------------------------------------------------------------------------- CUDA graphs
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        """Give the decode wrapper the fixed capacities a captured decode graph needs (see the module docstring)."""
+        if not self.store.kernels:
+            raise RuntimeError("CUDA graphs need the DiffKV kernels (a CUDA store with DIFFKV_KERNELS auto or triton)")
+        max_pages = -(-self.req_to_token.shape[1] // self.page_size)
+        self.decode_wrapper = DecodeAttentionWrapper(self.store, max_batch=max_bs, max_pages=max_pages,
+                                                     num_q_heads=self.num_q_heads,
+                                                     max_staged_pages=self.window // self.page_size + 2)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1
 
     # ------------------------------------------------------------------------------- forward
     def _check_layer(self, layer) -> None:
