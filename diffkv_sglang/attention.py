@@ -104,24 +104,35 @@ class _PagedAttentionBase:
         values = values.reshape(batch, -1, heads, store.page_size, dim).permute(0, 2, 1, 3, 4).reshape(batch, heads, -1, dim)
         present = present.reshape(batch, -1, heads, store.page_size).permute(0, 2, 1, 3).reshape(batch, heads, -1)
         present &= plan.key_valid[:, None, :]
-        values = values.masked_fill(~present[..., None], 0.0)     # unwritten slots may hold any bits, NaN included
+        absent = ~present[..., None]                              # unwritten slots may hold any bits, NaN included
+        keys, values = keys.masked_fill(absent, 0.0), values.masked_fill(absent, 0.0)
         q = q_padded.float().permute(0, 2, 1, 3).reshape(batch, heads, group * num_q, dim)  # [B, H, G*Q, D]
         scale = plan.sm_scale if sm_scale is None else sm_scale
-        logits = torch.einsum("bhqd,bhkd->bhqk", q, keys) * scale                          # [B, H, G*Q, T]
         causal = plan.key_valid[:, None, :] & (torch.arange(keys.shape[2], device=q.device)[None, None, :]
                                                <= plan.q_positions[:, :, None])            # [B, Q, T]
         mask = causal.repeat(1, group, 1)[:, None] & present[:, :, None, :]                # [B, H, G*Q, T]
-        probs = torch.softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
-        probs = torch.nan_to_num(probs, nan=0.0)                                           # padded queries
-        out = torch.einsum("bhqk,bhkd->bhqd", probs, values)
-        self._record_importance(layer, probs.reshape(batch, num_q_heads, num_q, -1), causal)
+        out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        out = torch.nan_to_num(out, nan=0.0)              # queries that see no key: padding, everything pruned
+        self._record_importance(layer, q, keys, present, causal, scale)
         return out.reshape(batch, num_q_heads, num_q, dim).permute(0, 2, 1, 3)
 
-    def _record_importance(self, layer: int, probs: torch.Tensor, causal: torch.Tensor) -> None:
-        """Add the observing queries' attention to staged tokens: ``probs`` ``[B, Hq, Q, T]``."""
+    def _record_importance(self, layer: int, q: torch.Tensor, keys: torch.Tensor, present: torch.Tensor,
+                           causal: torch.Tensor, scale: float) -> None:
+        """Add the observing queries' attention to staged tokens. ``q`` ``[B, H, G*Q, D]`` (row ``g * Q + i``:
+        query ``i``, head ``g`` of the group), ``keys`` ``[B, H, T, D]``, ``present`` ``[B, H, T]``, ``causal``
+        ``[B, Q, T]``. The probabilities are computed for the query columns some request observes only (the last
+        ``obs_window`` of a prompt, not all of it)."""
         plan, store = self._plan, self.store
+        batch, heads, rows, dim = q.shape
+        num_q = causal.shape[1]
         observe = plan.observe & plan.q_valid                                              # [B, Q]
-        score = group_max((probs * observe[:, None, :, None]).sum(2), store.num_kv_heads)  # [B, H, T]
+        columns = observe.any(0).nonzero().squeeze(1)                                      # [n]
+        q_obs = q.reshape(batch, heads, rows // num_q, num_q, dim)[:, :, :, columns]       # [B, H, G, n, D]
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q_obs, keys) * scale                    # [B, H, G, n, T]
+        mask = causal[:, None, None, columns] & present[:, :, None, None, :]
+        probs = torch.nan_to_num(torch.softmax(logits.masked_fill(~mask, -math.inf), dim=-1), nan=0.0)
+        mass = (probs * observe[:, None, None, columns, None]).sum(3)                      # [B, H, G, T]
+        score = group_max(mass.reshape(batch, -1, mass.shape[-1]), heads)                  # [B, H, T]
         seen = (causal & observe[:, :, None]).sum(1).float()                               # [B, T]
         self._store_importance(layer, score, seen)
 
