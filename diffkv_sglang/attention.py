@@ -27,6 +27,9 @@ from .policy import group_max
 from .store import CompressedKVStore, PageState
 
 
+_QUERY_CHUNK = 512      # reference attention runs queries in chunks, each over the keys its positions can see
+
+
 @dataclasses.dataclass
 class PagedBatchPlan:
     """Per-batch metadata built by ``plan()``.
@@ -110,8 +113,16 @@ class _PagedAttentionBase:
         scale = plan.sm_scale if sm_scale is None else sm_scale
         causal = plan.key_valid[:, None, :] & (torch.arange(keys.shape[2], device=q.device)[None, None, :]
                                                <= plan.q_positions[:, :, None])            # [B, Q, T]
-        mask = causal.repeat(1, group, 1)[:, None] & present[:, :, None, :]                # [B, H, G*Q, T]
-        out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        q_groups = q.reshape(batch, heads, group, num_q, dim)
+        out = torch.empty_like(q_groups)
+        for start in range(0, num_q, _QUERY_CHUNK):       # causal: a chunk of queries reads keys up to its last
+            end = min(start + _QUERY_CHUNK, num_q)
+            span = max(1, min(int(plan.q_positions[:, start:end].max()) + 1, keys.shape[2]))
+            mask = causal[:, None, None, start:end, :span] & present[:, :, None, None, :span]   # [B, H, 1, n, t]
+            chunk = torch.nn.functional.scaled_dot_product_attention(
+                q_groups[:, :, :, start:end].reshape(batch, heads, -1, dim), keys[:, :, :span], values[:, :, :span],
+                attn_mask=mask.expand(-1, -1, group, -1, -1).reshape(batch, heads, -1, span), scale=scale)
+            out[:, :, :, start:end] = chunk.reshape(batch, heads, group, end - start, dim)
         out = torch.nan_to_num(out, nan=0.0)              # queries that see no key: padding, everything pruned
         self._record_importance(layer, q, keys, present, causal, scale)
         return out.reshape(batch, num_q_heads, num_q, dim).permute(0, 2, 1, 3)
@@ -133,7 +144,7 @@ class _PagedAttentionBase:
         probs = torch.nan_to_num(torch.softmax(logits.masked_fill(~mask, -math.inf), dim=-1), nan=0.0)
         mass = (probs * observe[:, None, None, columns, None]).sum(3)                      # [B, H, G, T]
         score = group_max(mass.reshape(batch, -1, mass.shape[-1]), heads)                  # [B, H, T]
-        seen = (causal & observe[:, :, None]).sum(1).float()                               # [B, T]
+        seen = (causal[:, columns] & observe[:, columns, None]).sum(1).float()             # [B, T]
         self._store_importance(layer, score, seen)
 
     def _store_importance(self, layer: int, score: torch.Tensor, seen: torch.Tensor) -> None:
