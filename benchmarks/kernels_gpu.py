@@ -74,7 +74,8 @@ MIXES = {"all_high": (1.0, 0.0, 0.0), "diffkv_typical": (0.3, 0.5, 0.2), "heavy_
 STAGED_TAIL = 2                 # staged pages at the end of every request (the protected window)
 MEMORY_LIMIT = 60 << 30         # skip cases whose arena or dense K/V would not fit
 CHUNK_BLOCKS = 1 << 11          # blocks quantized at once; the rest of a pool repeats their bytes
-TUNE_CASES = (("llama-3-8b", 1, 32768), ("llama-3-8b", 64, 16384), ("smollm2", 64, 4096))
+TUNE_CASES = (("llama-3-8b", 1, 32768), ("llama-3-8b", 16, 4096), ("llama-3-8b", 64, 16384), ("smollm2", 16, 16384),
+              ("smollm2", 64, 4096))
 SEAL_TIERS = (TierSpec(8, 4), TierSpec(4, 2))
 SEAL_MIXES = {"all_high": (1.0, 0.0, 0.0), "diffkv_typical": (0.3, 0.5, 0.2), "heavy_pruning": (0.1, 0.3, 0.6)}
 SEAL_PAGE = 32
@@ -97,14 +98,14 @@ GRIDS = {
 check's); compaction sizes (the first is also checked); copy size."""
 
 WHY_MISSED = (
-    "Decode v2, Nsight Compute on an H100 (benchmarks/profile_decode.py, batch 64, context 16k): latency-bound at low "
-    "occupancy, neither DRAM- nor issue-bound. Llama-3-8B shape (2 warps, 255 registers with spills): 4 programs "
-    "(8 warps) per SM, theoretical occupancy 12.5%; about 2 warps per scheduler leave 58% of cycles with no eligible "
-    "warp; issue slots 40% busy; DRAM throughput 39% of peak all-high, 15% at 30/50/20, where L1/TEX throughput is "
-    "67%: each tier of a page is its own 32-row tile, so a mixed page costs two tiles of unpacking and products "
-    "where an all-high page costs one (1.44x the all-high time for 0.57x the bytes). SmolLM2 shape (4 warps, 128 "
-    "registers): occupancy 21%, issue slots 37% busy, DRAM 8%. All-high decode takes 0.96-0.99x the dense SDPA "
-    "time at batch >= 64 while reading 0.40x the bytes.")
+    "Decode, Nsight Compute on an H100 (benchmarks/profile_decode.py, batch 64, context 16k; 16-row tiles, one warp "
+    "per program): latency-bound at low occupancy, neither DRAM- nor issue-bound. Registers limit an SM to 8 "
+    "one-warp programs (Llama-3-8B shape: 255 registers per thread and spills to local memory; SmolLM2 shape: 240), "
+    "theoretical occupancy 12.5%. Llama-3-8B shape: 56-59% of cycles have no eligible warp, issue slots are 39-42% "
+    "busy, DRAM throughput is 38% of peak all-high and 18% at 30/50/20, where L1/TEX throughput is 70% (a mixed "
+    "page is read as per-tier tiles: more, smaller loads for its bytes). SmolLM2 shape at 30/50/20: issue slots "
+    "50%, DRAM 18%, L1/TEX 60%. At batch >= 64 the Llama-3-8B-shaped decode takes 0.92-0.99x the dense SDPA time "
+    "all-high (0.40x the bytes) and 1.11-1.16x at 30/50/20 (0.23x the bytes).")
 """Why the decode targets were missed, as measured with Nsight Compute (H100, Triton 3.6; ``profile`` in the
 committed results); written to ``targets["why_missed"]`` when a target is missed. Re-measure after changing the
 kernels."""
@@ -409,10 +410,10 @@ def run_decode(grid: dict, config: DiffKVConfig, device, copy: float, tune: bool
                 rows.append(row)
                 log(f"  batch {batch:>3} context {context:>5}: {t['us']:8.1f} us (eager {t['eager_us']:7.1f}), dense "
                     f"{sdpa['us'] or float('nan'):8.1f} us, bw {row['bw_fraction']:.2f}, splits {t['num_splits']}")
-                if tune and mix_name == "diffkv_typical" and (model, batch, context) in TUNE_CASES:
+                if tune and (model, batch, context) in TUNE_CASES:
                     for cfg in TUNE_CONFIGS:
                         t_us = time_decode(pool, batch, context, q_heads, cfg)["us"]
-                        tune_rows.append({"model": model, "batch": batch, "context": context,
+                        tune_rows.append({"model": model, "batch": batch, "context": context, "mix": mix_name,
                                           "config": cfg.__dict__, "diffkv_us": t_us,
                                           "bw_fraction": t["bytes_read"] / t_us / (copy * 1e3)})
                         log(f"    tune {cfg}: {t_us:.1f} us")

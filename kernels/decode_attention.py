@@ -89,7 +89,7 @@ _SUPPORTED_BITS = (2, 4, 8)
 W_SHIFT = 16                    # value weights p * s enter float16 multiplied by 2^W_SHIFT
 _W_SCALE = tl.constexpr(float(2 ** W_SHIFT))
 _W_UNSCALE = tl.constexpr(float(2 ** -W_SHIFT))
-MIN_TILE_ROWS = 32              # 16-row tiles computed wrong outputs on an H100 (Triton 3.6, earlier kernel)
+MIN_TILE_ROWS = 16              # the tensor cores' smallest N / K
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -747,6 +747,9 @@ class DecodeConfig:
         unroll: unroll factor of the item loop (2: the one-item-ahead buffers alternate instead of being
             copied each item).
         min_pages_per_split: fewest pages a split gets (short requests use fewer splits).
+        programs_per_sm: split-K aims at this many programs per multiprocessor while the batch has at most
+            ``NARROW_PAIRS_PER_SM`` (request, KV head) pairs per multiprocessor ...
+        wide_programs_per_sm: ... and at this many above that (more splits then add waves and merge work).
     """
 
     block_n: int = 64
@@ -754,15 +757,21 @@ class DecodeConfig:
     unroll: int = 2
     min_pages_per_split: int = 2
     maxnreg: int | None = None
+    programs_per_sm: int = 16
+    wide_programs_per_sm: int = 4
 
 
-# The visible tuning table: head_dim -> config; benchmarks/kernels_gpu.py --tune times TUNE_CONFIGS for
-# Llama-3-8B-shaped (128, batch 64, context 16k) and SmolLM2-shaped (64, batch 64, context 4k) batches. Measured
-# on an H200 (benchmarks/results/kernels-h200-quick.json, "tune"): 128 -> 2 warps (1991 us against 2486 us with 4),
-# 64 -> 4 warps capped at 128 registers (194 us against 215 us).
+# The visible tuning table: head_dim -> config; benchmarks/kernels_gpu.py --tune times TUNE_CONFIGS on TUNE_CASES
+# (Llama-3-8B and SmolLM2 shapes, batch 1-64, all-high and 30/50/20). 16-row tiles with one warp per program were
+# the fastest at both head_dims on an H200 (benchmarks/results/decode-tune-h200.json; 30/50/20 at batch 64: 1660
+# against 1986 us for 32-row tiles and 2 warps at head_dim 128, 151 against 187 us at 64; all-high about equal),
+# since a mixed page then costs the tiles of its rows, not one padded tile per tier. Splits, on an H100
+# (benchmarks/results/decode-tune-h100.json): 16 programs per SM beat 4 where the batch has few (request, head)
+# pairs (Llama-3-8B batch 16 at 4k: 108 against 140 us all-high; SmolLM2 batch 64 at 4k: 87 against 133 us) and
+# lose where it has many (Llama-3-8B batch 64 at 16k, 512 pairs: 1527 against 1340 us), hence two targets.
 DECODE_CONFIGS = {
-    64: DecodeConfig(num_warps=4, maxnreg=128),
-    128: DecodeConfig(num_warps=2),
+    64: DecodeConfig(block_n=16, num_warps=1),
+    128: DecodeConfig(block_n=16, num_warps=1),
 }
 TUNE_CONFIGS = (
     DecodeConfig(num_warps=4),
@@ -770,8 +779,15 @@ TUNE_CONFIGS = (
     DecodeConfig(num_warps=8),
     DecodeConfig(num_warps=2),
     DecodeConfig(num_warps=4, min_pages_per_split=4),
+    DecodeConfig(block_n=16, num_warps=2),
+    DecodeConfig(block_n=16, num_warps=4),
+    DecodeConfig(block_n=16, num_warps=4, maxnreg=128),
+    DecodeConfig(block_n=16, num_warps=1, programs_per_sm=4),
+    DecodeConfig(block_n=16, num_warps=1, programs_per_sm=8),
+    DecodeConfig(block_n=16, num_warps=1, programs_per_sm=16, wide_programs_per_sm=16),
 )
 MAX_SPLITS = 64
+NARROW_PAIRS_PER_SM = 2
 
 
 def sealed_format_constants(fmt: BlockFormat) -> dict:
@@ -874,7 +890,7 @@ class DecodePlan:
         device = store.device
         self._fixed_splits = num_splits
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        self._target_programs = 4 * sms
+        self._sms = sms
         self.page_table = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=device)
         self.staged_rank = torch.full((max_batch, max_pages), -1, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
@@ -900,7 +916,10 @@ class DecodePlan:
         if self._fixed_splits is not None:
             return self._fixed_splits
         most = triton.cdiv(self.max_pages, self.config.min_pages_per_split)
-        wanted = triton.cdiv(self._target_programs, batch * self.store.num_kv_heads)
+        pairs = batch * self.store.num_kv_heads
+        per_sm = (self.config.programs_per_sm if pairs <= NARROW_PAIRS_PER_SM * self._sms
+                  else self.config.wide_programs_per_sm)
+        wanted = triton.cdiv(per_sm * self._sms, pairs)
         return max(1, min(wanted, most, MAX_SPLITS))
 
     def _alloc_staged(self, cap: int) -> None:

@@ -56,7 +56,7 @@ _STAGED = tl.constexpr(int(PageState.STAGED))
 EXTEND_CONFIG = {"block_q": 64, "block_n": 64, "window_rows": 64, "num_warps": 4, "num_stages": 2}
 """Launch parameters: query rows and key rows per attention tile, observing queries per chunk of the importance
 kernel, Triton options."""
-MIN_BLOCK = 32                  # tile sides below 32 rows: see MIN_TILE_ROWS in decode_attention.py
+MIN_BLOCK = 32                  # tile sides of at least 32 rows (16-row tiles gave wrong outputs on an H100 in the first decode kernel, Triton 3.6)
 
 
 @triton.jit

@@ -114,6 +114,7 @@ CASES = {
     "layer override, value rotation": (dict(layer_tiers={1: ["k4v2g2", "k2v2"]}, value_rotation="hadamard"),
                                        64, 3, 4, DecodeConfig(min_pages_per_split=1)),
     "pages in two tiles": (dict(page_size=64), 32, 3, 2, DecodeConfig(block_n=32)),
+    "16-row tiles": (dict(), 32, 4, 2, DecodeConfig(block_n=16)),
 }
 
 
