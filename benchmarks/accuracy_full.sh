@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The full accuracy run behind benchmarks/results/accuracy.json, docs/accuracy.md and docs/accuracy.png, in
+# priority order (each line is resumable: finished cells whose spec matches are skipped, so rerunning this script
+# continues where it stopped). Hours on 2 CPU cores; `make model MODEL=...` must have converted both models.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+SMOL=smollm2-135m-instruct
+QWEN=qwen2.5-coder-0.5b-instruct
+NEEDLES=needle_1k_aware,needle_1k_agnostic,needle_2k_aware,needle_2k_agnostic,needle_4k_aware,needle_4k_agnostic
+EVERY_TASK=$NEEDLES,qa_2k,ppl,greedy,multiturn
+
+# 1. the main rows on every task: dense, the shipped defaults, DiffKV's published setting, the uniform and
+#    eviction-only peers, the calibrated per-layer config
+$PY benchmarks/accuracy.py --model $SMOL --tasks $EVERY_TASK \
+    --configs dense,diffkv-noprune,diffkv,k8v4,k4v4,evict,calibrated
+# 2. the same rows on the second model (4-bit keys hurt it: the calibrated config is the fix)
+$PY benchmarks/accuracy.py --model $QWEN \
+    --tasks needle_1k_aware,needle_1k_agnostic,needle_4k_aware,needle_4k_agnostic,qa_2k,ppl,greedy,multiturn \
+    --configs dense,diffkv-noprune,calibrated,k8v4,diffkv,evict
+# 3. the retrieval-safety variants (a lowest tier instead of pruning, layer-scope pruning) and the other peers
+$PY benchmarks/accuracy.py --model $SMOL --tasks $NEEDLES,ppl,multiturn \
+    --configs diffkv-3tier-k2v2,diffkv-layer,diffkv-noprune-ah4,k8v8,k2v2
+$PY benchmarks/accuracy.py --model $SMOL --tasks greedy --configs ours-dense
+# 4. the alpha_high / alpha_low sweep that traces the ratio-accuracy curve
+$PY benchmarks/accuracy.py --model $SMOL --tasks needle_1k_aware,needle_1k_agnostic,ppl \
+    --configs diffkv-ah0.5,diffkv-ah2,diffkv-ah4,diffkv-al0.005,diffkv-al0.1,diffkv-ah4-al0.1,evict-al0.1,evict-al0.5
