@@ -263,17 +263,6 @@ class Pool:
         return blocks + slots.numel() * per_block + used.numel() * per_page + vectors + 4 * seq_lens.numel()
 
 
-def mirror(store: CompressedKVStore, device) -> CompressedKVStore:
-    """A copy of ``store`` (arena bytes, slot table, descriptors) on ``device``, for reading and importance."""
-    copy = CompressedKVStore(store.config, store.num_layers, store.num_kv_heads, store.head_dim, store.num_pages,
-                             store.arena.capacity_bytes, store.dtype, device)
-    for dst, src in ((copy.arena.data, store.arena.data), (copy.arena.block_offset, store.arena.block_offset),
-                     (copy.arena.block_nbytes, store.arena.block_nbytes), (copy.tier_counts, store.tier_counts),
-                     (copy.page_state, store.page_state)):
-        dst.copy_(src)
-    return copy
-
-
 def csr(table: torch.Tensor, seq_lens: torch.Tensor, page: int):
     pages = (seq_lens + page - 1) // page
     indptr = torch.cat([pages.new_zeros(1), pages.cumsum(0)])
@@ -288,7 +277,7 @@ def check_decode(name: str, config: DiffKVConfig, q_heads: int, heads: int, dim:
     sealed = sum(math.ceil(n / page) - STAGED_TAIL for n in seq_lens)
     pool = Pool(config, heads, dim, sealed, STAGED_TAIL * len(seq_lens), mix, "cpu", seed=1)
     table, lens = pool.table(seq_lens)
-    store = mirror(pool.store, device)                      # the reference runs on the CPU copy
+    store = pool.store.to(device)                      # the reference runs on the CPU copy
     q = torch.randn(len(seq_lens), q_heads, dim)
     reference = DecodeAttentionWrapper(pool.store)
     reference.plan(*csr(table, lens, page), lens)

@@ -146,6 +146,15 @@ class BlockArena:
         self._top = 0
         self._num_blocks = 0
 
+    def to(self, device: torch.device | str, kernels: bool | None = None) -> "BlockArena":
+        """A copy of this arena on ``device``: its bytes, block table and allocation state (``kernels`` as in the
+        constructor: None follows ``DIFFKV_KERNELS`` for ``device``)."""
+        copy = BlockArena(self._capacity, self.num_slots, device, kernels)
+        for name in ("data", "block_offset", "block_nbytes"):
+            getattr(copy, name).copy_(getattr(self, name))
+        copy._used, copy._top, copy._num_blocks = self._used, self._top, self._num_blocks
+        return copy
+
     @property
     def capacity_bytes(self) -> int:
         """Arena size in bytes (a multiple of ``ARENA_ALIGN``)."""

@@ -131,6 +131,18 @@ class CompressedKVStore:
         self.compacted_bytes = 0
         self.compaction_seconds = 0.0
 
+    def to(self, device: torch.device | str) -> "CompressedKVStore":
+        """A copy of this store on ``device`` (arena bytes and allocation state, descriptor tables, counters);
+        whether it runs the kernels follows ``DIFFKV_KERNELS`` for ``device``."""
+        copy = CompressedKVStore(self.config, self.num_layers, self.num_kv_heads, self.head_dim, self.num_pages,
+                                 arena_bytes=16, dtype=self.dtype, device=device, seal_chunk_pages=self.seal_chunk_pages)
+        copy.arena = self.arena.to(copy.device, kernels=copy.kernels)
+        for name in ("page_state", "tier_counts", "_sealed_totals"):
+            getattr(copy, name).copy_(getattr(self, name))
+        copy.compactions, copy.compacted_bytes = self.compactions, self.compacted_bytes
+        copy.compaction_seconds = self.compaction_seconds
+        return copy
+
     # ------------------------------------------------------------------------------------- addressing
     def slots(self, pages: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Arena slot ids: ``[n, L, H]`` for all layers, or ``[n, H]`` for one ``layer``."""

@@ -50,7 +50,7 @@ from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.kernels.decode_attention import DecodeConfig, DecodePlan
 from diffkv_sglang.store import PageState
 from decode_bound import error_bound
-from kernel_stores import CONTEXT, PRUNING, build, csr, mirror
+from kernel_stores import CONTEXT, PRUNING, build, csr
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("torch_reference")]
 
@@ -73,7 +73,7 @@ def compare(store, table, seq_lens, num_q_heads, num_splits=None, config=None):
                    & (torch.arange(table.shape[1]) < (seq_lens[:, None] + page - 1) // page)]
     reference = DecodeAttentionWrapper(store)
     reference.plan(*csr(table, seq_lens, page), seq_lens)
-    kernel_store = mirror(store, DEVICE)
+    kernel_store = store.to(DEVICE)
     plan = DecodePlan(kernel_store, num_q_heads, max_batch=len(seq_lens) + 1, max_pages=table.shape[1] + 1,
                       num_splits=num_splits, config=config)
     plan.plan(table.to(DEVICE), seq_lens.to(DEVICE))
@@ -181,7 +181,7 @@ def test_plan_checks_and_fixed_capacity(seeded):
     page, heads, dim = 16, 2, 32
     store, table, lens = build(DiffKVConfig.from_dict({"page_size": page, **PRUNING}), heads, dim, [40, 20], layers=1,
                                staged_pages=2)
-    store, table, lens = mirror(store, DEVICE), table.to(DEVICE), lens.to(DEVICE)
+    store, table, lens = store.to(DEVICE), table.to(DEVICE), lens.to(DEVICE)
     plan = DecodePlan(store, heads, max_batch=2, max_pages=3, max_staged_pages=1)
     with pytest.raises(ValueError, match="max_staged_pages"):
         plan.plan(table, lens)
@@ -204,7 +204,7 @@ def test_run_is_capturable_in_a_cuda_graph(seeded):
     page, heads, dim = 32, 4, 128
     config = DiffKVConfig.from_dict({"page_size": page, **PRUNING, "key_rotation": "hadamard", "value_rotation": "hadamard"})
     store, table, lens = build(config, heads, dim, [700, 100, 1500], layers=1)
-    store, table, lens = mirror(store, DEVICE), table.to(DEVICE), lens.to(DEVICE)
+    store, table, lens = store.to(DEVICE), table.to(DEVICE), lens.to(DEVICE)
     plan = DecodePlan(store, heads * 4, max_batch=3, max_pages=table.shape[1], max_staged_pages=2)
     plan.plan(table, lens)
     q = torch.randn(3, heads * 4, dim, device=DEVICE)
@@ -233,7 +233,7 @@ def test_decode_step_through_the_wrapper_is_capturable(monkeypatch, seeded):
     store, table, _ = build(DiffKVConfig.from_dict({"page_size": page, **PRUNING}), heads, dim, lens, layers,
                             staged_pages=2)
     monkeypatch.setenv("DIFFKV_KERNELS", "auto")                            # CUDA stores run the kernels
-    stores = {mode: mirror(store, DEVICE) for mode in ("graph", "eager")}
+    stores = {mode: store.to(DEVICE) for mode in ("graph", "eager")}
     for kernel_store in stores.values():
         assert kernel_store.kernels
         kernel_store.stage(torch.tensor([0]))                              # the padding page

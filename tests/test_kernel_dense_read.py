@@ -18,7 +18,7 @@ import torch
 from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.kernels.dense_read import read_pages_dense
 from diffkv_sglang.store import PageState
-from kernel_stores import PRUNING, build, mirror
+from kernel_stores import PRUNING, build
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("torch_reference")]
 
@@ -48,7 +48,7 @@ def test_dense_read_matches_reference(name, store_dtype, out_dtype, seeded):
     written = torch.cat([(pos[None] < lens[:, None, None]).reshape(-1, page), torch.zeros(1, page, dtype=torch.bool)])
     written = written[:, None, :, None].expand(-1, heads, -1, dim)
     dtype = store_dtype if out_dtype == "model" else torch.float32
-    kernel_store = mirror(store, DEVICE)
+    kernel_store = store.to(DEVICE)
     rotated = config.key_rotation == "hadamard"
     for layer in range(store.num_layers):
         ref_k, ref_v, ref_present = store.read_pages(layer, pages)
@@ -71,4 +71,4 @@ def test_dense_read_matches_reference(name, store_dtype, out_dtype, seeded):
 def test_dense_read_checks_the_dtype(seeded):
     store, table, _ = build(DiffKVConfig.from_dict({"page_size": 16, **PRUNING}), 1, 32, [20], layers=1, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="dtype"):
-        read_pages_dense(mirror(store, DEVICE), 0, table[0].to(DEVICE), torch.float16)
+        read_pages_dense(store.to(DEVICE), 0, table[0].to(DEVICE), torch.float16)

@@ -30,7 +30,7 @@ from diffkv_sglang.attention import ExtendAttentionWrapper
 from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.kernels.extend_attention import ExtendPlan
 from diffkv_sglang.store import PageState
-from kernel_stores import PRUNING, build, csr, mirror
+from kernel_stores import PRUNING, build, csr
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("torch_reference")]
 
@@ -89,7 +89,7 @@ def compare(config, heads, gqa, dim, seq_lens, extend_lens, staged_pages, dtype,
     for layer in range(store.num_layers):
         store.add_importance(layer, locs, torch.full((locs.numel(), heads), POISON),
                              torch.full((locs.numel(),), POISON), accumulate=False)
-    kernel_store = mirror(store, DEVICE)
+    kernel_store = store.to(DEVICE)
     reference = ExtendAttentionWrapper(store)
     reference.plan(qo_indptr, kv_indptr, kv_indices, lens)
     plan = ExtendPlan(kernel_store, heads * gqa, config=extend_config)
@@ -161,7 +161,7 @@ def test_extend_kernel_matches_reference(case, dtype, seeded):
 def test_plan_and_run_checks(seeded):
     config = DiffKVConfig.from_dict({"page_size": 16, **PRUNING})
     store, table, lens = build(config, 2, 32, [40], layers=1, staged_pages=3)
-    store = mirror(store, DEVICE)
+    store = store.to(DEVICE)
     with pytest.raises(ValueError, match="multiple"):
         ExtendPlan(store, 3)
     plan = ExtendPlan(store, 4)

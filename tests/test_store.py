@@ -187,3 +187,29 @@ def test_running_totals_match_a_table_scan_and_compaction_keeps_data(seeded):
         assert stats.tokens_per_tier == tuple(store.tier_counts.sum(dim=(0, 1, 2)).tolist())
         store.arena.check_invariants()
     assert store.compactions > 0 and store.arena.fragmented_bytes == 0
+
+
+def test_to_copies_bytes_tables_and_allocation_state(seeded):
+    """``store.to(device)`` (here the same device) is an independent copy that continues exactly where the store
+    is: the same reads and stats, and the same next allocations (the arena's bump pointer and usage come along)."""
+    store = make_store()
+    fill(store, torch.tensor([1, 2, 3, 4]))
+    store.add_importance(0, torch.arange(P, 2 * P), torch.rand(P, H), torch.ones(P))
+    store.seal(torch.tensor([1, 2]), context_lens=torch.tensor([64, 64]))
+    store.release(torch.tensor([1]))                                       # a hole below the bump pointer
+    copy = store.to(store.device)
+    assert copy.arena is not store.arena and copy.arena.data.data_ptr() != store.arena.data.data_ptr()
+    assert (copy.arena.top, copy.arena.used_bytes, copy.arena.num_blocks) == \
+           (store.arena.top, store.arena.used_bytes, store.arena.num_blocks)
+    assert copy.stats() == store.stats() and copy.kernels == store.kernels
+    for s in (store, copy):                                               # the same operations, the same results
+        torch.manual_seed(seeded)
+        fill(s, torch.tensor([5]))
+        s.seal(torch.tensor([3]), context_lens=torch.tensor([64]))
+    for name in ("data", "block_offset", "block_nbytes"):
+        assert torch.equal(getattr(copy.arena, name), getattr(store.arena, name)), name
+    assert torch.equal(copy.page_state, store.page_state) and torch.equal(copy.tier_counts, store.tier_counts)
+    for layer in range(L):
+        for got, expected in zip(copy.read_pages(layer, torch.tensor([2, 3, 4, 5])),
+                                 store.read_pages(layer, torch.tensor([2, 3, 4, 5]))):
+            assert torch.equal(got, expected)

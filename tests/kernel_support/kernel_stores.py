@@ -1,4 +1,5 @@
-"""Stores for the kernel tests: built through the store's own API with steered tiers, mirrored to a device."""
+"""Stores for the kernel tests: built through the store's own API with steered tiers (``store.to(device)``
+gives the kernels' copy)."""
 
 import math
 import os
@@ -60,17 +61,6 @@ def build(config: DiffKVConfig, heads: int, dim: int, seq_lens: list[int], layer
     if to_seal:
         store.seal(torch.tensor(to_seal), torch.full((len(to_seal),), CONTEXT))
     return store, table, torch.tensor(seq_lens)
-
-
-def mirror(store: CompressedKVStore, device: str) -> CompressedKVStore:
-    """A copy of the CPU ``store`` on ``device`` (arena bytes, slot table, descriptors): the kernel's side."""
-    copy = CompressedKVStore(store.config, store.num_layers, store.num_kv_heads, store.head_dim, store.num_pages,
-                             store.arena.capacity_bytes, store.dtype, device)
-    for name in ("data", "block_offset", "block_nbytes"):
-        getattr(copy.arena, name).copy_(getattr(store.arena, name))
-    copy.tier_counts.copy_(store.tier_counts)
-    copy.page_state.copy_(store.page_state)
-    return copy
 
 
 def csr(table: torch.Tensor, seq_lens: torch.Tensor, page: int):
