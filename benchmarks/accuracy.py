@@ -72,6 +72,7 @@ from sglang_server import SGLangServer  # noqa: E402
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "accuracy.json"
 DEFAULT_MD = REPO / "docs" / "accuracy.md"
 QUICK_OUT = REPO / ".cache" / "accuracy-quick"
+PLOT_COLUMNS = 5                # panels per row of the plot; a model's tasks wrap onto further rows
 _T0 = time.monotonic()
 
 
@@ -615,13 +616,21 @@ def plot(results: dict, png_path: Path) -> bool:
     tasks = [t for t in TASKS if any(c["task"] == t for c in cells)]
     if not tasks:
         return False
-    fig, axes = plt.subplots(len(models), len(tasks), figsize=(3.6 * len(tasks), 3.2 * len(models)),
+    per_model = {m: [t for t in tasks if any(c["model"] == m and c["task"] == t for c in cells)] for m in models}
+    cols = min(PLOT_COLUMNS, max(len(ts) for ts in per_model.values()))
+    rows_of = {m: math.ceil(len(ts) / cols) for m, ts in per_model.items()}       # a model's panels wrap
+    fig, axes = plt.subplots(sum(rows_of.values()), cols, figsize=(3.6 * cols, 3.2 * sum(rows_of.values())),
                              squeeze=False)
     families = list(dict.fromkeys(c.family for c in CONFIGS.values()))
     colors = {f: plt.cm.tab10(i) for i, f in enumerate(families)}
-    for r, model in enumerate(models):
-        for col, task in enumerate(tasks):
-            ax = axes[r][col]
+    first_row = 0
+    for model in models:
+        for k in range(rows_of[model] * cols):
+            ax = axes[first_row + k // cols][k % cols]
+            if k >= len(per_model[model]):
+                ax.set_visible(False)
+                continue
+            task = per_model[model][k]
             for family in families:
                 # x: the sealed ratio, or the held one where nothing is sealed (ours-dense)
                 pts = sorted((c["sealed_compression_ratio"] or c["compression_ratio"], c["score"], c["config"])
@@ -643,6 +652,7 @@ def plot(results: dict, png_path: Path) -> bool:
             ax.set_ylabel(TASKS[task].metric, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
+        first_row += rows_of[model]
     handles, labels = {}, {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
