@@ -11,9 +11,10 @@ Per forward (``init_forward_metadata``):
 * the wrappers are planned once; ``forward_extend`` / ``forward_decode`` write the new tokens and run one layer.
 
 All of it is host-side preparation (``init_forward_metadata_out_graph``), so SGLang's decode CUDA graphs can
-replay the forward itself: ``init_cuda_graph_state`` gives the decode wrapper fixed capacities (SGLang's largest
+replay the forward itself: ``init_cuda_graph_state`` adds a decode wrapper of fixed capacities (SGLang's largest
 captured batch, a full-context page table, and the staged pages a decoding request can have once its old pages
-are sealed: ``window / page_size + 2``), so the plan's buffers never move; padded lanes (request row 0, length 1)
+are sealed: ``window / page_size + 2``) that every batch a graph can replay plans into, so the captured buffers
+never move (larger batches run eagerly through the growing wrapper); padded lanes (request row 0, length 1)
 attend over and write to the pool's padding page. Prefill (extend) batches stay eager. The plugin enables decode
 graphs only when ``DIFFKV_CUDA_GRAPH=1`` (:mod:`diffkv_sglang.backend_select`).
 
@@ -51,7 +52,10 @@ class DiffKVAttnBackend(AttentionBackend):
         self.window = pool.plan.config.window
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.num_q_heads = model_runner.model_config.get_num_attention_heads(get_parallel().attn_tp_size)
-        self.decode_wrapper = DecodeAttentionWrapper(self.store)
+        self.decode_wrapper = DecodeAttentionWrapper(self.store)         # eager decode batches
+        self.graph_decode_wrapper: DecodeAttentionWrapper | None = None  # fixed capacities (init_cuda_graph_state)
+        self._graph_max_bs = 0
+        self._decode_planned = self.decode_wrapper                        # the wrapper the last decode plan filled
         self.extend_wrapper = ExtendAttentionWrapper(self.store)
         self._checked_layers: set[int] = set()
 
@@ -99,7 +103,11 @@ class DiffKVAttnBackend(AttentionBackend):
         if mode.is_decode():
             self._seal_old_pages(pages, valid, seq_lens)
             self.store.maybe_compact()
-            self.decode_wrapper.plan(*self._csr(pages, valid, num_pages), seq_lens)
+            # a batch a captured graph can replay plans into the fixed-capacity wrapper the graphs were captured
+            # with; a larger (eager) batch into its own wrapper, so the captured buffers never move
+            graphed = self.graph_decode_wrapper is not None and seq_lens.numel() <= self._graph_max_bs
+            self._decode_planned = self.graph_decode_wrapper if graphed else self.decode_wrapper
+            self._decode_planned.plan(*self._csr(pages, valid, num_pages), seq_lens)
         elif mode.is_extend():
             extend_lens = forward_batch.extend_seq_lens.to(torch.int64)
             qo_indptr = torch.zeros(extend_lens.numel() + 1, dtype=torch.int64, device=extend_lens.device)
@@ -111,13 +119,14 @@ class DiffKVAttnBackend(AttentionBackend):
 
     # --------------------------------------------------------------------------- CUDA graphs
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        """Give the decode wrapper the fixed capacities a captured decode graph needs (see the module docstring)."""
+        """Add the decode wrapper of fixed capacities that captured decode graphs run (see the module docstring)."""
         if not self.store.kernels:
             raise RuntimeError("CUDA graphs need the DiffKV kernels (a CUDA store with DIFFKV_KERNELS auto or triton)")
         max_pages = -(-self.req_to_token.shape[1] // self.page_size)
-        self.decode_wrapper = DecodeAttentionWrapper(self.store, max_batch=max_bs, max_pages=max_pages,
-                                                     num_q_heads=self.num_q_heads,
-                                                     max_staged_pages=self.window // self.page_size + 2)
+        self.graph_decode_wrapper = DecodeAttentionWrapper(self.store, max_batch=max_bs, max_pages=max_pages,
+                                                           num_q_heads=self.num_q_heads,
+                                                           max_staged_pages=self.window // self.page_size + 2)
+        self._graph_max_bs = max_bs
 
     def get_cuda_graph_seq_len_fill_value(self):
         return 1
@@ -148,7 +157,7 @@ class DiffKVAttnBackend(AttentionBackend):
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        return self._run(self.decode_wrapper, q, k, v, layer, forward_batch, save_kv_cache)
+        return self._run(self._decode_planned, q, k, v, layer, forward_batch, save_kv_cache)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         return self._run(self.extend_wrapper, q, k, v, layer, forward_batch, save_kv_cache)
