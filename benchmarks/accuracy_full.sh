@@ -14,14 +14,14 @@ EVERY_TASK=$NEEDLES,qa_2k,ppl,greedy,multiturn
 #    eviction-only peers, the calibrated per-layer config
 $PY benchmarks/accuracy.py --model $SMOL --tasks $EVERY_TASK \
     --configs dense,diffkv-noprune,diffkv,k8v4,k4v4,evict,calibrated
-# 2. the same rows on the second model (4-bit keys hurt it: the calibrated config is the fix)
+# 2. the alpha_high / alpha_low sweep that traces the ratio-accuracy curve
+$PY benchmarks/accuracy.py --model $SMOL --tasks needle_1k_aware,needle_1k_agnostic,ppl \
+    --configs diffkv-ah0.5,diffkv-ah2,diffkv-ah4,diffkv-al0.005,diffkv-al0.1,diffkv-ah4-al0.1,evict-al0.1,evict-al0.5
+# 3. the same rows on the second model (4-bit keys hurt it: the calibrated config is the fix)
 $PY benchmarks/accuracy.py --model $QWEN \
     --tasks needle_1k_aware,needle_1k_agnostic,needle_4k_aware,needle_4k_agnostic,qa_2k,ppl,greedy,multiturn \
     --configs dense,diffkv-noprune,calibrated,k8v4,diffkv,evict
-# 3. the retrieval-safety variants (a lowest tier instead of pruning, layer-scope pruning) and the other peers
+# 4. the retrieval-safety variants (a lowest tier instead of pruning, layer-scope pruning) and the other peers
 $PY benchmarks/accuracy.py --model $SMOL --tasks $NEEDLES,ppl,multiturn \
     --configs diffkv-3tier-k2v2,diffkv-layer,diffkv-noprune-ah4,k8v8,k2v2
 $PY benchmarks/accuracy.py --model $SMOL --tasks greedy --configs ours-dense
-# 4. the alpha_high / alpha_low sweep that traces the ratio-accuracy curve
-$PY benchmarks/accuracy.py --model $SMOL --tasks needle_1k_aware,needle_1k_agnostic,ppl \
-    --configs diffkv-ah0.5,diffkv-ah2,diffkv-ah4,diffkv-al0.005,diffkv-al0.1,diffkv-ah4-al0.1,evict-al0.1,evict-al0.5
