@@ -83,6 +83,7 @@ class _PagedAttentionBase:
         self.store = store
         self._plan: PagedBatchPlan | None = None
         self._targets = None            # (plan, b, t, slots) of the staged tokens whose statistics run() sets
+        self._query_layout = None       # (plan, [(start, end, key span)] query chunks, observed query columns)
 
     def _plan_keys(self, kv_page_indptr, kv_page_indices, seq_lens):
         store = self.store
@@ -115,29 +116,41 @@ class _PagedAttentionBase:
                                                <= plan.q_positions[:, :, None])            # [B, Q, T]
         q_groups = q.reshape(batch, heads, group, num_q, dim)
         out = torch.empty_like(q_groups)
-        for start in range(0, num_q, _QUERY_CHUNK):       # causal: a chunk of queries reads keys up to its last
-            end = min(start + _QUERY_CHUNK, num_q)
-            span = max(1, min(int(plan.q_positions[:, start:end].max()) + 1, keys.shape[2]))
+        chunks, columns = self._layout(keys.shape[2])
+        for start, end, span in chunks:                   # causal: a chunk of queries reads keys up to its last
             mask = causal[:, None, None, start:end, :span] & present[:, :, None, None, :span]   # [B, H, 1, n, t]
             chunk = torch.nn.functional.scaled_dot_product_attention(
                 q_groups[:, :, :, start:end].reshape(batch, heads, -1, dim), keys[:, :, :span], values[:, :, :span],
                 attn_mask=mask.expand(-1, -1, group, -1, -1).reshape(batch, heads, -1, span), scale=scale)
             out[:, :, :, start:end] = chunk.reshape(batch, heads, group, end - start, dim)
         out = torch.nan_to_num(out, nan=0.0)              # queries that see no key: padding, everything pruned
-        self._record_importance(layer, q, keys, present, causal, scale)
+        self._record_importance(layer, q, keys, present, causal, columns, scale)
         return out.reshape(batch, num_q_heads, num_q, dim).permute(0, 2, 1, 3)
 
+    def _layout(self, num_keys: int) -> tuple[list[tuple[int, int, int]], torch.Tensor]:
+        """The planned batch's query chunks ``(start, end, keys they can see)`` and the query columns some request
+        observes: they depend on positions only, so they are found once per batch (host syncs), not per layer."""
+        plan = self._plan
+        if self._query_layout is None or self._query_layout[0] is not plan:
+            num_q = plan.q_positions.shape[1]
+            chunks = []
+            for start in range(0, num_q, _QUERY_CHUNK):
+                end = min(start + _QUERY_CHUNK, num_q)
+                chunks.append((start, end, max(1, min(int(plan.q_positions[:, start:end].max()) + 1, num_keys))))
+            columns = (plan.observe & plan.q_valid).any(0).nonzero().squeeze(1)
+            self._query_layout = (plan, chunks, columns)
+        return self._query_layout[1], self._query_layout[2]
+
     def _record_importance(self, layer: int, q: torch.Tensor, keys: torch.Tensor, present: torch.Tensor,
-                           causal: torch.Tensor, scale: float) -> None:
+                           causal: torch.Tensor, columns: torch.Tensor, scale: float) -> None:
         """Add the observing queries' attention to staged tokens. ``q`` ``[B, H, G*Q, D]`` (row ``g * Q + i``:
         query ``i``, head ``g`` of the group), ``keys`` ``[B, H, T, D]``, ``present`` ``[B, H, T]``, ``causal``
-        ``[B, Q, T]``. The probabilities are computed for the query columns some request observes only (the last
-        ``obs_window`` of a prompt, not all of it)."""
+        ``[B, Q, T]``, ``columns`` ``[n]`` the query columns some request observes: the probabilities are computed
+        for those only (the last ``obs_window`` of a prompt, not all of it)."""
         plan, store = self._plan, self.store
         batch, heads, rows, dim = q.shape
         num_q = causal.shape[1]
         observe = plan.observe & plan.q_valid                                              # [B, Q]
-        columns = observe.any(0).nonzero().squeeze(1)                                      # [n]
         q_obs = q.reshape(batch, heads, rows // num_q, num_q, dim)[:, :, :, columns]       # [B, H, G, n, D]
         logits = torch.einsum("bhgqd,bhkd->bhgqk", q_obs, keys) * scale                    # [B, H, G, n, T]
         mask = causal[:, None, None, columns] & present[:, :, None, None, :]
