@@ -532,6 +532,87 @@ def fmt_score(task: Task, cell: dict, cells: dict | None = None) -> str:
     return f"{cell['score']:.2f}" if task.kind == "ppl" else f"{cell['score']:.0f}"
 
 
+PPL_WINDOWS = 2          # the summary compares perplexity over the first windows, which every ppl cell has
+
+
+def window_perplexity(cell: dict, windows: int = PPL_WINDOWS) -> float:
+    """Perplexity of a ppl cell over its first ``windows`` samples (token-weighted mean NLL), so cells run with
+    more windows compare with those run with fewer."""
+    picked = cell["samples"][:windows]
+    tokens = sum(s["scored_tokens"] for s in picked)
+    return math.exp(sum(s["nll"] * s["scored_tokens"] for s in picked) / tokens)
+
+
+def _found(cell: dict | None) -> str:
+    """``found/n`` of a cell scored 0 or 100 per sample (needles, QA, multi-turn recalls)."""
+    if cell is None:
+        return "-"
+    return f"{round(sum(s['score'] for s in cell['samples']) / 100)}/{cell['n']}"
+
+
+def _ratio_range(ratios: list[float]) -> str:
+    if not ratios:
+        return "-"
+    low, high = f"{min(ratios):.2f}", f"{max(ratios):.2f}"
+    return f"{low}x" if low == high else f"{low}-{high}x"
+
+
+def summary_table(model_cells: dict) -> list[str]:
+    """Markdown lines of one model's summary: one row per config, sorted by its mean sealed ratio over the needle,
+    QA and perplexity cells; needles as ``found/n`` per length (aware · agnostic), QA ``found/n``, perplexity over
+    the first ``PPL_WINDOWS`` windows with its change against ``dense``, greedy %, multi-turn recalls ``found/n``
+    with the fact's mean log-probability."""
+    by_config: dict[str, dict[str, dict]] = {}
+    for c in model_cells.values():
+        by_config.setdefault(c["config"], {})[c["task"]] = c
+    present = {c["task"] for c in model_cells.values()}
+    lengths = sorted({TASKS[t].length for t in present if TASKS[t].kind == "needle"})
+    kinds = [k for k in ("qa", "ppl", "greedy", "multiturn") if any(TASKS[t].kind == k for t in present)]
+    qa_task = next((t for t in TASKS if TASKS[t].kind == "qa" and t in present), None)
+    dense_ppl = by_config.get("dense", {}).get("ppl")
+    reference = window_perplexity(dense_ppl) if dense_ppl else None
+
+    def ratio_cells(tasks: dict) -> list[float]:
+        return [c["sealed_compression_ratio"] for t, c in tasks.items()
+                if TASKS[t].kind in ("needle", "qa", "ppl") and c["sealed_compression_ratio"] > 0]
+
+    def mean_ratio(config: str) -> float:
+        ratios = ratio_cells(by_config[config])
+        return sum(ratios) / len(ratios) if ratios else math.inf
+
+    def needle(tasks: dict, length: int, agnostic: bool) -> dict | None:
+        return next((c for t, c in tasks.items() if TASKS[t].kind == "needle" and TASKS[t].length == length
+                     and TASKS[t].agnostic == agnostic), None)
+
+    head = (["config", "family", "sealed ratio"] + [f"needle {n // 1024}k a · g" for n in lengths]
+            + [{"qa": qa_task, "ppl": f"ppl (windows 1-{PPL_WINDOWS})", "greedy": "greedy %",
+                "multiturn": "multi-turn (lp)"}[k] for k in kinds])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for config in sorted(by_config, key=lambda name: (mean_ratio(name), name)):
+        tasks = by_config[config]
+        row = [config, next(iter(tasks.values()))["family"], _ratio_range(ratio_cells(tasks))]
+        for n in lengths:
+            aware, agnostic = needle(tasks, n, False), needle(tasks, n, True)
+            row.append("-" if aware is None and agnostic is None else f"{_found(aware)} · {_found(agnostic)}")
+        for kind in kinds:
+            cell = next((c for t, c in tasks.items() if TASKS[t].kind == kind), None)
+            if cell is None:
+                row.append("-")
+            elif kind == "ppl":
+                ppl = window_perplexity(cell)
+                change = f" ({100 * (ppl / reference - 1):+.1f}%)" if reference and config != "dense" else ""
+                row.append(f"{ppl:.2f}{change}")
+            elif kind == "greedy":
+                row.append(f"{cell['score']:.0f}")
+            elif kind == "multiturn":
+                lp = f" ({cell['fact_logprob']:.2f})" if "fact_logprob" in cell else ""
+                row.append(_found(cell) + lp)
+            else:
+                row.append(_found(cell))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def write_report(results: dict, md_path: Path, png_path: Path) -> None:
     cells = results["cells"]
     models = sorted({c["model"] for c in cells.values()})
@@ -555,8 +636,12 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
         mcells = {k: c for k, c in cells.items() if c["model"] == model}
         configs = sorted({c["config"] for c in mcells.values()}, key=lambda n: order.get(n, 999))
         tasks = sorted({c["task"] for c in mcells.values()}, key=lambda n: task_order.get(n, 999))
-        lines += [f"## {model}", "", "Scores (ratio = sealed compression ratio measured in that cell; "
-                  "`-` = not run):", ""]
+        lines += [f"## {model}", "", f"Summary (rows by mean sealed ratio over the needle, QA and perplexity "
+                  f"cells; `found/n` per cell, needles aware · agnostic; perplexity over the first {PPL_WINDOWS} "
+                  "windows, which every ppl cell has, against dense; multi-turn with the fact's mean "
+                  "log-probability; `-` = not run):", ""]
+        lines += summary_table(mcells)
+        lines += ["", "Scores (ratio = sealed compression ratio measured in that cell):", ""]
         head = "| config | " + " | ".join(f"{t} (n)" for t in tasks) + " | mean ratio | mean held |"
         lines += [head, "|" + "---|" * (len(tasks) + 3)]
         for cfg in configs:

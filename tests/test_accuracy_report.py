@@ -1,0 +1,79 @@
+"""The accuracy report's summary table (``benchmarks/accuracy.py``), on synthetic cells: no server, no model.
+
+Checks what the hand-written observations rely on: needles counted per length and mode, perplexity over the
+first windows only (so 3-window and 2-window cells compare) with its change against dense, multi-turn recalls
+with the fact's log-probability, rows ordered by the mean sealed ratio, and ``-`` for what was not run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+
+from sglang_server import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import accuracy  # noqa: E402
+
+MODEL = "tiny"
+
+
+def cell(config: str, task: str, scores: list[float], ratio: float, **extra) -> dict:
+    samples = [{"score": s} for s in scores]
+    for sample, more in zip(samples, extra.pop("sample_fields", [])):
+        sample.update(more)
+    return {"model": MODEL, "config": config, "family": f"family-{config}", "task": task, "n": len(samples),
+            "score": sum(scores) / len(scores), "sealed_compression_ratio": ratio, "samples": samples, **extra}
+
+
+def ppl_cell(config: str, ratio: float, windows: list[tuple[float, int]]) -> dict:
+    fields = [{"nll": nll, "scored_tokens": tokens} for nll, tokens in windows]
+    return cell(config, "ppl", [math.exp(nll) for nll, _ in windows], ratio, sample_fields=fields)
+
+
+def cells_by_key(*cells: dict) -> dict:
+    return {accuracy.cell_key(c["model"], c["config"], c["task"]): c for c in cells}
+
+
+def rows(lines: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for line in lines[2:]:
+        fields = [f.strip() for f in line.strip("|").split("|")]
+        out[fields[0]] = fields
+    return out
+
+
+def test_summary_counts_needles_windows_and_recalls():
+    rng = random.Random()
+    dense_windows = [(rng.uniform(2.0, 4.0), rng.randint(100, 255)) for _ in range(2)]
+    # a 3-window cell from an earlier run: its third window must not count
+    k8v4_windows = [(rng.uniform(2.0, 4.0), rng.randint(100, 255)) for _ in range(2)] + [(50.0, 255)]
+    found_aware, found_agnostic = rng.randint(0, 6), rng.randint(0, 6)
+    lp = -rng.uniform(0.0, 5.0)
+    cells = cells_by_key(
+        cell("dense", "needle_1k_aware", [100.0] * 6, 1.0),
+        cell("dense", "needle_1k_agnostic", [100.0] * 6, 1.0),
+        ppl_cell("dense", 1.0, dense_windows),
+        cell("k8v4", "needle_1k_aware", [100.0] * found_aware + [0.0] * (6 - found_aware), 2.5),
+        cell("k8v4", "needle_1k_agnostic", [100.0] * found_agnostic + [0.0] * (6 - found_agnostic), 2.3),
+        ppl_cell("k8v4", 2.4, k8v4_windows),
+        cell("k8v4", "multiturn", [100.0, 0.0, 100.0, 100.0], 1.9, fact_logprob=lp),
+        cell("k2v2", "needle_2k_aware", [0.0, 100.0, 0.0], 5.9),           # ranks last by ratio
+    )
+    lines = accuracy.summary_table(cells)
+    header = [f.strip() for f in lines[0].strip("|").split("|")]
+    assert header == ["config", "family", "sealed ratio", "needle 1k a · g", "needle 2k a · g",
+                      f"ppl (windows 1-{accuracy.PPL_WINDOWS})", "multi-turn (lp)"]      # no QA cell, no column
+    table = rows(lines)
+    assert list(table) == ["dense", "k8v4", "k2v2"]
+
+    def perplexity(windows):
+        return math.exp(sum(n * t for n, t in windows) / sum(t for _, t in windows))
+
+    dense, k8v4 = perplexity(dense_windows), perplexity(k8v4_windows[:2])
+    assert table["dense"] == ["dense", "family-dense", "1.00x", "6/6 · 6/6", "-", f"{dense:.2f}", "-"]
+    assert table["k8v4"] == [
+        "k8v4", "family-k8v4", "2.30-2.50x", f"{found_aware}/6 · {found_agnostic}/6", "-",
+        f"{k8v4:.2f} ({100 * (k8v4 / dense - 1):+.1f}%)", f"3/4 ({lp:.2f})"]      # multi-turn ratio not in range
+    assert table["k2v2"] == ["k2v2", "family-k2v2", "5.90x", "-", "1/3 · -", "-", "-"]
