@@ -25,3 +25,6 @@ $PY benchmarks/accuracy.py --model $QWEN \
 $PY benchmarks/accuracy.py --model $SMOL --tasks $NEEDLES,ppl,multiturn \
     --configs diffkv-3tier-k2v2,diffkv-layer,diffkv-noprune-ah4,k8v8,k2v2
 $PY benchmarks/accuracy.py --model $SMOL --tasks greedy --configs ours-dense
+# 5. every tier and the retrieval-safety variants on the second model too, and its alpha sweep (1k needles, ppl)
+$PY benchmarks/accuracy.py --model $QWEN --tasks needle_1k_aware,needle_1k_agnostic,ppl \
+    --configs k8v8,k4v4,k2v2,diffkv-3tier,diffkv-layer,diffkv-ah4,diffkv-al0.1,evict-al0.1
