@@ -694,6 +694,7 @@ def plot(results: dict, png_path: Path) -> bool:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     cells = list(results["cells"].values())
@@ -716,9 +717,12 @@ def plot(results: dict, png_path: Path) -> bool:
                 ax.set_visible(False)
                 continue
             task = per_model[model][k]
+            is_ppl = TASKS[task].kind == "ppl"
             for family in families:
-                # x: the sealed ratio, or the held one where nothing is sealed (ours-dense)
-                pts = sorted((c["sealed_compression_ratio"] or c["compression_ratio"], c["score"], c["config"])
+                # x: the sealed ratio, or the held one where nothing is sealed (ours-dense); perplexity over the
+                # windows every ppl cell has, as in the summary table
+                pts = sorted((c["sealed_compression_ratio"] or c["compression_ratio"],
+                              window_perplexity(c) if is_ppl else c["score"], c["config"])
                              for c in cells
                              if c["model"] == model and c["task"] == task and CONFIGS.get(c["config"]) is not None
                              and CONFIGS[c["config"]].family == family)
@@ -734,7 +738,13 @@ def plot(results: dict, png_path: Path) -> bool:
                 continue
             ax.set_title(f"{task}" + (f"\n{model}" if len(models) > 1 else ""), fontsize=9)
             ax.set_xlabel("physical compression (sealed), x", fontsize=8)
-            ax.set_ylabel(TASKS[task].metric, fontsize=8)
+            if is_ppl:                                        # a destructive tier would flatten the others
+                ax.set_yscale("log")
+                for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                    axis_format(matplotlib.ticker.FormatStrFormatter("%.0f"))
+                ax.set_ylabel(f"{TASKS[task].metric}, windows 1-{PPL_WINDOWS} (log)", fontsize=8)
+            else:
+                ax.set_ylabel(TASKS[task].metric, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
         first_row += rows_of[model]

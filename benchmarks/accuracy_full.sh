@@ -28,3 +28,5 @@ $PY benchmarks/accuracy.py --model $SMOL --tasks greedy --configs ours-dense
 # 5. every tier and the retrieval-safety variants on the second model too, and its alpha sweep (1k needles, ppl)
 $PY benchmarks/accuracy.py --model $QWEN --tasks needle_1k_aware,needle_1k_agnostic,ppl \
     --configs k8v8,k4v4,k2v2,diffkv-3tier,diffkv-layer,diffkv-ah4,diffkv-al0.1,evict-al0.1
+# 6. alpha_high 4 without pruning on the second model (the earlier 3-sample cells lost a needle in each mode)
+$PY benchmarks/accuracy.py --model $QWEN --tasks needle_1k_aware,needle_1k_agnostic,ppl --configs diffkv-noprune-ah4
