@@ -19,11 +19,10 @@ $PY benchmarks/accuracy.py --model $SMOL --tasks needle_1k_aware,needle_1k_agnos
     --configs diffkv-ah0.5,diffkv-ah2,diffkv-ah4,diffkv-al0.005,diffkv-al0.1,diffkv-ah4-al0.1,evict-al0.1,evict-al0.5
 # 3. the same rows on the second model (4-bit keys hurt it: the calibrated config is the fix)
 $PY benchmarks/accuracy.py --model $QWEN \
-    --tasks needle_1k_aware,needle_1k_agnostic,needle_4k_aware,needle_4k_agnostic,qa_2k,ppl,greedy,multiturn \
-    --configs dense,diffkv-noprune,calibrated,k8v4,diffkv,evict
+    --tasks $EVERY_TASK --configs dense,diffkv-noprune,calibrated,k8v4,diffkv,evict
 # 4. the retrieval-safety variants (a lowest tier instead of pruning, layer-scope pruning) and the other peers
 $PY benchmarks/accuracy.py --model $SMOL --tasks $NEEDLES,ppl,multiturn \
-    --configs diffkv-3tier-k2v2,diffkv-layer,diffkv-noprune-ah4,k8v8,k2v2
+    --configs diffkv-3tier-k2v2,diffkv-layer,diffkv-noprune-ah4,k8v8,k2v2,diffkv-3tier
 $PY benchmarks/accuracy.py --model $SMOL --tasks greedy --configs ours-dense
 # 5. every tier and the retrieval-safety variants on the second model too, and its alpha sweep (1k needles, ppl)
 $PY benchmarks/accuracy.py --model $QWEN --tasks needle_1k_aware,needle_1k_agnostic,ppl \
