@@ -58,6 +58,42 @@ class PagedBatchPlan:
     sm_scale: float
 
 
+@dataclasses.dataclass
+class _QueryLayout:
+    """What the reference attention needs of a planned batch beyond the plan, the same in every layer.
+
+    Attributes:
+        plan: the plan it was built for.
+        causal: ``[B, Q, T]`` bool, key ``t`` is valid and visible to query ``q``.
+        chunks: ``(start, end, span)`` query chunks and the keys ``[0, span)`` their positions can see.
+        columns: ``[n]`` int64 query columns some request observes.
+        observed: ``[B, n]`` bool, which requests observe those columns.
+        seen: ``[B, T]`` float32 observing queries that see each key.
+    """
+
+    plan: PagedBatchPlan
+    causal: torch.Tensor
+    chunks: list[tuple[int, int, int]]
+    columns: torch.Tensor
+    observed: torch.Tensor
+    seen: torch.Tensor
+
+    @classmethod
+    def build(cls, plan: PagedBatchPlan) -> "_QueryLayout":
+        num_q, num_keys = plan.q_positions.shape[1], plan.key_valid.shape[1]
+        causal = plan.key_valid[:, None, :] & (torch.arange(num_keys, device=plan.key_valid.device)[None, None, :]
+                                               <= plan.q_positions[:, :, None])
+        last_position = plan.q_positions.max(0).values.tolist() if plan.q_positions.numel() else []  # one host sync
+        chunks = [(start, min(start + _QUERY_CHUNK, num_q),
+                   max(1, min(max(last_position[start:start + _QUERY_CHUNK]) + 1, num_keys)))
+                  for start in range(0, num_q, _QUERY_CHUNK)]
+        observe = plan.observe & plan.q_valid                                              # [B, Q]
+        columns = observe.any(0).nonzero().squeeze(1)
+        observed = observe[:, columns]
+        seen = (causal[:, columns] & observed[:, :, None]).sum(1).float()
+        return cls(plan, causal, chunks, columns, observed, seen)
+
+
 def _check_pages(kv_page_indptr: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> None:
     counts = kv_page_indptr[1:].to(seq_lens.device, torch.int64) - kv_page_indptr[:-1].to(seq_lens.device, torch.int64)
     if bool((counts < (seq_lens + page_size - 1) // page_size).any()):
@@ -83,7 +119,7 @@ class _PagedAttentionBase:
         self.store = store
         self._plan: PagedBatchPlan | None = None
         self._targets = None            # (plan, b, t, slots) of the staged tokens whose statistics run() sets
-        self._query_layout = None       # (plan, [(start, end, key span)] query chunks, observed query columns)
+        self._layout: _QueryLayout | None = None     # of the planned batch, built by its first run()
 
     def _plan_keys(self, kv_page_indptr, kv_page_indices, seq_lens):
         store = self.store
@@ -112,53 +148,38 @@ class _PagedAttentionBase:
         keys, values = keys.masked_fill(absent, 0.0), values.masked_fill(absent, 0.0)
         q = q_padded.float().permute(0, 2, 1, 3).reshape(batch, heads, group * num_q, dim)  # [B, H, G*Q, D]
         scale = plan.sm_scale if sm_scale is None else sm_scale
-        causal = plan.key_valid[:, None, :] & (torch.arange(keys.shape[2], device=q.device)[None, None, :]
-                                               <= plan.q_positions[:, :, None])            # [B, Q, T]
+        if self._layout is None or self._layout.plan is not plan:   # positions only: once per batch, not per layer
+            self._layout = _QueryLayout.build(plan)
+        causal = self._layout.causal                                                       # [B, Q, T]
         q_groups = q.reshape(batch, heads, group, num_q, dim)
         out = torch.empty_like(q_groups)
-        chunks, columns = self._layout(keys.shape[2])
-        for start, end, span in chunks:                   # causal: a chunk of queries reads keys up to its last
+        for start, end, span in self._layout.chunks:      # causal: a chunk of queries reads keys up to its last
             mask = causal[:, None, None, start:end, :span] & present[:, :, None, None, :span]   # [B, H, 1, n, t]
             chunk = torch.nn.functional.scaled_dot_product_attention(
                 q_groups[:, :, :, start:end].reshape(batch, heads, -1, dim), keys[:, :, :span], values[:, :, :span],
                 attn_mask=mask.expand(-1, -1, group, -1, -1).reshape(batch, heads, -1, span), scale=scale)
             out[:, :, :, start:end] = chunk.reshape(batch, heads, group, end - start, dim)
         out = torch.nan_to_num(out, nan=0.0)              # queries that see no key: padding, everything pruned
-        self._record_importance(layer, q, keys, present, causal, columns, scale)
+        self._record_importance(layer, q, keys, present, scale)
         return out.reshape(batch, num_q_heads, num_q, dim).permute(0, 2, 1, 3)
 
-    def _layout(self, num_keys: int) -> tuple[list[tuple[int, int, int]], torch.Tensor]:
-        """The planned batch's query chunks ``(start, end, keys they can see)`` and the query columns some request
-        observes: they depend on positions only, so they are found once per batch (host syncs), not per layer."""
-        plan = self._plan
-        if self._query_layout is None or self._query_layout[0] is not plan:
-            num_q = plan.q_positions.shape[1]
-            chunks = []
-            for start in range(0, num_q, _QUERY_CHUNK):
-                end = min(start + _QUERY_CHUNK, num_q)
-                chunks.append((start, end, max(1, min(int(plan.q_positions[:, start:end].max()) + 1, num_keys))))
-            columns = (plan.observe & plan.q_valid).any(0).nonzero().squeeze(1)
-            self._query_layout = (plan, chunks, columns)
-        return self._query_layout[1], self._query_layout[2]
-
     def _record_importance(self, layer: int, q: torch.Tensor, keys: torch.Tensor, present: torch.Tensor,
-                           causal: torch.Tensor, columns: torch.Tensor, scale: float) -> None:
+                           scale: float) -> None:
         """Add the observing queries' attention to staged tokens. ``q`` ``[B, H, G*Q, D]`` (row ``g * Q + i``:
-        query ``i``, head ``g`` of the group), ``keys`` ``[B, H, T, D]``, ``present`` ``[B, H, T]``, ``causal``
-        ``[B, Q, T]``, ``columns`` ``[n]`` the query columns some request observes: the probabilities are computed
-        for those only (the last ``obs_window`` of a prompt, not all of it)."""
-        plan, store = self._plan, self.store
+        query ``i``, head ``g`` of the group), ``keys`` ``[B, H, T, D]``, ``present`` ``[B, H, T]``. The
+        probabilities are computed for the query columns some request observes only (the last ``obs_window`` of a
+        prompt, not all of it)."""
+        layout = self._layout
         batch, heads, rows, dim = q.shape
-        num_q = causal.shape[1]
-        observe = plan.observe & plan.q_valid                                              # [B, Q]
+        num_q = layout.causal.shape[1]
+        columns = layout.columns
         q_obs = q.reshape(batch, heads, rows // num_q, num_q, dim)[:, :, :, columns]       # [B, H, G, n, D]
         logits = torch.einsum("bhgqd,bhkd->bhgqk", q_obs, keys) * scale                    # [B, H, G, n, T]
-        mask = causal[:, None, None, columns] & present[:, :, None, None, :]
+        mask = layout.causal[:, None, None, columns] & present[:, :, None, None, :]
         probs = torch.nan_to_num(torch.softmax(logits.masked_fill(~mask, -math.inf), dim=-1), nan=0.0)
-        mass = (probs * observe[:, None, None, columns, None]).sum(3)                      # [B, H, G, T]
+        mass = (probs * layout.observed[:, None, None, :, None]).sum(3)                    # [B, H, G, T]
         score = group_max(mass.reshape(batch, -1, mass.shape[-1]), heads)                  # [B, H, T]
-        seen = (causal[:, columns] & observe[:, columns, None]).sum(1).float()             # [B, T]
-        self._store_importance(layer, score, seen)
+        self._store_importance(layer, score, layout.seen)
 
     def _store_importance(self, layer: int, score: torch.Tensor, seen: torch.Tensor) -> None:
         """Give the planned batch's staged tokens that some observing query saw their statistics: ``score``
