@@ -301,9 +301,11 @@ class CompressedKVStore:
         if pages.numel() == 0:
             return
         slots = self.slots(pages)
-        sealed = self.page_state[pages] == PageState.SEALED
+        sealed = self.page_state[pages] == PageState.SEALED                                    # [n]
+        # masked sums, not an integer matrix product: CUDA has no int64 addmv/mm (torch raises NotImplementedError)
         self._sealed_totals[0] -= (self.arena.block_nbytes[slots] * sealed[:, None, None]).sum()
-        self._sealed_totals[1:] -= self.tier_counts[pages].sum(dim=(1, 2)).to(torch.int64).T @ sealed.to(torch.int64)
+        per_page = self.tier_counts[pages].sum(dim=(1, 2), dtype=torch.int64)                 # [n, T]
+        self._sealed_totals[1:] -= (per_page * sealed[:, None]).sum(0)
         self.arena.free(slots.reshape(-1))
         self.page_state[pages] = PageState.EMPTY
         self.tier_counts[pages] = 0
