@@ -184,12 +184,13 @@ def check_glue_on_cpu() -> None:
 
 
 def test_glue_life_cycle_has_no_integer_matrix_products():
-    """In a subprocess: importing SGLang on CPU needs tests/cpu_shims (torchvision, sgl_kernel) on the path,
-    which must not leak into this test session."""
+    """In a subprocess: importing SGLang on a CPU-only machine needs tests/cpu_shims (torchvision, sgl_kernel) on
+    the path, which must not leak into this test session."""
     pytest.importorskip("sglang")
     here = Path(__file__).parent
+    shims = [] if torch.cuda.is_available() else [str(here / "cpu_shims")]
     env = {**os.environ, "DIFFKV_KERNELS": "torch",
-           "PYTHONPATH": os.pathsep.join([str(here / "cpu_shims"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([*shims, os.environ.get("PYTHONPATH", "")])}
     code = (f"import sys; sys.path[:0] = [{str(here)!r}, {str(here / 'kernel_support')!r}]; "
             "import test_cuda_ops; test_cuda_ops.check_glue_on_cpu()")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
