@@ -35,14 +35,17 @@ def free_port() -> int:
 
 
 def cpu_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for SGLang on this CPU machine (test shims first on PYTHONPATH)."""
+    """Environment for SGLang on this CPU machine (test shims on PYTHONPATH, after a ``PYTHONPATH`` in
+    ``extra``, which is prepended rather than replacing them)."""
+    extra = dict(extra or {})
     env = dict(os.environ)
     env["SGLANG_USE_CPU_ENGINE"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(SHIMS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    paths = [extra.pop("PYTHONPATH", ""), str(SHIMS), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["HF_HUB_OFFLINE"] = "1"
     env.pop("SGLANG_DIFFKV_POOL", None)
     env.pop("SGLANG_DIFFKV_CONFIG", None)
-    env.update(extra or {})
+    env.update(extra)
     return env
 
 
