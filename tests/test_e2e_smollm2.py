@@ -94,7 +94,10 @@ def dense(smollm2, prompt_ids):
     """SGLang's dense pool: its greedy replies (the continuations every pool is scored on) and its scores."""
     with SGLangServer(smollm2, DENSE, max_total_tokens=8192) as server:
         continuations = [greedy_continuation(server, p, NEW_TOKENS) for p in prompt_ids]
-    return continuations, teacher_forced(smollm2, DENSE, prompt_ids, continuations)[0]
+        server.post_text("/flush_cache?timeout=30")
+        scores = [score(server, p, c) for p, c in zip(prompt_ids, continuations)]
+        assert not server.unexpected_errors(), server.unexpected_errors()
+    return continuations, scores
 
 
 @pytest.fixture(scope="module")

@@ -38,15 +38,17 @@ class Scored:
     cached_tokens: int
 
 
-def greedy_continuation(server, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    """Greedy reply (``ignore_eos``) of ``new_tokens`` token ids to ``prompt_ids``."""
+def greedy_continuation(server, prompt_ids: list[int], new_tokens: int, ignore_eos: bool = True) -> list[int]:
+    """Greedy reply of (up to, without ``ignore_eos``) ``new_tokens`` token ids to ``prompt_ids``."""
     out = server.post("/generate", {"input_ids": prompt_ids, "sampling_params": {
-        "max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}})
+        "max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": ignore_eos}})
     return out["output_ids"]
 
 
 def score(server, prompt_ids: list[int], continuation: list[int], top_k: int = TOP_K) -> Scored:
-    """Teacher-forced log-probabilities of ``continuation`` after ``prompt_ids`` (see the module docstring)."""
+    """Teacher-forced log-probabilities of ``continuation`` after ``prompt_ids`` (see the module docstring). The
+    server's cache should not hold the prompt yet (flush it after :func:`greedy_continuation`): cached pages
+    would keep the tiers that an earlier request's importance decided."""
     greedy_continuation(server, prompt_ids, SEAL_STEPS)
     out = server.post("/generate", {
         "input_ids": prompt_ids + continuation, "sampling_params": {"max_new_tokens": 1, "temperature": 0},
