@@ -135,9 +135,10 @@ def life_cycle(device: str, glue: bool = False) -> dict:
         written = lambda x: x.transpose(1, 2).flatten(0, 1)[:SEQ[0] + 1].cpu()            # noqa: E731
         result[f"keys_{layer}"], result[f"values_{layer}"] = written(keys), written(vals)
         result[f"present_{layer}"] = written(present)
-    for name in ("page_state", "tier_counts"):
-        result[name] = getattr(store, name).cpu()
-    result["block_offset"], result["block_nbytes"] = store.arena.block_offset.cpu(), store.arena.block_nbytes.cpu()
+    for name in ("page_state", "tier_counts"):                         # copies: the store is cleared below
+        result[name] = getattr(store, name).cpu().clone()
+    result["block_offset"] = store.arena.block_offset.cpu().clone()
+    result["block_nbytes"] = store.arena.block_nbytes.cpu().clone()
     stats = store.stats().as_dict()
     del stats["compaction_seconds"]
     result["stats"] = stats

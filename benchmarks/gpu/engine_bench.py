@@ -39,7 +39,7 @@ def parse_args():
     p.add_argument("--config", required=True, choices=sorted(CONFIGS))
     p.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
     p.add_argument("--cuda-graph", action="store_true", help="SGLang decode CUDA graphs (DIFFKV_CUDA_GRAPH=1 for diffkv)")
-    p.add_argument("--cuda-graph-max-bs", type=int, default=128)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--mem-fraction", type=float, default=0.16)
     p.add_argument("--out", required=True)
@@ -56,7 +56,7 @@ def engine_kwargs(args) -> dict:
                   sampling_backend="pytorch", grammar_backend="none", mem_fraction_static=args.mem_fraction, skip_server_warmup=True, random_seed=1, log_level="info",
                   disable_cuda_graph=not args.cuda_graph, **CONFIGS[args.config])
     if args.cuda_graph:      # decode graphs only, for every pool (the diffkv plugin turns prefill graphs off itself)
-        kwargs.update(cuda_graph_max_bs=args.cuda_graph_max_bs, disable_prefill_cuda_graph=True)
+        kwargs.update(cuda_graph_max_bs_decode=args.cuda_graph_max_bs, disable_prefill_cuda_graph=True)
     return kwargs
 
 

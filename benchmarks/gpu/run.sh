@@ -7,6 +7,8 @@
 # Every phase installs first (2-4 s from the carried wheels into a scratch folder). Results under $OUT (at most 8
 # files come back): probe.json, standin-check.json, pytest.log, results.jsonl, serving.json, logs.tar.gz,
 # standin-calls.jsonl.
+# Check settings: CHECK_TIMEOUT (s, default 420; the whole of test_gpu_serving.py takes about 12 minutes, so split
+# it with PYTEST_K, a pytest -k expression).
 # Bench settings: BENCH_ROWS (config:eager|graph, in order), BENCH_WORKLOAD (long-gen | long-context |
 # short-chat), BENCH_MODEL (a models/*.json name), BENCH_PROMPTS, BENCH_MEM (mem_fraction_static, the same for
 # every row), BENCH_ROW_TIMEOUT (s), BENCH_START_BEFORE_S (no row starts after this many seconds of the call).
@@ -27,7 +29,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 rm -rf "$SITE/diffkv_sglang" && ln -s "$REPO/diffkv_sglang" "$SITE/diffkv_sglang"   # the wheel's dist-info, this tree's code
 say "installed $(ls "$REPO"/.cache/gpu/wheels | wc -l) wheels into $SITE"
 export PYTHONPATH=$GPU/standin:$SITE PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TMPDIR=$SCRATCH/tmp
-export DIFFKV_GPU_TOKENIZER=$REPO/.cache/gpu/tokenizer SGL_STANDIN_LOG=$OUTD/standin-calls.jsonl
+export DIFFKV_GPU_TOKENIZER=$REPO/.cache/gpu/tokenizer DIFFKV_GPU_STANDIN_LOG=$OUTD/standin-calls.jsonl
 export SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1          # the stand-in has no sglang-kernel dist-info
 export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python   # the bundled Rust tree core panics under torch 2.11
 export DIFFKV_GPU_NO_SM100_DUAL_GEMM=1 DIFFKV_GPU_LOG_S=5   # standin/sitecustomize.py
@@ -57,7 +59,7 @@ if [[ $PHASES == *" check "* ]]; then
   python3 "$GPU/check_standin.py" cuda --out "$OUTD/standin-check.json" | tail -2
   say "pytest tests/test_cuda_ops.py tests/test_gpu_serving.py"
   timeout "${CHECK_TIMEOUT:-420}" python3 -m pytest -p no:cacheprovider -q -rA -s "$REPO/tests/test_cuda_ops.py" \
-    "$REPO/tests/test_gpu_serving.py" ${PYTEST_ARGS:-} > "$OUTD/pytest.log" 2>&1
+    "$REPO/tests/test_gpu_serving.py" ${PYTEST_K:+-k "$PYTEST_K"} > "$OUTD/pytest.log" 2>&1
   say "pytest rc=$?"
   grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|graph vs eager|cached tokens|fork cached" "$OUTD/pytest.log" | tail -40
 fi

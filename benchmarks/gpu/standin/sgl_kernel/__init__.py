@@ -19,7 +19,7 @@ backend (SGLang's own JIT kernels cover SiLU-and-mul, RoPE and the KV-cache stor
 Every other ``sgl_kernel`` name and submodule imports (SGLang imports many at module level) and raises
 ``NotImplementedError`` naming the op when called, so a path that needs a missing op fails loudly instead of
 computing something else. ``sgl_kernel.scalar_type`` is not provided: SGLang then uses its own fallback types.
-With ``SGL_STANDIN_LOG=PATH`` each process appends one JSON line per first call of an implemented op and per
+With ``DIFFKV_GPU_STANDIN_LOG=PATH`` each process appends one JSON line per first call of an implemented op and per
 first request of a missing name. ``benchmarks/gpu/check_standin.py`` checks the ops against torch references.
 """
 
@@ -41,9 +41,9 @@ _seen: set[str] = set()
 
 
 def _log(event: str, name: str) -> None:
-    """One JSON line per first ``event`` of ``name`` in this process (only with ``SGL_STANDIN_LOG``)."""
+    """One JSON line per first ``event`` of ``name`` in this process (only with ``DIFFKV_GPU_STANDIN_LOG``)."""
     key = f"{event}:{name}"
-    path = os.environ.get("SGL_STANDIN_LOG")
+    path = os.environ.get("DIFFKV_GPU_STANDIN_LOG")
     if key in _seen or not path:
         return
     _seen.add(key)
