@@ -85,7 +85,13 @@ class TierSpec:
                 raise ConfigError(field, dict(spec), "key_bits and value_bits are required") from exc
         else:
             raise ConfigError(field, spec, "a tier name such as 'k8v4' or a mapping")
-        tier.validate(field)
+        try:
+            tier.validate(field)
+        except ConfigError as error:
+            if not isinstance(spec, str):
+                raise
+            part = error.field.rpartition(".")[2].replace("_", " ")      # name the tier the user wrote
+            raise ConfigError(error.field, spec, f"{part} {error.allowed} (got {error.value})") from None
         return tier
 
     def validate(self, field: str = "tiers") -> None:

@@ -12,9 +12,12 @@ hook                                                    effect
 ======================================================  ================================================
 ``ServerArgs.add_cli_args`` (around)                    adds ``--kv-pool`` and the ``--diffkv-*`` flags
 ``prepare_server_args`` (around)                        builds and validates the config, publishes it
+``ServerArgs.resolve_once`` (around)                    from the command line, a refusal is one
+                                                        ``error:`` line and exit code 2
 ``Engine.server_args_class``                            accepts ``kv_pool=`` / ``diffkv_*=`` keywords
 resolution step ``handle_attention_backend_compatibility``  forces ``--attention-backend diffkv``, the page
                                                         size, no CUDA graphs; refuses unsupported setups
+                                                        (:class:`~.integration.args.Refusal`)
 ``create_memory_pool_configurator`` (around)            sizes the pool at the compressed cost per token
 ``KVCacheConfigurator._build_mha_kv_pool`` (around)     builds :class:`DiffKVKVPool`
 ``KVCacheConfigurator._build_token_to_kv_pool_allocator``  builds :class:`DiffKVPagedAllocator`
@@ -43,6 +46,16 @@ def _selected_config() -> DiffKVConfig | None:
 
 
 # ------------------------------------------------------------------------------------ CLI / Engine
+PROG = "sglang serve"          # the prog of the parser in SGLang's prepare_server_args: its argparse errors' prefix
+
+
+def _fail(message: str):
+    """End the launcher like one of SGLang's argparse errors: ``sglang serve: error: MESSAGE`` on stderr, exit
+    code 2, no traceback."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _add_cli_args(original, parser):
     original(parser)
     cli.add_cli_args(parser)
@@ -62,14 +75,23 @@ def _prepare_server_args(original, argv):
         except ConfigError as error:
             given = {flag.field for flag in cli.FLAGS if getattr(ns, flag.dest) is not None}
             given |= {"alpha_prune"} if ns.diffkv_alpha_low is not None else set()
-            print(f"{os.path.basename(sys.argv[0]) or 'sglang'}: error: {cli.flag_error_message(error, given)}",
-                  file=sys.stderr)
-            raise SystemExit(2) from None
+            _fail(cli.flag_error_message(error, given))
     elif any(getattr(ns, flag.dest) is not None for flag in cli.FLAGS) or ns.diffkv_config:
-        print("sglang: error: --diffkv-* flags need --kv-pool diffkv", file=sys.stderr)
-        raise SystemExit(2)
+        _fail("--diffkv-* flags need --kv-pool diffkv")
     _attach(server_args, ns.kv_pool, config)
+    server_args._diffkv_from_cli = True
     return server_args
+
+
+def _resolve_once(original, server_args):
+    """Launched from the command line (``prepare_server_args`` built the record), a refusal of the DiffKV pool
+    ends the launcher like a flag error; ``sglang.Engine`` callers get the :class:`~.integration.args.Refusal`."""
+    try:
+        return original(server_args)
+    except cli.Refusal as refusal:
+        if not getattr(server_args, "_diffkv_from_cli", False):
+            raise
+        _fail(str(refusal))
 
 
 def _attach(server_args, kv_pool: str, config: DiffKVConfig | None) -> None:
@@ -88,10 +110,6 @@ def _engine_server_args_factory(**kwargs):
 
 
 # ------------------------------------------------------------------------------------- resolution
-def _refuse(reason: str):
-    raise ValueError(f"--kv-pool diffkv: {reason}")
-
-
 def _resolve(server_args, previous):
     previous(server_args)
     config = _selected_config()
@@ -102,28 +120,37 @@ def _resolve(server_args, previous):
 
     cfg = resolving_view(server_args)
     if cfg.speculative_algorithm:
-        _refuse(f"speculative decoding ({cfg.speculative_algorithm}) is not supported")
+        raise cli.Refusal("--speculative-algorithm", cfg.speculative_algorithm,
+                          "speculative decoding is not supported", "unset")
     if cfg.disaggregation_mode not in (None, "null"):
-        _refuse(f"PD disaggregation (--disaggregation-mode {cfg.disaggregation_mode}) is not supported")
-    if cfg.enable_hierarchical_cache or cfg.enable_lmcache:
-        _refuse("hierarchical / LMCache KV offloading is not supported")
+        raise cli.Refusal("--disaggregation-mode", cfg.disaggregation_mode, "PD disaggregation is not supported",
+                          "null")
+    for switch in ("enable_hierarchical_cache", "enable_lmcache"):
+        if getattr(cfg, switch):
+            raise cli.Refusal(_flag(switch), True, "KV offloading is not supported", "off (flag not given)")
     if cfg.kv_cache_dtype not in ("auto", None):
-        _refuse(f"--kv-cache-dtype {cfg.kv_cache_dtype} is not supported (DiffKV chooses its own precision; use auto)")
-    if cfg.enable_dp_attention:
-        _refuse("DP attention is not supported")
-    if cfg.enable_unified_memory:
-        _refuse("--enable-unified-memory is not supported")
+        raise cli.Refusal("--kv-cache-dtype", cfg.kv_cache_dtype, "DiffKV chooses its own precision", "auto")
+    for switch, feature in (("enable_dp_attention", "DP attention"), ("enable_unified_memory", "unified memory")):
+        if getattr(cfg, switch):
+            raise cli.Refusal(_flag(switch), True, f"{feature} is not supported", "off (flag not given)")
     if (cfg.dcp_size or 1) > 1:
-        _refuse("decode context parallelism (--dcp-size > 1) is not supported")
+        raise cli.Refusal("--dcp-size", cfg.dcp_size, "decode context parallelism is not supported", "1")
     if cfg.page_size not in (None, 1, config.page_size):
-        _refuse(f"--page-size {cfg.page_size} conflicts with the DiffKV page size {config.page_size}; "
-                "set --diffkv-page-size instead")
-    for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
-        chosen = getattr(cfg, name)
-        if chosen not in (None, "diffkv") and name != "attention_backend":
-            _refuse(f"--{name.replace('_', '-')} {chosen} cannot read the DiffKV pool; leave it unset")
+        raise cli.Refusal("--page-size", cfg.page_size, f"the DiffKV page size is {config.page_size}",
+                          f"{config.page_size} or unset (change it with --diffkv-page-size)")
+    chosen = {"attention_backend": server_args._raw_input.get("attention_backend"),     # what the user typed:
+              "prefill_attention_backend": cfg.prefill_attention_backend,               # resolution picks one
+              "decode_attention_backend": cfg.decode_attention_backend}                 # for the device
+    for name, backend in chosen.items():
+        if backend not in (None, "diffkv"):
+            raise cli.Refusal(_flag(name), backend, "only the diffkv attention backend reads the DiffKV pool",
+                              "diffkv or unset")
     _refuse_unsupported_model(server_args)
-    wants_graphs = cuda_graph_enabled()
+    try:
+        wants_graphs = cuda_graph_enabled()
+    except ValueError:
+        raise cli.Refusal(CUDA_GRAPH_ENV, os.environ[CUDA_GRAPH_ENV], "it switches SGLang's decode CUDA graphs",
+                          "0 (off, the default) or 1 (on)") from None
     decode_graphs = wants_graphs and str(cfg.device or "cuda").startswith("cuda")
     graphs = with_phase(cfg.cuda_graph_config, Phase.PREFILL, backend=Backend.DISABLED)
     if not decode_graphs:
@@ -138,20 +165,27 @@ def _resolve(server_args, previous):
                    "graphs are %s", decode_state)
 
 
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
 def _refuse_unsupported_model(server_args) -> None:
     from sglang.srt.arg_groups.model_override_base import model_config_of
 
     model_config = model_config_of(server_args)
     if model_config is None:
         return
+    allowed = "a model with multi-head or grouped-query attention only"
+    model = server_args._raw_input.get("model_path")
     arch = getattr(getattr(model_config, "attention_arch", None), "name", "MHA")
     if arch != "MHA":
-        _refuse(f"only multi-head / grouped-query attention models are supported (this model uses {arch})")
+        raise cli.Refusal("--model-path", model, f"this model uses {arch} attention", allowed)
     if getattr(model_config, "is_hybrid_swa", False) or getattr(model_config, "is_encoder_decoder", False):
-        _refuse("hybrid sliding-window and encoder-decoder models are not supported")
+        raise cli.Refusal("--model-path", model, "hybrid sliding-window and encoder-decoder models are not supported",
+                          allowed)
     hf_config = getattr(model_config, "hf_config", None)
     if any(getattr(hf_config, name, None) for name in ("layers_block_type", "mamba_d_state", "linear_attn_config")):
-        _refuse("hybrid (Mamba / linear attention) models are not supported")
+        raise cli.Refusal("--model-path", model, "hybrid Mamba / linear attention models are not supported", allowed)
 
 
 # ---------------------------------------------------------------------------------------- pools
@@ -214,6 +248,7 @@ def _make_backend(model_runner):
 HOOKS = (
     ("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args),
     ("sglang.srt.server_args.prepare_server_args", _prepare_server_args),
+    ("sglang.srt.server_args.ServerArgs.resolve_once", _resolve_once),
     ("sglang.srt.model_executor.pool_configurator.create_memory_pool_configurator", _memory_pool_configurator),
     ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool", _build_mha_kv_pool),
     ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool_allocator",

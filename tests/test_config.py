@@ -86,6 +86,17 @@ def test_bad_values_name_the_field(data, field):
     assert "allowed" in str(info.value)
 
 
+def test_bad_tier_names_are_named():
+    with pytest.raises(ConfigError) as info:
+        DiffKVConfig.from_dict({"tiers": ["k8v4", "k5v3"]})
+    assert (info.value.field, info.value.value) == ("tiers.key_bits", "k5v3")
+    assert str(info.value) == ("diffkv config: tiers.key_bits='k5v3' is invalid; allowed: key bits one of (2, 4, 8) "
+                               "(got 5)")
+    with pytest.raises(ConfigError) as mapped:        # a mapping is shown as the field's own value
+        DiffKVConfig.from_dict({"tiers": [{"key_bits": 8, "value_bits": 3}]})
+    assert (mapped.value.field, mapped.value.value) == ("tiers.value_bits", 3)
+
+
 def test_model_checks():
     cfg = DiffKVConfig.from_dict({"tiers": ["k8v4", "k4v2g1x32"]})
     with pytest.raises(ConfigError, match="value_groups"):

@@ -99,3 +99,25 @@ def test_coexists_with_a_native_kv_pool_flag():
     parser.add_argument("--kv-pool", choices=["default"], default="default")
     cli.add_cli_args(parser)
     assert parser.parse_args(["--kv-pool", "diffkv", "--diffkv-window", "8"]).kv_pool == "diffkv"
+
+
+@pytest.mark.parametrize("flags, tier, allowed", [
+    ("k8v4,k5v3", "k5v3", "key bits one of (2, 4, 8) (got 5)"),
+    ("k8v4,k4v3", "k4v3", "value bits one of (2, 4, 8) (got 3)"),
+    ("k8v4g3,k4v2", "k8v4g3", "key groups a power of two >= 1 that divides head_dim (got 3)"),
+])
+def test_tier_errors_name_the_tier(flags, tier, allowed):
+    with pytest.raises(ConfigError) as info:
+        cli.config_from_namespace(parse(["--diffkv-tiers", flags]))
+    message = cli.flag_error_message(info.value, {"tiers"})
+    assert message == f"argument --diffkv-tiers: invalid value {tier!r}; allowed: {allowed}"
+
+
+def test_refusals_name_the_setting_the_value_and_what_is_allowed():
+    refusal = cli.Refusal("--page-size", 16, "the DiffKV page size is 32", "32 or unset")
+    assert isinstance(refusal, ValueError)
+    assert str(refusal) == ("argument --page-size: invalid value 16 with --kv-pool diffkv (the DiffKV page size is "
+                            "32); allowed: 32 or unset")
+    assert str(cli.Refusal("DIFFKV_CUDA_GRAPH", "2", "why", "0 or 1")).startswith(
+        "environment variable DIFFKV_CUDA_GRAPH: invalid value '2' with --kv-pool diffkv (why)")
+    assert "\n" not in str(refusal)

@@ -65,6 +65,21 @@ FLAGS = (
 _FLAG_OF_FIELD = {flag.field: flag.name for flag in FLAGS} | {"alpha_prune": "--diffkv-alpha-low"}
 
 
+class Refusal(ValueError):
+    """A server setting the DiffKV pool cannot serve with (raised while SGLang resolves its arguments).
+
+    The message names the setting (a ``--flag`` or an environment variable), the value and what is allowed, in
+    the form of the flag errors above, so the launcher can print it as one ``error:`` line; ``sglang.Engine``
+    users get the exception itself.
+    """
+
+    def __init__(self, setting: str, value: Any, reason: str, allowed: str):
+        self.setting, self.value, self.reason, self.allowed = setting, value, reason, allowed
+        kind = "argument" if setting.startswith("--") else "environment variable"
+        super().__init__(f"{kind} {setting}: invalid value {value!r} with --kv-pool diffkv ({reason}); "
+                         f"allowed: {allowed}")
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--kv-pool`` and the ``--diffkv-*`` flags to SGLang's parser."""
     group = parser.add_argument_group("DiffKV compressed KV cache (diffkv-sglang)")
