@@ -16,8 +16,8 @@ Each server: 4096 logical tokens, page 16, window 16, chunked prefill of 256 tok
 (``--schedule-conservativeness 0.05``). Checks: generate (pages sealed, compression > 1); multi-turn chat reporting
 cached tokens; ``fork`` sharing a cached prefix; memory pressure (every request completes, ``/flush_cache``
 returns the arena to its start-up bytes); and the same request script on the graph server as on the eager one:
-sequential requests (batch 1) and a batch sent in one call whose size shrinks as requests of different lengths
-finish (padded graph lanes, pages sealed between replays), compared token by token where the eager run's top two
+sequential requests (batch 1) and a batch of 6 sent in one call (padded graph lanes, pages sealed between
+replays), compared token by token where the eager run's top two
 tokens are not a near-tie, and on log-probabilities before the first divergence.
 """
 
@@ -164,18 +164,19 @@ def test_memory_pressure_completes_and_flush_frees_every_byte(server):
 
 
 def _comparison_script(server) -> list[dict]:
-    """Three sequential requests (batch 1), then one batch of 6 requests of 24-144 new tokens sent in a single
-    ``/generate`` call (so both servers schedule the same batches; it shrinks as requests finish); greedy, with
-    top-2 log-probabilities."""
+    """Three sequential requests (batch 1), then one batch of 6 prompts of different lengths sent in a single
+    ``/generate`` call (so both servers schedule the same batches: 6 lanes, padded to 8 in the graph) with 96 new
+    tokens each (pages sealed between replays); greedy, with top-2 log-probabilities. (SGLang 0.5.23's HTTP
+    ``/generate`` takes one sampling-params object per call.)"""
     def ask(texts, new_tokens):
-        sampling = [{"max_new_tokens": n, "temperature": 0, "ignore_eos": True} for n in new_tokens]
+        sampling = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
         outs = server.post("/generate", {"text": texts, "sampling_params": sampling, "return_logprob": True,
                                          "top_logprobs_num": 2})
         return outs if isinstance(outs, list) else [outs]
 
     prompt = lambda i: f"{STORY * (1 + i % 3)} Question {i}:"                           # noqa: E731
-    outs = [ask(prompt(i), [48])[0] for i in range(3)]
-    outs += ask([prompt(10 + i) for i in range(6)], [24 + 24 * i for i in range(6)])
+    outs = [ask(prompt(i), 48)[0] for i in range(3)]
+    outs += ask([prompt(10 + i) for i in range(6)], 96)
     return [{"ids": o["output_ids"], "logprobs": [t[0] for t in o["meta_info"]["output_token_logprobs"]],
              "top2": [[t[0] for t in top] for top in o["meta_info"]["output_top_logprobs"]]} for o in outs]
 
