@@ -21,6 +21,8 @@ resolution step ``handle_attention_backend_compatibility``  forces ``--attention
 ``create_memory_pool_configurator`` (around)            sizes the pool at the compressed cost per token
 ``KVCacheConfigurator._build_mha_kv_pool`` (around)     builds :class:`DiffKVKVPool`
 ``KVCacheConfigurator._build_token_to_kv_pool_allocator``  builds :class:`DiffKVPagedAllocator`
+``TokenizerManager._validate_one_request`` (around)     refuses (400) the requests that would stop the
+                                                        scheduler (:mod:`.integration.requests`)
 attention backend registry ``"diffkv"``                 :class:`DiffKVAttnBackend`
 ======================================================  ================================================
 """
@@ -238,6 +240,15 @@ def _build_allocator(original, self, *, sizes, token_to_kv_pool, token_to_kv_poo
                     token_to_kv_pool_allocator=token_to_kv_pool_allocator, **kwargs)
 
 
+def _validate_request(original, self, obj, input_ids):
+    if _selected_config() is not None and hasattr(obj, "return_logprob"):          # generate requests only
+        from .integration.requests import check_generate_request
+
+        check_generate_request(input_ids, self.model_config.vocab_size, text=obj.text,
+                               return_logprob=obj.return_logprob, top_logprobs_num=obj.top_logprobs_num)
+    return original(self, obj, input_ids)
+
+
 def _make_backend(model_runner):
     from .integration.backend import DiffKVAttnBackend
 
@@ -253,6 +264,7 @@ HOOKS = (
     ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool", _build_mha_kv_pool),
     ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool_allocator",
      _build_allocator),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", _validate_request),
 )
 
 

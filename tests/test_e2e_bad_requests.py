@@ -1,0 +1,76 @@
+"""Requests that stopped SGLang's scheduler (and with it the server) are answered 400 with a clear message under
+``--kv-pool diffkv``, and the server keeps serving with the same output. Real SGLang server on CPU, tiny Llama
+whose tokenizer adds no BOS token (so ``text=""`` tokenizes to nothing, as with SmolLM2). Run alone with
+``pytest -m server``; every case is listed in docs/robustness.md."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from e2e_common import DIFFKV, STORY, gauge, generate       # tests/e2e_support, put on sys.path by conftest
+from http_requests import copy_without_bos, error_message, healthy, send
+from sglang_server import SGLangServer
+
+pytestmark = pytest.mark.server
+VOCAB = 505                         # the tiny Llama's vocabulary (tests/e2e_support/tiny_model.py)
+EMPTY = "a prompt of at least one token (this one tokenizes to none)"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    model = copy_without_bos(tiny_model, tmp_path_factory.mktemp("no-bos"))
+    with SGLangServer(model, DIFFKV, max_total_tokens=1024) as running:
+        yield running
+
+
+def cases(rng: random.Random) -> list[tuple[str, str, dict, str]]:
+    """(name, path, payload, SGLang's 400 message) with fresh out-of-vocabulary ids."""
+    high, low = rng.randrange(VOCAB, 2**40), -rng.randrange(1, 2**31)
+    oov = f"allowed: token ids in [0, {VOCAB})"
+    top = lambda n: f"top_logprobs_num={n} is invalid; allowed: 0 to {VOCAB} (the vocabulary size)"   # noqa: E731
+    few = {"max_new_tokens": 4}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    return [
+        ("empty text", "/generate", {"text": "", "sampling_params": few}, f"text='' is invalid; allowed: {EMPTY}"),
+        ("batch with an empty text", "/generate", {"text": [STORY, ""], "sampling_params": few},
+         f"text='' is invalid; allowed: {EMPTY}"),
+        ("OpenAI prompt list with an empty string", "/v1/completions", {"model": "m", "prompt": ["hi", ""],
+                                                                       "max_tokens": 4},
+         f"text='' is invalid; allowed: {EMPTY}"),
+        ("id above the vocabulary", "/generate", {"input_ids": [1, 7, high], "sampling_params": few},
+         f"input_ids[2]={high} is invalid; {oov}"),
+        ("id equal to the vocabulary size", "/generate", {"input_ids": [VOCAB], "sampling_params": few},
+         f"input_ids[0]={VOCAB} is invalid; {oov}"),
+        ("negative id", "/generate", {"input_ids": [1, low], "sampling_params": few},
+         f"input_ids[1]={low} is invalid; {oov}"),
+        ("batch mixing good and bad ids", "/generate", {"input_ids": [[1, 5, 6], [1, high]], "sampling_params": few},
+         f"input_ids[1]={high} is invalid; {oov}"),
+        ("input_ids with text", "/generate", {"text": "hi", "input_ids": [1, high], "sampling_params": few},
+         f"input_ids[1]={high} is invalid; {oov}"),
+        ("OpenAI prompt of ids", "/v1/completions", {"model": "m", "prompt": [1, high], "max_tokens": 4},
+         f"input_ids[1]={high} is invalid; {oov}"),
+        ("top_logprobs_num above the vocabulary", "/generate",
+         {"text": "hi", "return_logprob": True, "top_logprobs_num": VOCAB + 1, "sampling_params": few}, top(VOCAB + 1)),
+        ("chat top_logprobs", "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 1000}, top(1000)),
+        ("completions logprobs", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 4, "logprobs": 999},
+         top(999)),
+    ]
+
+
+def test_requests_that_stopped_the_scheduler_are_refused(server):
+    seed = random.randrange(2**31)
+    print("seed", seed)
+    before = generate(server, STORY, max_new_tokens=16)["output_ids"]
+    for name, path, payload, message in cases(random.Random(seed)):
+        status, body = send(server, path, payload)
+        assert (status, error_message(body)) == (400, message), (name, status, body)
+        assert healthy(server), (name, server.log_tail())
+    assert generate(server, STORY, max_new_tokens=16)["output_ids"] == before
+    bounds = send(server, "/generate", {"input_ids": [0, VOCAB - 1], "return_logprob": True,
+                                        "top_logprobs_num": VOCAB, "sampling_params": {"max_new_tokens": 2}})
+    assert bounds[0] == 200, bounds                        # the limits themselves are served
+    assert not server.unexpected_errors(), server.unexpected_errors()
+    assert "Cache flushed" in server.post_text("/flush_cache")
+    assert gauge(server, "sealed_pages") == 0 and gauge(server, "staged_pages") == 1
