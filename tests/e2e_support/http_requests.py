@@ -66,3 +66,8 @@ def copy_without_bos(model_dir: str | Path, out_dir: Path) -> Path:
     tokenizer["post_processor"] = None
     (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
     return out_dir
+
+
+def vocab_size(model_dir: str | Path) -> int:
+    """The model's vocabulary size (embedding rows), from its ``config.json``."""
+    return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
