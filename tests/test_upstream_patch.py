@@ -1,4 +1,5 @@
-"""The upstream proposal ``patches/sglang-0.5.23-kv-pool.patch`` applies to the installed SGLang and works.
+"""The upstream proposals ``patches/sglang-0.5.23-kv-pool.patch`` and ``patches/sglang-0.5.23-request-checks.patch``
+apply to the installed SGLang and work.
 
 Fast checks (no server, no SGLang import): the files the patch touches are copied from the installed
 ``sglang`` package into ``tmp_path``; ``patch -p1 --dry-run`` must apply every hunk exactly (no fuzz, no
@@ -9,6 +10,10 @@ offset); the patch is then applied to the copy and
     looks up and refuses names as documented, and imports nothing from SGLang;
 (c) the CLI pieces are in place: ``KV_POOL_CHOICES``/``add_kv_pool_choices``, the ``kv_pool`` field, its
     positional order entry and the ``server_args`` re-export.
+
+The request-checks patch gets the same exact-application check; its new ``_validate_generate_prompt`` is compiled
+from the patched source alone (importing ``tokenizer_manager`` would install uvloop's event loop policy in the test
+process) and run on good and bad prompts, and ``_validate_one_request`` must call it.
 
 One ``slow`` check copies the whole package, applies the patch and parses ``--kv-pool`` with the patched
 ``ServerArgs`` in a subprocess (plugins disabled: the diffkv plugin's own ``--kv-pool`` would clash).
@@ -28,11 +33,15 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import List, Optional
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = ROOT / "patches" / "sglang-0.5.23-kv-pool.patch"
+REQUEST_PATCH = ROOT / "patches" / "sglang-0.5.23-request-checks.patch"
+TOKENIZER_MANAGER = "sglang/srt/managers/tokenizer_manager.py"
 SGLANG_VERSION = "0.5.23"
 REGISTRY = "sglang/srt/mem_cache/kv_pool_registry.py"
 
@@ -48,9 +57,9 @@ def _installed_sglang_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0]).parent
 
 
-def _patched_paths() -> tuple[list[str], list[str]]:
+def _patched_paths(patch: Path = PATCH) -> tuple[list[str], list[str]]:
     """(existing files the patch modifies, files it creates), as ``sglang/...`` paths."""
-    text = PATCH.read_text()
+    text = patch.read_text()
     modified, created = [], []
     for old, new in re.findall(r"^--- (\S+).*\n\+\+\+ (\S+)", text, flags=re.M):
         assert new.startswith("b/sglang/"), f"patch path not under sglang/: {new}"
@@ -58,36 +67,46 @@ def _patched_paths() -> tuple[list[str], list[str]]:
     return modified, created
 
 
-def _run_patch(cwd: Path, *extra: str) -> list[str]:
-    result = subprocess.run(["patch", "-p1", "--batch", "--no-backup-if-mismatch", *extra, "-i", str(PATCH)],
+def _run_patch(cwd: Path, *extra: str, patch: Path = PATCH) -> list[str]:
+    result = subprocess.run(["patch", "-p1", "--batch", "--no-backup-if-mismatch", *extra, "-i", str(patch)],
                             cwd=cwd, capture_output=True, text=True)
     output = (result.stdout + result.stderr).splitlines()
     assert result.returncode == 0, "\n".join(output)
     return output
 
 
-@pytest.fixture(scope="module")
-def patched_copy(tmp_path_factory) -> Path:
-    """The touched files of the installed sglang, copied and patched; returns the directory holding ``sglang/``."""
+def _copy_and_patch(dst: Path, patch: Path) -> Path:
+    """The files ``patch`` touches, copied from the installed sglang into ``dst`` and patched exactly."""
     src = _installed_sglang_root()
-    dst = tmp_path_factory.mktemp("sglang-patched")
-    modified, created = _patched_paths()
+    modified, created = _patched_paths(patch)
     for rel in modified:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / rel, dst / rel)
     for rel in created:
         assert not (src / rel).exists(), f"{rel} already exists in the installed sglang"
 
-    dry = _run_patch(dst, "--dry-run")
+    dry = _run_patch(dst, "--dry-run", patch=patch)
     # Exact application: GNU patch names each file and says nothing else (any "Hunk #n succeeded at ... with
     # fuzz / (offset n lines)" or "FAILED" line means the patch no longer matches 0.5.23 byte for byte).
     assert dry and all(re.fullmatch(r"checking file \S+", line) for line in dry), "\n".join(dry)
     assert sorted(line.split()[-1] for line in dry) == sorted(modified + created)
 
-    applied = _run_patch(dst)
+    applied = _run_patch(dst, patch=patch)
     assert all(re.fullmatch(r"patching file \S+", line) for line in applied), "\n".join(applied)
     assert not list(dst.rglob("*.rej")) and not list(dst.rglob("*.orig"))
     return dst
+
+
+@pytest.fixture(scope="module")
+def patched_copy(tmp_path_factory) -> Path:
+    """The touched files of the installed sglang, copied and patched; returns the directory holding ``sglang/``."""
+    return _copy_and_patch(tmp_path_factory.mktemp("sglang-patched"), PATCH)
+
+
+@pytest.fixture(scope="module")
+def request_checks_copy(tmp_path_factory) -> Path:
+    """``tokenizer_manager.py`` of the installed sglang with the request-checks patch applied."""
+    return _copy_and_patch(tmp_path_factory.mktemp("sglang-request-checks"), REQUEST_PATCH)
 
 
 def test_patch_touches_the_expected_files():
@@ -211,3 +230,43 @@ def test_patched_server_args_parse_kv_pool(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.split()[-2:] == ["demo", "demo"]
+
+
+def test_request_checks_patch_touches_only_the_tokenizer_manager():
+    assert _patched_paths(REQUEST_PATCH) == ([TOKENIZER_MANAGER], [])
+    header = REQUEST_PATCH.read_text().split("\ndiff --git ", 1)[0]
+    assert header.startswith("Subject: [PATCH]") and "_validate_generate_prompt" in header
+
+
+def _patched_function(copy: Path, name: str) -> tuple[ast.Module, ast.FunctionDef]:
+    tree = ast.parse((copy / TOKENIZER_MANAGER).read_text())
+    [function] = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == name]
+    return tree, function
+
+
+def test_request_checks_reject_what_stops_the_scheduler(request_checks_copy):
+    py_compile.compile(str(request_checks_copy / TOKENIZER_MANAGER), cfile=str(request_checks_copy / "tm.pyc"),
+                       doraise=True)
+    _, function = _patched_function(request_checks_copy, "_validate_generate_prompt")
+    namespace = {"GenerateReqInput": object, "Optional": Optional, "List": List}
+    exec(compile(ast.Module(body=[function], type_ignores=[]), TOKENIZER_MANAGER, "exec"), namespace)
+    validate = namespace["_validate_generate_prompt"]
+    request = lambda top=0, logprob=False: SimpleNamespace(top_logprobs_num=top, return_logprob=logprob)  # noqa: E731
+    validate(request(505, True), [0, 504], 505)
+    validate(request(10**6), [1], 505)                                   # top_logprobs_num unused without logprobs
+    validate(request(), None, 505)                                       # input_embeds
+    with pytest.raises(ValueError, match=r"^The prompt has no tokens after tokenization"):
+        validate(request(), [], 505)
+    for ids, token, position in (([1, 505, -1], 505, 1), ([-3], -3, 0), ([1, 2, 2**40], 2**40, 2)):
+        with pytest.raises(ValueError) as info:
+            validate(request(), ids, 505)
+        assert str(info.value) == (f"input_ids contains out-of-vocabulary token id {token} at position {position}; "
+                                   "valid range is [0, 505).")
+    with pytest.raises(ValueError, match=r"^top_logprobs_num=506 is larger than the vocabulary size 505\.$"):
+        validate(request(506, True), [1], 505)
+
+
+def test_request_checks_run_for_every_generate_request(request_checks_copy):
+    _, method = _patched_function(request_checks_copy, "_validate_one_request")
+    calls = [ast.unparse(node) for node in ast.walk(method) if isinstance(node, ast.Call)]
+    assert "_validate_generate_prompt(obj, input_ids, self.model_config.vocab_size)" in calls

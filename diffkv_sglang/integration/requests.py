@@ -15,7 +15,7 @@ pool (the empty prompt stops SGLang's own pool the same way):
 :func:`check_generate_request` turns each into a :class:`BadRequest` (a ValueError: SGLang's HTTP layer answers
 it with status 400 and the message). The plugin calls it from an AROUND hook on
 ``TokenizerManager._validate_one_request``, which SGLang runs for every generate request, batch items included,
-after tokenization.
+after tokenization; ``patches/sglang-0.5.23-request-checks.patch`` proposes the same checks upstream.
 
 This module imports nothing from SGLang.
 """
