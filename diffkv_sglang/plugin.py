@@ -15,7 +15,8 @@ hook                                                    effect
 ``ServerArgs.resolve_once`` (around)                    from the command line, a refusal is one
                                                         ``error:`` line and exit code 2
 ``Engine.server_args_class``                            accepts ``kv_pool=`` / ``diffkv_*=`` keywords
-resolution step ``handle_attention_backend_compatibility``  forces ``--attention-backend diffkv``, the page
+resolution step ``handle_attention_backend_compatibility``  forces ``--attention-backend diffkv`` (a different
+                                                        one typed is logged as overridden), the page
                                                         size, no CUDA graphs; refuses unsupported setups
                                                         (:class:`~.integration.args.Refusal`)
 ``create_memory_pool_configurator`` (around)            sizes the pool at the compressed cost per token
@@ -140,13 +141,15 @@ def _resolve(server_args, previous):
     if cfg.page_size not in (None, 1, config.page_size):
         raise cli.Refusal("--page-size", cfg.page_size, f"the DiffKV page size is {config.page_size}",
                           f"{config.page_size} or unset (change it with --diffkv-page-size)")
-    chosen = {"attention_backend": server_args._raw_input.get("attention_backend"),     # what the user typed:
-              "prefill_attention_backend": cfg.prefill_attention_backend,               # resolution picks one
-              "decode_attention_backend": cfg.decode_attention_backend}                 # for the device
-    for name, backend in chosen.items():
+    for name in ("prefill_attention_backend", "decode_attention_backend"):
+        backend = getattr(cfg, name)
         if backend not in (None, "diffkv"):
             raise cli.Refusal(_flag(name), backend, "only the diffkv attention backend reads the DiffKV pool",
                               "diffkv or unset")
+    typed = server_args._raw_input.get("attention_backend")      # the user's flag (resolution picks one otherwise)
+    if typed not in (None, "diffkv"):
+        logger.warning("--kv-pool diffkv: --attention-backend %s is overridden: the attention backend is 'diffkv', "
+                       "the only one that reads the DiffKV pool", typed)
     _refuse_unsupported_model(server_args)
     try:
         wants_graphs = cuda_graph_enabled()

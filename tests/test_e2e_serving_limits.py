@@ -102,9 +102,6 @@ REFUSED = " with --kv-pool diffkv "
     (["--kv-pool", "diffkv", "--decode-attention-backend", "torch_native"],
      f"argument --decode-attention-backend: invalid value 'torch_native'{REFUSED}(only the diffkv attention "
      "backend reads the DiffKV pool); allowed: diffkv or unset"),
-    (["--kv-pool", "diffkv", "--attention-backend", "torch_native"],
-     f"argument --attention-backend: invalid value 'torch_native'{REFUSED}(only the diffkv attention backend "
-     "reads the DiffKV pool); allowed: diffkv or unset"),
     (["--kv-pool", "diffkv", "--enable-hierarchical-cache"],
      f"argument --enable-hierarchical-cache: invalid value True{REFUSED}(KV offloading is not supported); "
      "allowed: off (flag not given)"),
