@@ -9,7 +9,9 @@ KV head. As a side effect ``run`` records the importance statistics of staged to
 queries per request *replace* the statistics of the staged tokens they see, so after a chunked prefill (or a new
 turn over a cached prefix) the latest observation window decides, as DiffKV's prefill rule intends.
 
-The torch path here is the reference (any device). When the store uses kernels (``store.kernels``, see
+Off the kernels, :class:`DecodeAttentionWrapper` runs :class:`~diffkv_sglang.cpu_attention.CodeDecodePlan` (torch,
+on the sealed blocks' packed codes, without a dense copy of them) and :class:`ExtendAttentionWrapper` the torch
+reference below (any device: sealed pages dequantized by ``store.read_pages``). When the store uses kernels (``store.kernels``, see
 :mod:`diffkv_sglang.backend_select`), :class:`DecodeAttentionWrapper` runs the Triton decode kernel
 (:class:`diffkv_sglang.kernels.decode_attention.DecodePlan`) and :class:`ExtendAttentionWrapper` the Triton extend
 kernels (:class:`diffkv_sglang.kernels.extend_attention.ExtendPlan`, flash attention over the batch's pages read
@@ -23,6 +25,7 @@ import math
 
 import torch
 
+from .cpu_attention import CodeDecodePlan
 from .policy import group_max
 from .store import CompressedKVStore, PageState
 
@@ -235,6 +238,7 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
         self._max_staged_pages = max_staged_pages
         self._batch: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._kernel_planned = False
+        self._code_plan = None if store.kernels else CodeDecodePlan(store)
 
     def plan(self, kv_page_indptr: torch.Tensor, kv_page_indices: torch.Tensor, seq_lens: torch.Tensor,
              sm_scale: float | None = None) -> None:
@@ -246,23 +250,17 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
             seq_lens: ``[B]`` int tokens per request, the new token included (it is the query's position + 1).
             sm_scale: softmax scale (default ``1 / sqrt(head_dim)``).
         """
-        sm_scale = sm_scale if sm_scale is not None else self.store.head_dim ** -0.5
-        if self.store.kernels:
-            store = self.store
-            seq_lens = seq_lens.to(store.device, torch.int64)
-            _check_pages(kv_page_indptr, seq_lens, store.page_size)
-            self._batch = (_page_table(kv_page_indptr, kv_page_indices, store.device), seq_lens, sm_scale)
-            self._kernel_planned = False
-            if self._num_q_heads is not None and seq_lens.numel():
-                self._plan_kernel(self._num_q_heads, *self._batch[:2])
+        store = self.store
+        sm_scale = sm_scale if sm_scale is not None else store.head_dim ** -0.5
+        seq_lens = seq_lens.to(store.device, torch.int64)
+        _check_pages(kv_page_indptr, seq_lens, store.page_size)
+        self._batch = (_page_table(kv_page_indptr, kv_page_indices, store.device), seq_lens, sm_scale)
+        if not store.kernels:
+            self._code_plan.plan(*self._batch[:2])
             return
-        table, seq_lens, key_locs, key_valid = self._plan_keys(kv_page_indptr, kv_page_indices, seq_lens)
-        batch = seq_lens.numel()
-        ones = torch.ones(batch, 1, dtype=torch.bool, device=table.device)
-        self._plan = PagedBatchPlan(
-            page_table=table, seq_lens=seq_lens, key_locs=key_locs, key_valid=key_valid,
-            q_positions=(seq_lens - 1)[:, None], q_valid=ones, q_index=torch.arange(batch, device=table.device),
-            observe=ones, accumulate=True, sm_scale=sm_scale)
+        self._kernel_planned = False
+        if self._num_q_heads is not None and seq_lens.numel():
+            self._plan_kernel(self._num_q_heads, *self._batch[:2])
 
     def run(self, q: torch.Tensor, layer: int, sm_scale: float | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
@@ -270,7 +268,9 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
         accumulates staged-token importance. ``sm_scale`` overrides the plan's softmax scale for this layer."""
         if self.store.kernels:
             return self._run_kernel(q, layer, sm_scale, out)
-        result = self._run(q[:, None], layer, sm_scale)[:, 0].to(q.dtype)
+        if self._batch is None:
+            raise RuntimeError("call plan() before run()")
+        result = self._code_plan.run(q, layer, self._batch[2] if sm_scale is None else sm_scale).to(q.dtype)
         return result if out is None else out.copy_(result)
 
     def _run_kernel(self, q: torch.Tensor, layer: int, sm_scale: float | None, out: torch.Tensor | None):

@@ -169,6 +169,39 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((p[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*p.shape[:-1], -1)
 
 
+def unpack_code_planes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unpack ``[..., R]`` uint8 rows of 2-, 4- or 8-bit codes into ``[..., R * 8 / bits]`` uint8 codes in
+    *plane-major* order: first the codes at bit 0 of every byte, then those at bit ``bits``, and so on. Column
+    ``i`` holds element ``code_plane_order(R * 8 / bits, bits)[i]`` of the row (a concatenation of masked shifts:
+    no interleaving copy, the cheapest unpacking on a CPU)."""
+    if bits == 8:
+        return packed
+    if bits not in (2, 4):
+        raise ValueError(f"bits={bits}; plane unpacking supports 2, 4, 8")
+    mask = (1 << bits) - 1
+    return torch.cat([(packed >> shift) & mask for shift in range(0, 8, bits)], -1)
+
+
+@functools.lru_cache(maxsize=32)
+def _plane_order_cpu(dim: int, bits: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    return torch.arange(dim).reshape(dim // per_byte, per_byte).T.reshape(-1)
+
+
+def code_plane_order(dim: int, bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[dim]`` int64: the row element that each column of :func:`unpack_code_planes` holds (``x[..., order]``
+    puts a dense ``[..., dim]`` row in plane-major order)."""
+    return _plane_order_cpu(dim, bits).to(device)
+
+
+def gather_rows(data: torch.Tensor, starts: torch.Tensor, row_bytes: int) -> torch.Tensor:
+    """Rows of ``row_bytes`` elements of the flat ``data`` (the uint8 arena, or a view of it in another dtype)
+    starting at element offsets ``starts`` (any shape, int64) -> ``[*starts.shape, row_bytes]`` in ``data``'s
+    dtype. One ``index_select`` over an overlapping-rows view of ``data`` (no per-element index tensor)."""
+    rows = data.as_strided((data.numel() - row_bytes + 1, row_bytes), (1, 1))
+    return rows.index_select(0, starts.reshape(-1)).reshape(*starts.shape, row_bytes)
+
+
 # ------------------------------------------------------------------------------------ sealed blocks
 def tier_counts(tiers: torch.Tensor, num_tiers: int) -> torch.Tensor:
     """``tiers`` ``[..., P]`` (tier index per token, -1 = pruned) -> ``[..., num_tiers]`` int64 counts."""
@@ -180,12 +213,6 @@ def _scatter_rows(data: torch.Tensor, starts: torch.Tensor, rows: torch.Tensor) 
     """Write ``rows`` ``[m, R]`` uint8 at byte offsets ``starts`` ``[m]`` of the flat uint8 ``data``."""
     index = starts[:, None] + torch.arange(rows.shape[-1], device=data.device)
     data[index.reshape(-1)] = rows.reshape(-1)
-
-
-def _gather_rows(data: torch.Tensor, starts: torch.Tensor, row_bytes: int) -> torch.Tensor:
-    """Read ``[m, row_bytes]`` uint8 rows starting at byte offsets ``starts`` ``[m]``."""
-    index = starts[:, None] + torch.arange(row_bytes, device=data.device)
-    return data[index]
 
 
 def _as_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +276,7 @@ def read_sealed_blocks(fmt: BlockFormat, data: torch.Tensor, offsets: torch.Tens
     device = data.device
     counts = counts.to(torch.int64)
     starts = offsets[:, None, None] + fmt.section_starts(counts)
-    meta_scales = _gather_rows(data, offsets + fmt.meta_scale_start(counts), META_SCALE_BYTES)
+    meta_scales = gather_rows(data, offsets + fmt.meta_scale_start(counts), META_SCALE_BYTES)
     meta_scales = meta_scales.view(torch.float32).reshape(num_blocks, 2)
     out = {"k": torch.zeros(num_blocks, page, dim, device=device), "v": torch.zeros(num_blocks, page, dim, device=device)}
     tier_of = torch.full((num_blocks, page), -1, dtype=torch.int8, device=device)
@@ -259,14 +286,14 @@ def read_sealed_blocks(fmt: BlockFormat, data: torch.Tensor, offsets: torch.Tens
         if block.numel() == 0:
             continue
         rank = torch.arange(block.numel(), device=device) - (torch.cumsum(per_block, 0) - per_block)[block]
-        pos = _gather_rows(data, starts[block, INDEX, t] + rank, 1)[:, 0].to(torch.int64)
+        pos = gather_rows(data, starts[block, INDEX, t] + rank, 1)[:, 0].to(torch.int64)
         tier_of[block, pos] = t
         for name, scale_col, code_kind, meta_kind, bits in (
                 ("k", 0, KEYS, KEY_META, layout.spec.key_bits),
                 ("v", 1, VALUES, VALUE_META, layout.spec.value_bits)):
-            packed = _gather_rows(data, starts[block, code_kind, t] + rank * layout.row_bytes(code_kind),
+            packed = gather_rows(data, starts[block, code_kind, t] + rank * layout.row_bytes(code_kind),
                                   layout.row_bytes(code_kind))
-            meta = _gather_rows(data, starts[block, meta_kind, t] + rank * layout.row_bytes(meta_kind),
+            meta = gather_rows(data, starts[block, meta_kind, t] + rank * layout.row_bytes(meta_kind),
                                 layout.row_bytes(meta_kind)).view(torch.float16).reshape(block.numel(), -1, 2)
             x = dequantize(unpack_codes(packed, bits), meta[..., 0], meta[..., 1])
             out[name][block, pos] = x * meta_scales[block, scale_col, None]

@@ -287,6 +287,11 @@ class CompressedKVStore:
             return seal_blocks(fmt, self.arena.data, (keys, values), tiers, offsets)
         return write_sealed_blocks(fmt, self.arena.data, offsets, keys, values, tiers)
 
+    @property
+    def format_groups(self) -> list[tuple]:
+        """``[(BlockFormat, layers)]``, ``layers`` an int64 tensor: the layers sharing each sealed-block format."""
+        return self._format_groups
+
     def _group_layers_by_format(self):
         """``[(format, layer index tensor)]``: layers sharing one sealed-block format, sealed together."""
         by_format: dict[int, list[int]] = {}
