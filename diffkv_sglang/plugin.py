@@ -248,7 +248,8 @@ def _validate_request(original, self, obj, input_ids):
         from .integration.requests import check_generate_request
 
         check_generate_request(input_ids, self.model_config.vocab_size, text=obj.text,
-                               return_logprob=obj.return_logprob, top_logprobs_num=obj.top_logprobs_num)
+                               return_logprob=obj.return_logprob, top_logprobs_num=obj.top_logprobs_num,
+                               logprob_start_len=obj.logprob_start_len)
     return original(self, obj, input_ids)
 
 

@@ -27,7 +27,7 @@ def served(tiny_model, tmp_path_factory):
 
 def cases(rng: random.Random, vocab: int) -> list[tuple[str, str, dict, str]]:
     """(name, path, payload, SGLang's 400 message) with fresh out-of-vocabulary ids."""
-    high, low = rng.randrange(vocab, 2**40), -rng.randrange(1, 2**31)
+    high, low, start = rng.randrange(vocab, 2**40), -rng.randrange(1, 2**31), -rng.randrange(2, 100)
     oov = f"allowed: token ids in [0, {vocab})"
     top = lambda n: f"top_logprobs_num={n} is invalid; allowed: 0 to {vocab} (the vocabulary size)"   # noqa: E731
     few = {"max_new_tokens": 4}
@@ -54,6 +54,10 @@ def cases(rng: random.Random, vocab: int) -> list[tuple[str, str, dict, str]]:
         ("top_logprobs_num above the vocabulary", "/generate",
          {"text": "hi", "return_logprob": True, "top_logprobs_num": vocab + 1, "sampling_params": few}, top(vocab + 1)),
         ("chat top_logprobs", "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 1000}, top(1000)),
+        ("logprob_start_len below -1", "/generate",
+         {"text": STORY, "return_logprob": True, "logprob_start_len": start, "sampling_params": few},
+         f"logprob_start_len={start} is invalid; allowed: -1 (log-probabilities of the output only) or a prompt "
+         "position >= 0"),
         ("completions logprobs", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 4, "logprobs": 999},
          top(999)),
     ]

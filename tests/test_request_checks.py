@@ -52,3 +52,13 @@ def test_top_logprobs_beyond_the_vocabulary(rng):
         check_generate_request([1], vocab, return_logprob=True, top_logprobs_num=vocab + extra)
     assert str(info.value) == (f"top_logprobs_num={vocab + extra} is invalid; allowed: 0 to {vocab} "
                                "(the vocabulary size)")
+
+
+def test_logprob_start_len_below_minus_one(rng):
+    check_generate_request([1, 2, 3], 505, return_logprob=True, logprob_start_len=-1)
+    check_generate_request([1, 2, 3], 505, return_logprob=True, logprob_start_len=2)
+    start = -rng.randrange(2, 10**6)
+    with pytest.raises(BadRequest) as info:
+        check_generate_request([1, 2, 3], 505, return_logprob=rng.choice((True, False)), logprob_start_len=start)
+    assert str(info.value) == (f"logprob_start_len={start} is invalid; allowed: -1 (log-probabilities of the output "
+                               "only) or a prompt position >= 0")

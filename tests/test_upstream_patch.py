@@ -251,8 +251,10 @@ def test_request_checks_reject_what_stops_the_scheduler(request_checks_copy):
     namespace = {"GenerateReqInput": object, "Optional": Optional, "List": List}
     exec(compile(ast.Module(body=[function], type_ignores=[]), TOKENIZER_MANAGER, "exec"), namespace)
     validate = namespace["_validate_generate_prompt"]
-    request = lambda top=0, logprob=False: SimpleNamespace(top_logprobs_num=top, return_logprob=logprob)  # noqa: E731
-    validate(request(505, True), [0, 504], 505)
+    def request(top=0, logprob=False, start=-1):
+        return SimpleNamespace(top_logprobs_num=top, return_logprob=logprob, logprob_start_len=start)
+
+    validate(request(505, True, 1), [0, 504], 505)
     validate(request(10**6), [1], 505)                                   # top_logprobs_num unused without logprobs
     validate(request(), None, 505)                                       # input_embeds
     with pytest.raises(ValueError, match=r"^The prompt has no tokens after tokenization"):
@@ -264,6 +266,8 @@ def test_request_checks_reject_what_stops_the_scheduler(request_checks_copy):
                                    "valid range is [0, 505).")
     with pytest.raises(ValueError, match=r"^top_logprobs_num=506 is larger than the vocabulary size 505\.$"):
         validate(request(506, True), [1], 505)
+    with pytest.raises(ValueError, match=r"^logprob_start_len=-2 is invalid; use -1 \(output tokens only\)"):
+        validate(request(0, True, -2), [1, 2, 3], 505)
 
 
 def test_request_checks_run_for_every_generate_request(request_checks_copy):

@@ -10,7 +10,9 @@ pool (the empty prompt stops SGLang's own pool the same way):
 * token ids outside ``[0, vocab_size)`` in ``input_ids`` or an OpenAI ``prompt`` of ids: the embedding lookup
   fails on a negative or too-large id;
 * ``top_logprobs_num`` (OpenAI ``top_logprobs`` / ``logprobs``) larger than the vocabulary with
-  ``return_logprob``: the top-k of the log-probabilities fails.
+  ``return_logprob``: the top-k of the log-probabilities fails;
+* ``logprob_start_len`` below -1 (-1 means "output tokens only"; SGLang refuses values past the prompt but not
+  these) on a prompt longer than a few tokens: an assertion on the number of prompt log-probabilities fails.
 
 :func:`check_generate_request` turns each into a :class:`BadRequest` (a ValueError: SGLang's HTTP layer answers
 it with status 400 and the message). The plugin calls it from an AROUND hook on
@@ -34,14 +36,15 @@ class BadRequest(ValueError):
 
 
 def check_generate_request(input_ids: Sequence[int] | None, vocab_size: int, *, text: object = None,
-                           return_logprob: bool = False, top_logprobs_num: int | None = 0) -> None:
+                           return_logprob: bool = False, top_logprobs_num: int | None = 0,
+                           logprob_start_len: int | None = -1) -> None:
     """Raise :class:`BadRequest` for a generate request that would stop SGLang's scheduler.
 
     Args:
         input_ids: the prompt's token ids after tokenization (None for ``input_embeds`` requests: not checked).
         vocab_size: the model's vocabulary size (its embedding rows).
         text: the request's ``text``, named in the message when it tokenized to nothing.
-        return_logprob, top_logprobs_num: the request's log-probability options.
+        return_logprob, top_logprobs_num, logprob_start_len: the request's log-probability options.
     """
     if input_ids is not None:
         if len(input_ids) == 0:
@@ -53,3 +56,6 @@ def check_generate_request(input_ids: Sequence[int] | None, vocab_size: int, *, 
             raise BadRequest(f"input_ids[{index}]", input_ids[index], f"token ids in [0, {vocab_size})")
     if return_logprob and top_logprobs_num and top_logprobs_num > vocab_size:
         raise BadRequest("top_logprobs_num", top_logprobs_num, f"0 to {vocab_size} (the vocabulary size)")
+    if logprob_start_len is not None and logprob_start_len < -1:
+        raise BadRequest("logprob_start_len", logprob_start_len,
+                         "-1 (log-probabilities of the output only) or a prompt position >= 0")
