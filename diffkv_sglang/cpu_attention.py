@@ -9,9 +9,10 @@ request's pages with a float32 softmax, and every staged token's importance gets
 Sealed blocks are never dequantized into a page-shaped copy. ``plan()`` (once per batch) enumerates, for every
 layer at once, each tier's tokens of every (request, KV head) *row* of the batch: the token's block (its arena
 slot) and the byte offset of each of its rows inside the block (key codes, value codes, key (scale, zero), value
-(scale, zero), the block's meta scales), padded per layer to the longest row. ``run()`` (per layer) adds the
-blocks' current arena offsets (so a compaction between plan and run is harmless), gathers the packed rows
-(one ``index_select`` per section and tier) and applies scale and zero point around the products::
+(scale, zero), the block's meta scales), padded per layer to the longest row, as arena offsets. ``run()`` (per
+layer) checks that the batch's blocks did not move since (a compaction between plan and run re-plans), gathers
+the packed rows (one ``index_select`` per section and tier) and applies scale and zero point around the
+products::
 
     logit = sigma * m * sum_j (s_j (q_j . c_j) + z_j sum(q_j))       out += m * sum_j ((p s_j) @ c_j + (p @ z_j))
 
@@ -42,7 +43,7 @@ from .format import INDEX, KEY_META, KEYS, META_SCALE_BYTES, VALUE_META, VALUES
 from .quant import code_plane_order, gather_rows, rotate, unpack_code_planes, unrotate
 from .store import CompressedKVStore, PageState
 
-_META_SCALE = 4          # row of _TierRows.inblock holding the offset of the block's meta scales
+_META_SCALE = 4          # row of _TierRows.starts holding the offset of the block's meta scales
 
 
 @dataclasses.dataclass
@@ -50,15 +51,13 @@ class _TierRows:
     """Where one tier's tokens of one layer are, per (request, KV head) row ``r = b * H + h`` of the batch.
 
     Attributes:
-        slot: ``[R, M]`` int64 arena slot of the token's block (0 where padding).
+        starts: ``[5, R, M]`` int32 (int64 in arenas of 2 GiB and more) arena byte offsets of the token's key codes, value codes, key meta and value
+            meta rows and of its block's meta scales (0 where padding).
         valid: ``[R, M]`` bool, a real, visible token (False: padding, or beyond the request's length).
-        inblock: ``[5, R, M]`` int64 byte offsets inside the block of the token's key codes, value codes, key meta,
-            value meta rows and of the block's meta scales (0 where padding).
     """
 
-    slot: torch.Tensor
+    starts: torch.Tensor
     valid: torch.Tensor
-    inblock: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -67,7 +66,7 @@ class _StagedRows:
 
     Attributes:
         pages: ``[B, S]`` int64 logical pages (0 where padding); page_valid ``[B, S]`` bool.
-        token_valid: ``[B, S * P]`` bool, written and visible tokens.
+        token_valid: ``[R, S * P]`` bool, written and visible tokens, per (request, KV head) row.
         target_b, target_t: ``[n]`` int64 (request, staged-token column) of the tokens whose importance ``run``
             adds; target_locs ``[n]`` int64 their logical slots.
     """
@@ -100,6 +99,7 @@ class CodeDecodePlan:
         self._batch = 0
         self._tiers: list[list[_TierRows]] = []          # per layer, per tier (None where the tier is empty)
         self._staged: _StagedRows | None = None
+        self._planned: tuple | None = None               # (page_table, seq_lens, block offsets [B*C, L, H])
 
     # ------------------------------------------------------------------------------------------ plan
     def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -108,6 +108,9 @@ class CodeDecodePlan:
         Args:
             page_table: ``[B, C]`` int64 logical pages per request, in token order (padding columns ignored).
             seq_lens: ``[B]`` int64 tokens per request, the new one included (every key is visible to the query).
+
+        The pages' states must not change before the batch's last ``run`` (SGLang seals before planning); blocks
+        moved by a compaction are noticed by ``run``, which plans again.
         """
         store = self.store
         device, page = store.device, store.page_size
@@ -116,6 +119,7 @@ class CodeDecodePlan:
         self._batch = batch
         if batch == 0:
             return
+        self._planned = (table, seq_lens, store.arena.block_offset[store.slots(table.reshape(-1))])
         col = torch.arange(cols, device=device)
         in_use = col[None, :] < (seq_lens[:, None] + page - 1) // page                        # [B, C]
         state = store.page_state[table]
@@ -136,57 +140,59 @@ class CodeDecodePlan:
         self._staged = self._plan_staged(table, seq_lens, staged, int(num_staged))
 
     def _plan_sealed(self, fmt, layers, table, seq_lens, counts, longest, any_partial) -> None:
-        """Fill ``self._tiers`` for ``layers`` (one block format); ``counts`` ``[Lg, B, H, C, T]``."""
+        """Fill ``self._tiers`` for ``layers`` (one block format); ``counts`` ``[Lg, B, H, C, T]``.
+
+        Works per output position, not per token: position ``m`` of row ``r`` belongs to the column whose
+        inclusive running count first exceeds ``m`` (a ``searchsorted``), at rank ``m`` minus the tokens of the
+        row's earlier columns."""
         store = self.store
         device = store.device
         num_layers, batch, heads, cols, _ = counts.shape
         rows = batch * heads
-        sections = fmt.section_starts(counts)                                                   # [Lg, B, H, C, 5, T]
-        meta_scales = fmt.meta_scale_start(counts)                                              # [Lg, B, H, C]
         pages = table[None, :, None, :]
         layer_ids = layers.to(device)[:, None, None, None]
         heads_ids = torch.arange(heads, device=device)[None, None, :, None]
-        slots = ((pages * store.num_layers + layer_ids) * heads + heads_ids).reshape(-1)       # [Lg*B*H*C]
+        offsets = store.arena.block_offset[(pages * store.num_layers + layer_ids) * heads + heads_ids]   # [Lg, B, H, C]
+        # offsets fit int32 in any arena below 2 GiB: half the bytes to write here and to read in run()
+        index_dtype = torch.int32 if store.arena.capacity_bytes < 2**31 else torch.int64
+        # per block: arena offset of every section start, [Lg, B, H, C, 6, T]: the five kinds, then the meta scales
+        meta_scales = fmt.meta_scale_start(counts)[..., None, None].expand(*counts.shape[:4], 1, counts.shape[-1])
+        sections = (torch.cat([fmt.section_starts(counts), meta_scales], -2) + offsets[..., None, None]).to(index_dtype)
+        kinds = [KEYS, VALUES, KEY_META, VALUE_META, INDEX + 1]               # the order of _TierRows.starts
         layer_list = layers.tolist()
         for t in range(fmt.num_tiers):
             width = max(longest[layer][t] for layer in layer_list)
             if width == 0:
                 continue
-            n = counts[..., t].reshape(-1)
-            block = torch.repeat_interleave(torch.arange(n.numel(), device=device), n)         # token -> block
-            token = torch.arange(block.numel(), device=device)
-            rank = token - (torch.cumsum(n, 0) - n)[block]
-            per_row = counts[..., t].sum(-1).reshape(-1)                                        # [Lg*R]
-            row = block // cols
-            pos = token - (torch.cumsum(per_row, 0) - per_row)[row]
-            where = row * width + pos
-            inblock = torch.stack(
-                [sections[..., kind, t].reshape(-1)[block] + rank * fmt.row_bytes(kind, t)
-                 for kind in (KEYS, VALUES, KEY_META, VALUE_META)] + [meta_scales.reshape(-1)[block]])
+            n = counts[..., t].reshape(num_layers, rows, cols).to(index_dtype)
+            before = torch.cumsum(n, -1, dtype=index_dtype)                                  # inclusive
+            m = torch.arange(width, device=device, dtype=index_dtype).expand(num_layers, rows, width).contiguous()
+            col = torch.searchsorted(before, m, right=True).clamp_max_(cols - 1)             # [Lg, R, width] int64
+            valid = m < before[..., -1:]
+            rank = m - (before - n).gather(-1, col)
 
-            def padded(x: torch.Tensor) -> torch.Tensor:      # [..., n] per token -> [Lg, R, width, ...], zeros
-                out = torch.zeros(num_layers * rows * width, *x.shape[:-1], dtype=x.dtype, device=device)
-                return out.index_put_((where,), x.movedim(-1, 0)).reshape(num_layers, rows, width, *x.shape[:-1])
+            def section(kinds):                    # [Lg, len(kinds), R, width] arena offsets of the tokens' rows
+                base = sections[..., kinds, t].reshape(num_layers, rows, cols, len(kinds)).permute(0, 3, 1, 2)
+                out = base.gather(-1, col[:, None].expand(-1, len(kinds), -1, -1))
+                row_bytes = torch.tensor([fmt.row_bytes(kind, t) if kind <= INDEX else 0 for kind in kinds],
+                                         dtype=index_dtype, device=device)
+                return out.add_(rank[:, None] * row_bytes[:, None, None])
 
-            slot = padded(slots[block])
-            inblock = padded(inblock).permute(0, 3, 1, 2)                                       # [Lg, 5, R, width]
-            valid = padded(self._visible(t, block, rank, sections, slots, seq_lens, any_partial))
+            if any_partial:
+                valid &= self._visible(section([INDEX])[:, 0], col, seq_lens, heads)
+            starts = section(kinds).masked_fill_(~valid[:, None], 0)                          # [Lg, 5, R, width]
             for i, layer in enumerate(layer_list):
-                m = longest[layer][t]
-                if m:
-                    self._tiers[layer][t] = _TierRows(slot[i, :, :m], valid[i, :, :m], inblock[i, :, :, :m])
+                if longest[layer][t]:
+                    self._tiers[layer][t] = _TierRows(starts[i, :, :, :longest[layer][t]], valid[i, :, :longest[layer][t]])
 
-    def _visible(self, t, block, rank, sections, slots, seq_lens, any_partial) -> torch.Tensor:
-        """``[n]`` bool: the tier-``t`` tokens ``block``/``rank`` are before their request's length. Sealed pages
-        lie before the length in every batch SGLang builds; a page that does not (``any_partial``) is checked
-        token by token through the in-page index stored in its block."""
-        if not any_partial:
-            return torch.ones_like(block, dtype=torch.bool)
-        _, batch, heads, cols = sections.shape[:4]
-        index_start = self.store.arena.block_offset[slots[block]] + sections[..., INDEX, t].reshape(-1)[block]
-        in_page = gather_rows(self.store.arena.data, index_start + rank, 1)[:, 0].to(torch.int64)
-        b = block // (heads * cols) % batch
-        return (block % cols) * self.store.page_size + in_page < seq_lens[b]
+    def _visible(self, index_starts, col, seq_lens, heads) -> torch.Tensor:
+        """``[Lg, R, width]`` bool: the tokens whose in-page index byte is at ``index_starts``, in page column
+        ``col`` of row ``r = b * H + h``, lie before their request's length. Sealed pages do in every batch SGLang
+        builds; a batch with one that does not (``any_partial``) is checked token by token."""
+        data = self.store.arena.data                           # (padding positions point anywhere: clamped)
+        in_page = gather_rows(data, index_starts.clamp(0, data.numel() - 1), 1)[..., 0]
+        lengths = seq_lens.repeat_interleave(heads)[None, :, None]
+        return col * self.store.page_size + in_page < lengths
 
     def _plan_staged(self, table, seq_lens, staged, num_staged) -> _StagedRows:
         store = self.store
@@ -203,7 +209,8 @@ class CodeDecodePlan:
         token_valid = page_valid.repeat_interleave(page, 1) & (positions < seq_lens[:, None])
         target_b, target_t = token_valid.nonzero(as_tuple=True)
         locs = (pages[:, :, None] * page + in_page).reshape(batch, -1)[target_b, target_t]
-        return _StagedRows(pages, page_valid, token_valid, target_b, target_t, locs)
+        return _StagedRows(pages, page_valid, token_valid.repeat_interleave(store.num_kv_heads, 0), target_b, target_t,
+                           locs)
 
     # ------------------------------------------------------------------------------------------- run
     def run(self, q: torch.Tensor, layer: int, sm_scale: float) -> torch.Tensor:
@@ -214,61 +221,67 @@ class CodeDecodePlan:
             return q.new_zeros(q.shape, dtype=torch.float32)
         heads = store.num_kv_heads
         rows, group = batch * heads, num_q_heads // heads
+        table, seq_lens, offsets = self._planned
+        if not torch.equal(store.arena.block_offset[store.slots(table.reshape(-1), layer)], offsets[:, layer]):
+            self.plan(table, seq_lens)                                                          # blocks moved
         fmt = store.formats[layer]
         query = q.float().reshape(rows, group, dim) * sm_scale                                  # [R, G, D]
         q_keys = rotate(query, fmt.key_rotation)
-        tiers = [(t, rows_t) for t, rows_t in enumerate(self._tiers[layer]) if rows_t is not None]
-        bases = [torch.where(r.valid, store.arena.block_offset[r.slot], 0) for _, r in tiers]
-        logits = [self._tier_logits(fmt.tiers[t].spec, q_keys, r, base) for (t, r), base in zip(tiers, bases)]
+        tiers = [(fmt.tiers[t].spec, r) for t, r in enumerate(self._tiers[layer]) if r is not None]
+        meta_scales = [gather_rows(store.arena.data, r.starts[_META_SCALE], META_SCALE_BYTES).view(torch.float32)
+                       for _, r in tiers]                                                      # [R, M, 2] each
+        logits = [self._tier_logits(spec, q_keys, r, m) for (spec, r), m in zip(tiers, meta_scales)]
         staged_keys, staged_values = self._staged_kv(layer, rows, dim)                         # [R, S*P, D]
-        staged_valid = self._staged.token_valid.repeat_interleave(heads, 0)                   # [R, S*P]
+        staged_valid = self._staged.token_valid
         logits.append(torch.bmm(query, staged_keys.transpose(1, 2)).masked_fill(~staged_valid[:, None], -math.inf))
         probs = torch.nan_to_num(torch.softmax(torch.cat(logits, -1), -1), nan=0.0)           # no key: zeros
         probs = probs.split([x.shape[-1] for x in logits], -1)
-        sealed = sum((self._tier_values(fmt.tiers[t].spec, p, r, base)
-                      for (t, r), base, p in zip(tiers, bases, probs)), torch.zeros_like(query))
+        sealed = sum((self._tier_values(spec, p, r, m) for (spec, r), m, p in zip(tiers, meta_scales, probs)),
+                     torch.zeros_like(query))
         out = unrotate(sealed, fmt.value_rotation) + torch.bmm(probs[-1], staged_values)
         self._store_importance(layer, probs[-1], heads, group)
         return out.reshape(batch, num_q_heads, dim)
 
-    def _meta(self, rows: _TierRows, base: torch.Tensor, kind: int, groups: int, scale_col: int):
+    def _meta(self, rows: _TierRows, meta_scales: torch.Tensor, kind: int, groups: int):
         """Scale and zero ``[R, M, J]`` float32 of each token's groups, times the block's meta scale (0 on padding)."""
-        data = self.store.arena.data
-        pairs = gather_rows(data, base + rows.inblock[kind], groups * 4).view(torch.float16).float()
-        meta = gather_rows(data, base + rows.inblock[_META_SCALE], META_SCALE_BYTES).view(torch.float32)
-        pairs = pairs.reshape(*base.shape, groups, 2) * meta[..., scale_col, None, None]
+        pairs = gather_rows(self.store.arena.data, rows.starts[kind], groups * 4).view(torch.float16).float()
+        pairs = pairs.reshape(*rows.valid.shape, groups, 2) * meta_scales[..., int(kind == VALUE_META), None, None]
         pairs = pairs.masked_fill(~rows.valid[..., None, None], 0.0)
         return pairs[..., 0], pairs[..., 1]
 
-    def _codes(self, rows: _TierRows, base: torch.Tensor, kind: int, bits: int) -> torch.Tensor:
+    def _codes(self, rows: _TierRows, kind: int, bits: int) -> torch.Tensor:
         """``[R, M, D]`` float32 codes in plane-major column order."""
         row_bytes = self.store.head_dim * bits // 8
-        return unpack_code_planes(gather_rows(self.store.arena.data, base + rows.inblock[kind], row_bytes), bits).float()
+        return unpack_code_planes(gather_rows(self.store.arena.data, rows.starts[kind], row_bytes), bits).float()
 
-    def _tier_logits(self, spec, query, rows, base) -> torch.Tensor:
-        """``[R, G, M]`` scaled logits of one tier's tokens (``-inf`` on padding) for ``query`` ``[R, G, D]``."""
+    def _tier_logits(self, spec, query, rows, meta_scales) -> torch.Tensor:
+        """``[R, G, M]`` scaled logits of one tier's tokens (``-inf`` on padding) for ``query`` ``[R, G, D]``;
+        ``meta_scales`` ``[R, M, 2]`` float32 their blocks' (keys, values) meta scales."""
         num_rows, group, dim = query.shape
         groups = spec.key_groups
-        scale, zero = self._meta(rows, base, KEY_META, groups, 0)                             # [R, M, J]
-        codes = self._codes(rows, base, KEYS, spec.key_bits)                                   # [R, M, D]
+        scale, zero = self._meta(rows, meta_scales, KEY_META, groups)                         # [R, M, J]
+        codes = self._codes(rows, KEYS, spec.key_bits)                                          # [R, M, D]
         per_group = query.reshape(num_rows, group, groups, dim // groups)
-        stacked = torch.diag_embed(per_group.transpose(2, 3)).permute(0, 3, 1, 4, 2)          # [R, J, G, J, D/J]
-        order = code_plane_order(dim, spec.key_bits, query.device)
-        stacked = stacked.reshape(num_rows, groups * group, dim)[..., order]
+        if groups == 1:
+            stacked = query
+        else:                                                                                   # [R, J, G, J, D/J]
+            stacked = torch.diag_embed(per_group.transpose(2, 3)).permute(0, 3, 1, 4, 2).reshape(num_rows, -1, dim)
+        if spec.key_bits != 8:
+            stacked = stacked[..., code_plane_order(dim, spec.key_bits, query.device)]
         dots = torch.bmm(stacked, codes.transpose(1, 2)).reshape(num_rows, groups, group, -1)  # [R, J, G, M]
         logits = (dots * scale.transpose(1, 2)[:, :, None]).sum(1) + torch.bmm(per_group.sum(-1), zero.transpose(1, 2))
         return logits.masked_fill(~rows.valid[:, None], -math.inf)
 
-    def _tier_values(self, spec, probs, rows, base) -> torch.Tensor:
+    def _tier_values(self, spec, probs, rows, meta_scales) -> torch.Tensor:
         """``[R, G, D]`` one tier's share of the output (rotated space) for its probabilities ``[R, G, M]``."""
         num_rows, group, _ = probs.shape
         groups, dim = spec.value_groups, self.store.head_dim
-        scale, zero = self._meta(rows, base, VALUE_META, groups, 1)                           # [R, M, J]
-        codes = self._codes(rows, base, VALUES, spec.value_bits)
+        scale, zero = self._meta(rows, meta_scales, VALUE_META, groups)                       # [R, M, J]
+        codes = self._codes(rows, VALUES, spec.value_bits)
         weights = probs[:, None] * scale.transpose(1, 2)[:, :, None]                          # [R, J, G, M]
         out = torch.bmm(weights.reshape(num_rows, groups * group, -1), codes)                 # [R, J*G, D] planes
-        order = code_plane_order(dim, spec.value_bits, probs.device)
-        out = torch.empty_like(out).index_copy_(2, order, out)                                # model column order
+        if spec.value_bits != 8:                                                                # model column order
+            out = torch.empty_like(out).index_copy_(2, code_plane_order(dim, spec.value_bits, probs.device), out)
         out = out.reshape(num_rows, groups, group, groups, dim // groups).diagonal(dim1=1, dim2=3)
         out = out.permute(0, 1, 3, 2) + torch.bmm(probs, zero)[..., None]                      # [R, G, J, D/J]
         return out.reshape(num_rows, group, dim)
@@ -286,8 +299,7 @@ class CodeDecodePlan:
         for start in (0, fmt.values_start // fmt.element_bytes):
             x = gather_rows(data, elements + start, width)                                     # [B*S, H, P*D]
             x = x.reshape(batch, num_pages, store.num_kv_heads, store.page_size, dim).permute(0, 2, 1, 3, 4).reshape(rows, -1, dim)
-            valid = staged.token_valid.repeat_interleave(store.num_kv_heads, 0)
-            out.append(x.float().masked_fill(~valid[..., None], 0.0))   # unwritten slots may hold any bits, NaN too
+            out.append(x.float().masked_fill(~staged.token_valid[..., None], 0.0))   # unwritten slots: any bits, NaN
         return out
 
     def _store_importance(self, layer: int, probs: torch.Tensor, heads: int, group: int) -> None:

@@ -196,7 +196,7 @@ def code_plane_order(dim: int, bits: int, device: torch.device | str = "cpu") ->
 
 def gather_rows(data: torch.Tensor, starts: torch.Tensor, row_bytes: int) -> torch.Tensor:
     """Rows of ``row_bytes`` elements of the flat ``data`` (the uint8 arena, or a view of it in another dtype)
-    starting at element offsets ``starts`` (any shape, int64) -> ``[*starts.shape, row_bytes]`` in ``data``'s
+    starting at element offsets ``starts`` (any shape, int64 or int32) -> ``[*starts.shape, row_bytes]`` in ``data``'s
     dtype. One ``index_select`` over an overlapping-rows view of ``data`` (no per-element index tensor)."""
     rows = data.as_strided((data.numel() - row_bytes + 1, row_bytes), (1, 1))
     return rows.index_select(0, starts.reshape(-1)).reshape(*starts.shape, row_bytes)

@@ -98,3 +98,19 @@ def test_every_key_pruned_gives_zeros_and_an_empty_batch_runs(seeded):
     assert torch.equal(wrapper.run(torch.randn(1, 2, D), 0), torch.zeros(1, 2, D))
     wrapper.plan(torch.tensor([0]), torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))
     assert wrapper.run(torch.randn(0, 2, D), 0).shape == (0, 2, D)
+
+
+def test_blocks_moved_between_plan_and_run_are_found(seeded, reference_attention):
+    """A compaction after plan() moves the batch's blocks: run() notices and plans again."""
+    config = DiffKVConfig.from_dict({"tiers": ["k8v4", "k4v2"], "page_size": P, "compaction_trigger": 0.0})
+    store, table, seq_lens = build(config, 2, D, [40, 70], layers=1)
+    store.release(table[0])                                # holes below request 1's blocks
+    wrapper = DecodeAttentionWrapper(store)
+    wrapper.plan(*csr(table[1:], seq_lens[1:], P), seq_lens[1:])
+    moved = store.arena.block_offset.clone()
+    store.arena.compact()
+    assert not torch.equal(moved, store.arena.block_offset)
+    q = torch.randn(1, 2, D)
+    k_hat, v_hat, keep = _held(store, table[1, :5], 70, 0)
+    ref, _ = reference_attention(q, k_hat, v_hat, torch.tensor([69]), keep=keep)
+    assert torch.allclose(wrapper.run(q, 0).double(), ref, atol=1e-5, rtol=0)

@@ -5,9 +5,9 @@ from hypothesis import strategies as st
 
 from diffkv_sglang.config import TierSpec
 from diffkv_sglang.format import BlockFormat
-from diffkv_sglang.quant import (dequantize, demote, hadamard_matrix, meta_scale, pack_codes, quantize,
-                                 read_sealed_blocks, rotate, tier_counts, unpack_codes, unrotate,
-                                 write_sealed_blocks)
+from diffkv_sglang.quant import (code_plane_order, dequantize, demote, gather_rows, hadamard_matrix, meta_scale,
+                                 pack_codes, quantize, read_sealed_blocks, rotate, tier_counts, unpack_code_planes,
+                                 unpack_codes, unrotate, write_sealed_blocks)
 
 # float32 arithmetic in (x - zero) / scale and code * scale + zero adds a few ulps on top of scale / 2.
 FP32_SLACK = 1e-5
@@ -19,6 +19,20 @@ def test_pack_unpack_round_trip(bits):
     packed = pack_codes(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (5, 7, 64 * bits // 8)
     assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_plane_unpacking_is_a_column_permutation(bits):
+    codes = torch.randint(0, 1 << bits, (3, 5, 64), dtype=torch.int32)
+    planes = unpack_code_planes(pack_codes(codes, bits), bits)
+    assert planes.dtype == torch.uint8 and torch.equal(planes.to(torch.int32), codes[..., code_plane_order(64, bits)])
+
+
+def test_gather_rows_reads_overlapping_rows():
+    data = torch.randint(0, 256, (100,), dtype=torch.uint8)
+    starts = torch.tensor([[0, 3], [90, 3]])
+    assert torch.equal(gather_rows(data, starts, 10), data[starts[..., None] + torch.arange(10)])
+    assert gather_rows(data, starts[:0], 10).shape == (0, 2, 10)
 
 
 def test_packing_is_little_endian():
