@@ -11,8 +11,8 @@ turn over a cached prefix) the latest observation window decides, as DiffKV's pr
 
 Off the kernels, :class:`DecodeAttentionWrapper` runs :class:`~diffkv_sglang.cpu_attention.CodeDecodePlan` (torch,
 on the sealed blocks' packed codes, without a dense copy of them) and :class:`ExtendAttentionWrapper` the torch
-reference below (any device: sealed pages dequantized by ``store.read_pages``). When the store uses kernels (``store.kernels``, see
-:mod:`diffkv_sglang.backend_select`), :class:`DecodeAttentionWrapper` runs the Triton decode kernel
+reference below (any device: sealed pages dequantized by ``store.read_pages``). When the store uses kernels
+(``store.kernels``, see :mod:`diffkv_sglang.backend_select`), :class:`DecodeAttentionWrapper` runs the Triton decode kernel
 (:class:`diffkv_sglang.kernels.decode_attention.DecodePlan`) and :class:`ExtendAttentionWrapper` the Triton extend
 kernels (:class:`diffkv_sglang.kernels.extend_attention.ExtendPlan`, flash attention over the batch's pages read
 densely by :func:`diffkv_sglang.kernels.dense_read.read_pages_dense`) behind the same ``plan()`` / ``run()``.
@@ -45,7 +45,6 @@ class PagedBatchPlan:
         q_positions: ``[B, Q]`` int64 position of each (padded) query; q_valid ``[B, Q]`` bool.
         q_index: ``[n_valid]`` int64 flat index into ``[B * Q]`` of the real queries, in input order.
         observe: ``[B, Q]`` bool, queries whose attention is recorded as importance.
-        accumulate: add to the staged statistics (decode) or overwrite them (extend window).
         sm_scale: softmax scale.
     """
 
@@ -57,7 +56,6 @@ class PagedBatchPlan:
     q_valid: torch.Tensor
     q_index: torch.Tensor
     observe: torch.Tensor
-    accumulate: bool
     sm_scale: float
 
 
@@ -197,11 +195,15 @@ class _PagedAttentionBase:
             b, t = target.nonzero(as_tuple=True)
             self._targets = (plan, b, t, plan.key_locs[b, t])
         _, b, t, locs = self._targets
-        store.add_importance(layer, locs, score[b, :, t], seen[b, t], accumulate=plan.accumulate)
+        store.add_importance(layer, locs, score[b, :, t], seen[b, t], accumulate=False)      # the window replaces
 
 
 class DecodeAttentionWrapper(_PagedAttentionBase):
     """Decode attention: one query per request over its paged, partly compressed KV.
+
+    Without ``store.kernels`` (off CUDA by default) ``plan`` fills a
+    :class:`~diffkv_sglang.cpu_attention.CodeDecodePlan` and ``run`` computes attention in torch on the sealed
+    blocks' packed codes (float32 results, staged pages read dense).
 
     With ``store.kernels`` (CUDA by default) ``run`` launches the Triton decode kernel through a
     :class:`~diffkv_sglang.kernels.decode_attention.DecodePlan` (its buffers are sized for the number of query
@@ -215,7 +217,7 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
 
     Args:
         store: the compressed store.
-        max_batch, max_pages: initial capacity of the kernel plan (ignored on the reference path).
+        max_batch, max_pages: initial capacity of the kernel plan (ignored without kernels).
         num_q_heads: query heads, if known before the first ``run`` (needed for CUDA-graph capture).
         max_staged_pages: staged pages a request may have, fixed (CUDA-graph capture: the plan's scratch never
             reallocates; ``plan`` raises ValueError for a batch that needs more); None grows it as needed.
@@ -352,7 +354,7 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
         q_index = (torch.arange(batch, device=device)[:, None] * q_valid.shape[1] + i[None, :])[q_valid]
         self._plan = PagedBatchPlan(
             page_table=table, seq_lens=seq_lens, key_locs=key_locs, key_valid=key_valid,
-            q_positions=q_positions, q_valid=q_valid, q_index=q_index, observe=observe, accumulate=False,
+            q_positions=q_positions, q_valid=q_valid, q_index=q_index, observe=observe,
             sm_scale=sm_scale if sm_scale is not None else self.store.head_dim ** -0.5)
 
     def run(self, q: torch.Tensor, layer: int, sm_scale: float | None = None) -> torch.Tensor:
