@@ -244,6 +244,8 @@ def _build_allocator(original, self, *, sizes, token_to_kv_pool, token_to_kv_poo
 
 
 def _validate_request(original, self, obj, input_ids):
+    """Refuse (a ValueError: SGLang answers 400) a generate request that would stop the scheduler, before SGLang's
+    own checks of the tokenized request; see :mod:`.integration.requests`."""
     if _selected_config() is not None and hasattr(obj, "return_logprob"):          # generate requests only
         from .integration.requests import check_generate_request
 
