@@ -8,7 +8,10 @@ SmolLM2-135M attention shape (30 layers, 3 KV heads, 9 query heads, head_dim 64,
 
 Each (case, variant, round) runs in a fresh subprocess that imports ``diffkv_sglang`` from the variant's source tree
 (this checkout, or ``git archive`` of ``--baseline``), builds the same store from the same seed (not timed), runs
-one warm-up step and times ``--steps`` steps. Variants alternate within each round, so load from other processes
+one warm-up step and times ``--steps`` steps. Two more variants, ``dense-bf16`` and ``dense-f32``, are the floor a
+dense cache sets: per layer, the new token written into contiguous ``[B, H, T, D]`` K/V of that dtype and one
+``scaled_dot_product_attention`` over the batch (GQA), no importance (not SGLang's dense backend, which also
+gathers each request's slots). torch's CPU SDPA is several times slower in bfloat16 than in float32 at one query. Variants alternate within each round, so load from other processes
 on a shared CPU hits both alike; the report gives per-case medians over all timed steps and the ratio of the
 medians. ``--threads`` sets torch's threads (1 by default: on a shared 2-core machine more threads mostly wait).
 
@@ -77,6 +80,31 @@ def _worker(batch: int, context: int, steps: int, threads: int, seed: int) -> di
     return {"step_s": times, "tokens_per_tier": list(stats.tokens_per_tier), "sealed_pages": stats.sealed_pages}
 
 
+def _dense_worker(dtype: str, batch: int, context: int, steps: int, threads: int, seed: int) -> dict:
+    """Time ``steps`` decode steps of attention over a contiguous dense cache of ``dtype`` (``bf16`` or ``f32``;
+    see the module docstring)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dtype]
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    length = context + steps + 1
+    cache = torch.randn(LAYERS, 2, batch, KV_HEADS, length, HEAD_DIM).to(dtype)
+    times = []
+    for step in range(steps + 1):
+        q = torch.randn(LAYERS, batch, Q_HEADS, 1, HEAD_DIM, dtype=dtype)
+        kv = torch.randn(LAYERS, 2, batch, KV_HEADS, HEAD_DIM, dtype=dtype)
+        end = context + step + 1
+        start = time.perf_counter()
+        for layer in range(LAYERS):
+            cache[layer, :, :, :, end - 1] = kv[layer]
+            torch.nn.functional.scaled_dot_product_attention(q[layer], cache[layer, 0, :, :, :end],
+                                                             cache[layer, 1, :, :, :end], enable_gqa=True)
+        if step:
+            times.append(time.perf_counter() - start)
+    return {"step_s": times}
+
+
 def _baseline_tree(rev: str, into: Path) -> Path:
     """``git archive`` of ``rev``'s package (and kernels, its symlink target) into ``into``."""
     archive = subprocess.run(["git", "archive", rev, "diffkv_sglang", "kernels"], cwd=ROOT, check=True,
@@ -96,12 +124,16 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        batch, context, seed = (int(x) for x in args.worker.split(","))
-        print(json.dumps(_worker(batch, context, args.steps, args.threads, seed)))
+        variant, *numbers = args.worker.split(",")
+        batch, context, seed = (int(x) for x in numbers)
+        if variant.startswith("dense-"):
+            print(json.dumps(_dense_worker(variant[6:], batch, context, args.steps, args.threads, seed)))
+        else:
+            print(json.dumps(_worker(batch, context, args.steps, args.threads, seed)))
         return
     cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        sources = {"baseline": _baseline_tree(args.baseline, Path(tmp)), "this": ROOT}
+        sources = {"baseline": _baseline_tree(args.baseline, Path(tmp)), "this": ROOT, "dense-bf16": ROOT, "dense-f32": ROOT}
         rows = []
         for batch, context in cases:
             times = {name: [] for name in sources}
@@ -110,20 +142,24 @@ def main() -> None:
                 for name, src in sources.items():
                     env = {**os.environ, "PYTHONPATH": str(src), "DIFFKV_KERNELS": "torch"}
                     result = subprocess.run(
-                        [sys.executable, __file__, "--worker", f"{batch},{context},{round_}", "--steps",
+                        [sys.executable, __file__, "--worker", f"{name},{batch},{context},{round_}", "--steps",
                          str(args.steps), "--threads", str(args.threads)],
                         env=env, cwd=tmp, check=True, capture_output=True, text=True)
                     data = json.loads(result.stdout.strip().splitlines()[-1])
                     times[name] += data["step_s"]
-                    tiers[name] = data["tokens_per_tier"]
+                    tiers[name] = data.get("tokens_per_tier")
             median = {name: statistics.median(t) for name, t in times.items()}
             row = {"batch": batch, "context": context, "baseline_ms": 1e3 * median["baseline"],
-                   "this_ms": 1e3 * median["this"], "speedup": median["baseline"] / median["this"],
+                   "this_ms": 1e3 * median["this"], "dense_bf16_ms": 1e3 * median["dense-bf16"],
+                   "dense_f32_ms": 1e3 * median["dense-f32"], "speedup": median["baseline"] / median["this"],
+                   "this_over_dense_bf16": median["this"] / median["dense-bf16"],
+                   "this_over_dense_f32": median["this"] / median["dense-f32"],
                    "samples": len(times["this"]), "tokens_per_tier": tiers["this"]}
             assert tiers["this"] == tiers["baseline"], "the two variants must build the same store"
             rows.append(row)
             print(f"batch {batch:3d} context {context:5d}: baseline {row['baseline_ms']:9.1f} ms  "
-                  f"this {row['this_ms']:8.1f} ms  x{row['speedup']:.2f}", flush=True)
+                  f"this {row['this_ms']:8.1f} ms  x{row['speedup']:.2f}  "
+                  f"dense bf16 {row['dense_bf16_ms']:7.1f} ms  f32 {row['dense_f32_ms']:7.1f} ms", flush=True)
     result = {"what": "one decode step (plan + 30 layers of write_tokens and run), SmolLM2-135M shape, torch path",
               "baseline": args.baseline, "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
               "cpu": _cpu_name(), "rows": rows}
