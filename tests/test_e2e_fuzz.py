@@ -2,14 +2,15 @@
 (the full run is ``benchmarks/fuzz_serving.py``; figures in docs/robustness.md). Run alone with
 ``pytest -m server``.
 
-A fresh seed each run (printed; ``fuzz_cases(seed, 40, ...)`` replays it): 40 requests, malformed and edge cases
-with a good greedy request every 4th, at most 60 s of sending. The good requests' outputs must equal the ones the
-same server gave before any malformed request (its cache flushed in between, so each good prompt is computed from
-scratch both times); afterwards the server still generates and a flush returns the arena to the bytes it held
-after its first flush (only SGLang's padding page)."""
+A fresh seed each run (printed; ``DIFFKV_FUZZ_SEED=<seed> pytest tests/test_e2e_fuzz.py`` replays it): 40 requests,
+malformed and edge cases with a good greedy request every 4th, at most 60 s of sending. The good requests' outputs
+must equal the ones the same server gave before any malformed request (its cache flushed in between, so each good
+prompt is computed from scratch both times); afterwards the server still generates and a flush returns the arena to
+the bytes it held after its first flush (only SGLang's padding page)."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.server
 
 
 def test_fuzzed_requests_leave_the_server_up_and_the_arena_empty(tiny_model, tmp_path):
-    seed = random.randrange(2**31)
+    seed = int(os.environ.get("DIFFKV_FUZZ_SEED") or random.randrange(2**31))
     print("fuzz seed", seed)
     model = copy_without_bos(tiny_model, tmp_path / "no-bos")
     cases = fuzz_cases(seed, count=40, vocab=vocab_size(model))

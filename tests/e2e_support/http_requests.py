@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -54,6 +55,22 @@ def healthy(server, timeout: float = 120.0) -> bool:
             return answer.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
+
+
+def wait_until_idle(server, timeout: float = 60.0) -> None:
+    """Wait until the scheduler runs and queues no request (``/v1/loads``, answered by the scheduler itself, so
+    not stale like ``/metrics``). A request the server already answered can still be running: SGLang sends the
+    earlier items of a batch to the scheduler before it validates the later ones, and aborts them
+    asynchronously when a later one fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(server.url + "/v1/loads?include=core", timeout=timeout) as answer:
+            loads = json.loads(answer.read())["loads"]
+        if all(load["num_running_reqs"] == 0 and load["num_waiting_reqs"] == 0 for load in loads):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server still busy after {timeout} s: {loads}")
+        time.sleep(0.05)
 
 
 def copy_without_bos(model_dir: str | Path, out_dir: Path) -> Path:

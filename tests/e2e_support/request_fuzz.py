@@ -21,7 +21,7 @@ import time
 from collections import Counter
 
 from e2e_common import gauge
-from http_requests import DROPPED, healthy, send
+from http_requests import DROPPED, healthy, send, wait_until_idle
 
 WORDS = ("once upon a time there was a small language model that lived on a CPU the quick brown fox jumps over "
          "the lazy dog keys and values are stored in a paged cache some tokens matter more than others").split()
@@ -216,11 +216,16 @@ def _status_class(status: int) -> str:
 def run_fuzz(server, cases: list[Case], expected: dict[int, list[int]], deadline_s: float,
              request_timeout_s: float = 120.0, health_every: int = 25) -> FuzzResult:
     """Send ``cases`` in order until they or ``deadline_s`` seconds run out; check ``/health_generate`` every
-    ``health_every`` requests and at the end."""
+    ``health_every`` requests and at the end. A good case waits until the scheduler is idle (an answered bad
+    request may still run, see :func:`wait_until_idle`), so it runs alone in its batch like on the clean server
+    and its greedy output must be equal token for token: batched with another request, a bf16 near-tie of the
+    tiny random model (top-2 within 1e-4 nats is common) can flip and say nothing about the pool."""
     result, start = FuzzResult(), time.monotonic()
     for case in cases:
         if time.monotonic() - start > deadline_s:
             break
+        if case.kind == "good":
+            wait_until_idle(server)      # alone in its batch, as on the clean server: equal outputs are exact
         status, body = send(server, case.path, case.payload, timeout=request_timeout_s)
         result.tried += 1
         result.statuses[_status_class(status)] += 1
