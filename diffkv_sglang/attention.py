@@ -27,7 +27,8 @@ import torch
 
 from .cpu_attention import CodeDecodePlan
 from .policy import group_max
-from .store import CompressedKVStore, PageState
+from .format import PageState
+from .store import CompressedKVStore
 
 
 _QUERY_CHUNK = 512      # reference attention runs queries in chunks, each over the keys its positions can see

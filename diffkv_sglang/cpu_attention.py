@@ -44,7 +44,8 @@ import torch
 
 from .format import INDEX, KEY_META, KEYS, META_SCALE_BYTES, VALUE_META, VALUES
 from .quant import code_plane_order, gather_rows, rotate, unpack_code_planes, unrotate
-from .store import CompressedKVStore, PageState
+from .format import PageState
+from .store import CompressedKVStore
 
 _META_SCALE = 4          # row of _TierRows.starts holding the offset of the block's meta scales
 

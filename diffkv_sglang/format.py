@@ -35,6 +35,7 @@ Every section start is a linear function of the per-tier counts: ``start = count
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 from collections.abc import Sequence
 
@@ -46,6 +47,34 @@ BLOCK_ALIGN = 16          # bytes; every block starts and ends on this boundary
 META_BYTES = 4            # one (scale, zero) pair of float16
 META_SCALE_BYTES = 8      # two float32: key and value meta scales
 INDEX_BYTES = 1           # uint8 in-page token index
+
+# Descriptor tables, per (page, layer, KV head) block: arena offset and size (int64) and the tier counts (int32);
+# per page: its state (int8). The store allocates them, the pool's sizing counts them, kernels read them.
+DESCRIPTOR_OFFSET_DTYPE = torch.int64
+DESCRIPTOR_COUNT_DTYPE = torch.int32
+PAGE_STATE_DTYPE = torch.int8
+
+
+class PageState(enum.IntEnum):
+    """What a logical page currently holds (the same in every layer and head); stored as int8 codes."""
+
+    EMPTY = 0
+    STAGED = 1
+    SEALED = 2
+
+
+def descriptor_bytes_per_block(num_tiers: int) -> int:
+    """Table bytes per (page, layer, KV head) block: arena offset and size plus ``num_tiers`` tier counts."""
+    offset_bytes = torch.empty((), dtype=DESCRIPTOR_OFFSET_DTYPE).element_size()
+    count_bytes = torch.empty((), dtype=DESCRIPTOR_COUNT_DTYPE).element_size()
+    return 2 * offset_bytes + num_tiers * count_bytes
+
+
+def descriptor_bytes_per_page(num_tiers: int, blocks_per_page: int) -> int:
+    """Table bytes per logical page: ``blocks_per_page`` (layers x KV heads) block rows and the page state."""
+    state_bytes = torch.empty((), dtype=PAGE_STATE_DTYPE).element_size()
+    return blocks_per_page * descriptor_bytes_per_block(num_tiers) + state_bytes
+
 
 # Section kinds of a sealed block, in storage order (the meta scale sits between VALUE_META and INDEX).
 KEYS, VALUES, KEY_META, VALUE_META, INDEX = range(5)

@@ -29,11 +29,13 @@ import torch
 from torch import Tensor
 
 from .backend_select import use_kernels
+from .format import BLOCK_ALIGN, DESCRIPTOR_OFFSET_DTYPE
 
 __all__ = ["ARENA_ALIGN", "ArenaOutOfMemory", "BlockArena", "CompactionStats"]
 
-ARENA_ALIGN = 16
-"""Every block starts at a multiple of this many bytes, and every size is rounded up to it."""
+ARENA_ALIGN = BLOCK_ALIGN
+"""Every block starts at a multiple of this many bytes, and every size is rounded up to it (the format's
+alignment: the arena never has to know a block's layout beyond it)."""
 
 _WORDS_PER_UNIT = ARENA_ALIGN // 8  # compaction copies int64 words, two per 16-byte unit
 
@@ -139,8 +141,8 @@ class BlockArena:
         self.kernels = use_kernels(self.device) if kernels is None else bool(kernels)
         self.num_slots = int(num_slots)
         self.data = torch.empty(capacity, dtype=torch.uint8, device=self.device)
-        self.block_offset = torch.full((self.num_slots,), -1, dtype=torch.int64, device=self.device)
-        self.block_nbytes = torch.zeros(self.num_slots, dtype=torch.int64, device=self.device)
+        self.block_offset = torch.full((self.num_slots,), -1, dtype=DESCRIPTOR_OFFSET_DTYPE, device=self.device)
+        self.block_nbytes = torch.zeros(self.num_slots, dtype=DESCRIPTOR_OFFSET_DTYPE, device=self.device)
         self._capacity = capacity
         self._used = 0
         self._top = 0

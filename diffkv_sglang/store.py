@@ -27,24 +27,16 @@ the Triton kernels for sealing, compaction moves and decode attention, else the 
 from __future__ import annotations
 
 import dataclasses
-import enum
 
 import torch
 
 from .backend_select import use_kernels
 from .config import DiffKVConfig
-from .format import LayerFormats
+from .format import (DESCRIPTOR_COUNT_DTYPE, PAGE_STATE_DTYPE, LayerFormats, PageState,
+                     descriptor_bytes_per_block)
 from .memory import BlockArena
 from .policy import classify_with_config, relative_importance
 from .quant import read_sealed_blocks, tier_counts, write_sealed_blocks
-
-
-class PageState(enum.IntEnum):
-    """What a logical page currently holds (the same in every layer and head)."""
-
-    EMPTY = 0
-    STAGED = 1
-    SEALED = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +111,9 @@ class CompressedKVStore:
         self.seal_chunk_pages = seal_chunk_pages
         self.kernels = use_kernels(self.device, head_dim)
         self.arena = BlockArena(arena_bytes, num_pages * num_layers * num_kv_heads, self.device, kernels=self.kernels)
-        self.page_state = torch.zeros(num_pages, dtype=torch.int8, device=self.device)
+        self.page_state = torch.zeros(num_pages, dtype=PAGE_STATE_DTYPE, device=self.device)
         self.tier_counts = torch.zeros(num_pages, num_layers, num_kv_heads, config.num_tiers,
-                                       dtype=torch.int32, device=self.device)
+                                       dtype=DESCRIPTOR_COUNT_DTYPE, device=self.device)
         self._heads = torch.arange(num_kv_heads, device=self.device)
         self._layers = torch.arange(num_layers, device=self.device)
         self._format_groups = self._group_layers_by_format()
@@ -359,9 +351,7 @@ class CompressedKVStore:
     @property
     def descriptor_bytes_per_block(self) -> int:
         """Table bytes per (page, layer, head): arena offset and size plus tier counts."""
-        arena = self.arena
-        return (arena.block_offset.element_size() + arena.block_nbytes.element_size()
-                + self.tier_counts.element_size() * self.config.num_tiers)
+        return descriptor_bytes_per_block(self.config.num_tiers)
 
     def maybe_compact(self):
         """Run one bounded compaction step if holes exceed ``config.compaction_trigger`` of the arena.

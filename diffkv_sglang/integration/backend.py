@@ -31,7 +31,7 @@ from sglang.srt.runtime_context import get_parallel
 
 from ..attention import DecodeAttentionWrapper, ExtendAttentionWrapper
 from ..policy import sealable_pages
-from ..store import PageState
+from ..format import PageState
 from .pool import DiffKVKVPool
 
 logger = logging.getLogger(__name__)
