@@ -1,8 +1,9 @@
 """FlashInfer-style attention wrappers over the compressed store: ``plan()`` once per batch, ``run()`` per layer.
 
-Each request's KV is a list of logical pages (CSR ``kv_page_indptr`` / ``kv_page_indices``, like FlashInfer's
-paged KV); token ``t`` of a request lives in page ``kv_page_indices[indptr[b] + t // P]`` at in-page index
-``t % P``, and its position is ``t``. Pages may be staged (dense) or sealed (compressed, some tokens pruned):
+Each request's KV is a row of logical pages in a padded ``page_table`` ``[B, max_pages]`` (like FlashAttention's
+``block_table``, and what SGLang's ``req_to_token`` gives without a conversion): token ``t`` of request ``b`` lives
+in page ``page_table[b, t // P]`` at in-page index ``t % P``, and its position is ``t``; columns past a request's
+``ceil(seq_len / P)`` pages are ignored. Pages may be staged (dense) or sealed (compressed, some tokens pruned):
 attention runs over every kept token, with a float32 softmax, all query heads of a GQA group sharing their
 KV head. As a side effect ``run`` records the importance statistics of staged tokens that sealing needs
 (see :mod:`diffkv_sglang.policy`): every decode query adds its attention; an extend's last ``obs_window``
@@ -96,22 +97,13 @@ class _QueryLayout:
         return cls(plan, causal, chunks, columns, observed, seen)
 
 
-def _check_pages(kv_page_indptr: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> None:
-    counts = kv_page_indptr[1:].to(seq_lens.device, torch.int64) - kv_page_indptr[:-1].to(seq_lens.device, torch.int64)
-    if bool((counts < (seq_lens + page_size - 1) // page_size).any()):
+def _check_table(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> None:
+    """Raise unless ``page_table`` ``[B, C]`` has a column for every page ``seq_lens`` ``[B]`` need (a host sync)."""
+    if page_table.dim() != 2 or seq_lens.shape != page_table.shape[:1]:
+        raise ValueError(f"plan: page_table {tuple(page_table.shape)} and seq_lens {tuple(seq_lens.shape)}: "
+                         "expected [B, max_pages] and [B]")
+    if seq_lens.numel() and bool(((seq_lens + page_size - 1) // page_size > page_table.shape[1]).any()):
         raise ValueError("plan: some requests have fewer pages than their seq_lens need")
-
-
-def _page_table(kv_page_indptr: torch.Tensor, kv_page_indices: torch.Tensor, device) -> torch.Tensor:
-    indptr = kv_page_indptr.to(device, torch.int64)
-    counts = indptr[1:] - indptr[:-1]
-    batch = counts.numel()
-    max_pages = int(counts.max()) if batch else 0
-    table = torch.zeros(batch, max(max_pages, 1), dtype=torch.int64, device=device)
-    row = torch.repeat_interleave(torch.arange(batch, device=device), counts)
-    col = torch.arange(row.numel(), device=device) - indptr[:-1][row]
-    table[row, col] = kv_page_indices.to(device, torch.int64)
-    return table
 
 
 class _PagedAttentionBase:
@@ -123,14 +115,16 @@ class _PagedAttentionBase:
         self._targets = None            # (plan, b, t, slots) of the staged tokens whose statistics run() sets
         self._layout: _QueryLayout | None = None     # of the planned batch, built by its first run()
 
-    def _plan_keys(self, kv_page_indptr, kv_page_indices, seq_lens):
+    def _plan_keys(self, page_table, seq_lens):
         store = self.store
-        table = _page_table(kv_page_indptr, kv_page_indices, store.device)
+        table = page_table.to(store.device, torch.int64)
         seq_lens = seq_lens.to(store.device, torch.int64)
+        _check_table(table, seq_lens, store.page_size)
+        most = -(-int(seq_lens.max()) // store.page_size) if seq_lens.numel() else 0       # one host sync
+        table = table[:, :most] if most else torch.zeros(table.shape[0], 1, dtype=torch.int64, device=store.device)
         num_keys = table.shape[1] * store.page_size
         t = torch.arange(num_keys, device=store.device)
         key_locs = table[:, t // store.page_size] * store.page_size + t % store.page_size
-        _check_pages(kv_page_indptr, seq_lens, store.page_size)
         return table, seq_lens, key_locs, t[None, :] < seq_lens[:, None]
 
     def _run(self, q_padded: torch.Tensor, layer: int, sm_scale: float | None) -> torch.Tensor:
@@ -206,103 +200,108 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
     :class:`~diffkv_sglang.cpu_attention.CodeDecodePlan` and ``run`` computes attention in torch on the sealed
     blocks' packed codes (float32 results, staged pages read dense).
 
-    With ``store.kernels`` (CUDA by default) ``run`` launches the Triton decode kernel through a
-    :class:`~diffkv_sglang.kernels.decode_attention.DecodePlan` (its buffers are sized for the number of query
-    heads). Given ``num_q_heads`` here, ``plan`` fills it and ``run`` only launches: with ``out`` given, ``run``
-    allocates nothing and never syncs with the host, so a decode step (``write_tokens`` and ``run`` of every
-    layer) can be captured in a CUDA graph and replayed after ``plan`` with a new batch of the same capacity.
-    Without ``num_q_heads``, the first ``run`` of a batch learns it from ``q`` and fills the plan. The plan's
-    capacity (requests, pages per request) is given here or grows to the next power of two of what a batch needs
-    (pages capped by the store's page count); growing reallocates its buffers, in ``plan`` when the heads are
-    known.
+    With ``store.kernels`` (CUDA by default) ``plan`` fills a
+    :class:`~diffkv_sglang.kernels.decode_attention.DecodePlan` and ``run`` only launches: with ``out`` given,
+    ``run`` allocates nothing and never syncs with the host, so a decode step (``write_tokens`` and ``run`` of
+    every layer) can be captured in a CUDA graph and replayed after ``plan`` with a new batch of the same
+    capacity. The plan's capacity (requests, pages per request) is given here or grows to the next power of two of
+    what a batch needs (pages capped by the store's page count); growing reallocates its buffers, in ``plan``.
 
     Args:
         store: the compressed store.
+        num_q_heads: query heads on this rank (a multiple of ``store.num_kv_heads``).
         max_batch, max_pages: initial capacity of the kernel plan (ignored without kernels).
-        num_q_heads: query heads, if known before the first ``run`` (needed for CUDA-graph capture).
-        max_staged_pages: staged pages a request may have, fixed (CUDA-graph capture: the plan's scratch never
-            reallocates; ``plan`` raises ValueError for a batch that needs more); None grows it as needed.
+        max_staged_pages: staged pages a request may have, fixed: the plan's scratch never reallocates and
+            ``plan`` needs no host sync for it (a decode batch whose old pages were sealed has at most
+            ``window / page_size + 2``; staged pages past it get no importance). None sizes it in every ``plan``
+            from the batch (one host sync).
 
-    Example::
+    Example (a store of two layers and one KV head, two query heads, one request of 20 tokens)::
 
-        wrapper = DecodeAttentionWrapper(store)
-        wrapper.plan(kv_page_indptr, kv_page_indices, seq_lens)        # once per batch
-        for layer in range(num_layers):
-            store.write_tokens(layer, new_token_locs, k[layer], v[layer])
-            out = wrapper.run(q[layer], layer)                           # [B, Hq, D]
+        >>> import torch
+        >>> from diffkv_sglang.config import DiffKVConfig
+        >>> from diffkv_sglang.store import CompressedKVStore
+        >>> store = CompressedKVStore(DiffKVConfig(page_size=16), num_layers=2, num_kv_heads=1, head_dim=64,
+        ...                           num_pages=8, arena_bytes=1 << 20, dtype=torch.float32)
+        >>> pages = torch.tensor([[1, 2]])                          # [B, max_pages]: the request's pages
+        >>> store.stage(pages[0])
+        >>> locs = torch.arange(16, 16 + 20)                        # token t in page 1 + t // 16
+        >>> wrapper = DecodeAttentionWrapper(store, num_q_heads=2)
+        >>> wrapper.plan(pages, torch.tensor([20]))                  # once per batch
+        >>> for layer in range(2):
+        ...     kv = torch.randn(2, 20, 1, 64)
+        ...     store.write_tokens(layer, locs, kv[0], kv[1])
+        ...     out = wrapper.run(torch.randn(1, 2, 64), layer)       # [B, Hq, D]
+        >>> out.shape
+        torch.Size([1, 2, 64])
     """
 
-    def __init__(self, store: CompressedKVStore, max_batch: int = 1, max_pages: int = 1,
-                 num_q_heads: int | None = None, max_staged_pages: int | None = None):
+    def __init__(self, store: CompressedKVStore, num_q_heads: int, max_batch: int = 1, max_pages: int = 1,
+                 max_staged_pages: int | None = None):
         super().__init__(store)
-        self._kernel_plan = None                     # DecodePlan, built once Hq is known
+        if num_q_heads < 1 or num_q_heads % store.num_kv_heads:
+            raise ValueError(f"num_q_heads={num_q_heads} must be a positive multiple of num_kv_heads="
+                             f"{store.num_kv_heads}")
+        self.num_q_heads = num_q_heads
+        self._kernel_plan = None                     # DecodePlan, built by the first plan()
         self._capacity = (max(1, max_batch), max(1, min(max_pages, store.num_pages)))
-        self._num_q_heads = num_q_heads
         self._max_staged_pages = max_staged_pages
-        self._batch: tuple[torch.Tensor, torch.Tensor, float] | None = None
-        self._kernel_planned = False
+        self._sm_scale: float | None = None
+        self._batch_size = 0
         self._code_plan = None if store.kernels else CodeDecodePlan(store)
 
-    def plan(self, kv_page_indptr: torch.Tensor, kv_page_indices: torch.Tensor, seq_lens: torch.Tensor,
-             sm_scale: float | None = None) -> None:
+    def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float | None = None,
+             check: bool = True) -> None:
         """Build per-batch metadata.
 
         Args:
-            kv_page_indptr: ``[B + 1]`` int, CSR offsets into ``kv_page_indices``.
-            kv_page_indices: ``[nnz]`` int logical pages of each request, in token order.
+            page_table: ``[B, max_pages]`` int logical pages of each request in token order (columns past a
+                request's last page are ignored).
             seq_lens: ``[B]`` int tokens per request, the new token included (it is the query's position + 1).
             sm_scale: softmax scale (default ``1 / sqrt(head_dim)``).
+            check: verify that ``page_table`` covers ``seq_lens`` (a host sync); a caller that built the table
+                from the lengths (the SGLang backend) passes False.
         """
         store = self.store
-        sm_scale = sm_scale if sm_scale is not None else store.head_dim ** -0.5
+        self._sm_scale = sm_scale if sm_scale is not None else store.head_dim ** -0.5
+        table = page_table.to(store.device, torch.int64)
         seq_lens = seq_lens.to(store.device, torch.int64)
-        _check_pages(kv_page_indptr, seq_lens, store.page_size)
-        self._batch = (_page_table(kv_page_indptr, kv_page_indices, store.device), seq_lens, sm_scale)
+        if check:
+            _check_table(table, seq_lens, store.page_size)
+        self._batch_size = seq_lens.numel()
         if not store.kernels:
-            self._code_plan.plan(*self._batch[:2])
-            return
-        self._kernel_planned = False
-        if self._num_q_heads is not None and seq_lens.numel():
-            self._plan_kernel(self._num_q_heads, *self._batch[:2])
+            self._code_plan.plan(table, seq_lens)
+        elif self._batch_size:
+            self._plan_kernel(table, seq_lens)
 
     def run(self, q: torch.Tensor, layer: int, sm_scale: float | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
         """``q`` ``[B, Hq, D]`` -> output ``[B, Hq, D]`` in ``q.dtype`` (written to ``out`` if given);
         accumulates staged-token importance. ``sm_scale`` overrides the plan's softmax scale for this layer."""
-        if self.store.kernels:
-            return self._run_kernel(q, layer, sm_scale, out)
-        if self._batch is None:
+        if self._sm_scale is None:
             raise RuntimeError("call plan() before run()")
-        result = self._code_plan.run(q, layer, self._batch[2] if sm_scale is None else sm_scale).to(q.dtype)
-        return result if out is None else out.copy_(result)
-
-    def _run_kernel(self, q: torch.Tensor, layer: int, sm_scale: float | None, out: torch.Tensor | None):
-        if self._batch is None:
-            raise RuntimeError("call plan() before run()")
-        table, seq_lens, plan_scale = self._batch
-        if seq_lens.numel() == 0:
+        scale = self._sm_scale if sm_scale is None else sm_scale
+        if not self.store.kernels:
+            result = self._code_plan.run(q, layer, scale).to(q.dtype)
+            return result if out is None else out.copy_(result)
+        if self._batch_size == 0:
             return torch.empty_like(q) if out is None else out
-        if not self._kernel_planned:
-            self._plan_kernel(q.shape[1], table, seq_lens)
-        return self._kernel_plan.run(q if q.stride(-1) == 1 else q.contiguous(), layer, out=out,
-                                     sm_scale=plan_scale if sm_scale is None else sm_scale)
+        return self._kernel_plan.run(q if q.stride(-1) == 1 else q.contiguous(), layer, out=out, sm_scale=scale)
 
-    def _plan_kernel(self, num_q_heads: int, table: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """Fill the kernel plan for the planned batch, (re)building it for new heads or a larger batch."""
+    def _plan_kernel(self, table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Fill the kernel plan for the batch, (re)building it for a larger batch."""
         from .kernels.decode_attention import DecodePlan
 
         batch, cols = table.shape
         plan = self._kernel_plan
-        if plan is None or plan.num_q_heads != num_q_heads or batch > plan.max_batch or cols > plan.max_pages:
+        if plan is None or batch > plan.max_batch or cols > plan.max_pages:
             grow = lambda need, have: max(have, 1 << (need - 1).bit_length())          # noqa: E731
             max_batch = grow(batch, self._capacity[0])
-            max_pages = min(grow(cols, self._capacity[1]), max(cols, self.store.num_pages))
+            max_pages = min(grow(max(cols, 1), self._capacity[1]), max(cols, self.store.num_pages))
             self._capacity = (max_batch, max_pages)
-            self._kernel_plan = plan = DecodePlan(self.store, num_q_heads, max_batch=max_batch, max_pages=max_pages,
-                                                  max_staged_pages=self._max_staged_pages)
-        # plan() checked the pages against seq_lens; a fixed staged capacity is checked here (a host sync)
-        plan.plan(table, seq_lens, check=self._max_staged_pages is not None)
-        self._kernel_planned = True
+            self._kernel_plan = plan = DecodePlan(self.store.view, self.num_q_heads, max_batch=max_batch,
+                                                  max_pages=max_pages, max_staged_pages=self._max_staged_pages)
+        plan.plan(table, seq_lens, check=False)          # plan() checked the table when asked to
 
 
 class ExtendAttentionWrapper(_PagedAttentionBase):
@@ -310,41 +309,57 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
 
     The new tokens' K/V must already be written to their staged pages. Attention is causal by position and
     exact over staged tokens. The last ``obs_window`` queries of each request's chunk set the importance of the
-    staged tokens they see (replacing earlier statistics).
+    staged tokens they see (replacing earlier statistics). With ``store.kernels``, ``plan`` also plans the Triton
+    extend kernels (:class:`~diffkv_sglang.kernels.extend_attention.ExtendPlan`, over the batch's valid pages
+    read densely once per layer by :func:`~diffkv_sglang.kernels.dense_read.read_pages_dense`).
 
-    Example::
+    Args:
+        store: the compressed store.
+        num_q_heads: query heads on this rank (a multiple of ``store.num_kv_heads``).
 
-        wrapper = ExtendAttentionWrapper(store)
-        wrapper.plan(qo_indptr, kv_page_indptr, kv_page_indices, seq_lens)
-        for layer in range(num_layers):
-            store.write_tokens(layer, new_token_locs, k[layer], v[layer])
-            out = wrapper.run(q[layer], layer)                           # [total_new, Hq, D]
+    Example (one request: a 40-token prompt in pages 3, 4 and 5)::
+
+        >>> import torch
+        >>> from diffkv_sglang.config import DiffKVConfig
+        >>> from diffkv_sglang.store import CompressedKVStore
+        >>> store = CompressedKVStore(DiffKVConfig(page_size=16), num_layers=2, num_kv_heads=1, head_dim=64,
+        ...                           num_pages=8, arena_bytes=1 << 20, dtype=torch.float32)
+        >>> pages = torch.tensor([[3, 4, 5]])
+        >>> store.stage(pages[0])
+        >>> wrapper = ExtendAttentionWrapper(store, num_q_heads=2)
+        >>> wrapper.plan(torch.tensor([0, 40]), pages, torch.tensor([40]))   # qo_indptr, page_table, seq_lens
+        >>> for layer in range(2):
+        ...     kv = torch.randn(2, 40, 1, 64)
+        ...     store.write_tokens(layer, 48 + torch.arange(40), kv[0], kv[1])
+        ...     out = wrapper.run(torch.randn(40, 2, 64), layer)          # [total_new, Hq, D]
+        >>> out.shape
+        torch.Size([40, 2, 64])
     """
 
-    def __init__(self, store: CompressedKVStore):
+    def __init__(self, store: CompressedKVStore, num_q_heads: int):
         super().__init__(store)
-        self._kernel_plan = None                     # ExtendPlan, built at the first run (needs Hq)
-        self._kernel_planned = False
-        self._csr = None
+        if num_q_heads < 1 or num_q_heads % store.num_kv_heads:
+            raise ValueError(f"num_q_heads={num_q_heads} must be a positive multiple of num_kv_heads="
+                             f"{store.num_kv_heads}")
+        self.num_q_heads = num_q_heads
+        self._kernel_plan = None                     # ExtendPlan, built by the first plan() with kernels
+        self._kv_pages = None                        # [nnz] int64 the batch's valid pages, in CSR order
 
-    def plan(self, qo_indptr: torch.Tensor, kv_page_indptr: torch.Tensor, kv_page_indices: torch.Tensor,
-             seq_lens: torch.Tensor, sm_scale: float | None = None, obs_window: int | None = None) -> None:
-        """Build per-batch metadata.
+    def plan(self, qo_indptr: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
+             sm_scale: float | None = None, obs_window: int | None = None) -> None:
+        """Build per-batch metadata (host syncs allowed: prefill is compute-bound).
 
         Args:
             qo_indptr: ``[B + 1]`` int CSR offsets of each request's new tokens in ``q``.
-            kv_page_indptr, kv_page_indices: the requests' pages (CSR), prefix and new tokens.
+            page_table: ``[B, max_pages]`` int the requests' pages, prefix and new tokens.
             seq_lens: ``[B]`` int total tokens per request after this extend.
             sm_scale: softmax scale (default ``1 / sqrt(head_dim)``).
             obs_window: observing queries per request (default: the config's ``obs_window``).
         """
-        table, seq_lens, key_locs, key_valid = self._plan_keys(kv_page_indptr, kv_page_indices, seq_lens)
+        table, seq_lens, key_locs, key_valid = self._plan_keys(page_table, seq_lens)
         device = table.device
         qo_indptr = qo_indptr.to(device, torch.int64)
         window = obs_window if obs_window is not None else self.store.config.obs_window
-        self._csr = (qo_indptr, kv_page_indptr.to(device, torch.int64), kv_page_indices.to(device, torch.int64),
-                     seq_lens, window)
-        self._kernel_planned = False
         extend_lens = qo_indptr[1:] - qo_indptr[:-1]
         batch = extend_lens.numel()
         max_q = int(extend_lens.max()) if batch else 0
@@ -357,6 +372,21 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
             page_table=table, seq_lens=seq_lens, key_locs=key_locs, key_valid=key_valid,
             q_positions=q_positions, q_valid=q_valid, q_index=q_index, observe=observe,
             sm_scale=sm_scale if sm_scale is not None else self.store.head_dim ** -0.5)
+        if self.store.kernels:
+            self._plan_kernel(qo_indptr, table, seq_lens, window)
+
+    def _plan_kernel(self, qo_indptr, table, seq_lens, window) -> None:
+        """The kernels read the batch's valid pages densely, request after request (CSR)."""
+        from .kernels.extend_attention import ExtendPlan
+
+        num_pages = (seq_lens + self.store.page_size - 1) // self.store.page_size
+        kv_page_indptr = torch.zeros(num_pages.numel() + 1, dtype=torch.int64, device=table.device)
+        kv_page_indptr[1:] = torch.cumsum(num_pages, 0)
+        valid = torch.arange(table.shape[1], device=table.device)[None, :] < num_pages[:, None]
+        self._kv_pages = table[valid]
+        if self._kernel_plan is None:
+            self._kernel_plan = ExtendPlan(self.store.view, self.num_q_heads)
+        self._kernel_plan.plan(qo_indptr, kv_page_indptr, self._kv_pages, seq_lens, window)
 
     def run(self, q: torch.Tensor, layer: int, sm_scale: float | None = None) -> torch.Tensor:
         """``q`` ``[total_new, Hq, D]`` -> output ``[total_new, Hq, D]`` in ``q.dtype``; records window importance.
@@ -376,19 +406,11 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
         """The Triton extend kernels over the batch's pages, read densely in ``q``'s dtype (by the dense-read
         kernel for the store's dtype or float32, else by the reference)."""
         from .kernels.dense_read import read_pages_dense
-        from .kernels.extend_attention import ExtendPlan
 
-        qo_indptr, kv_page_indptr, kv_page_indices, seq_lens, window = self._csr
-        if self._kernel_plan is None or self._kernel_plan.num_q_heads != q.shape[1]:
-            self._kernel_plan = ExtendPlan(self.store, q.shape[1])
-            self._kernel_planned = False
-        if not self._kernel_planned:
-            self._kernel_plan.plan(qo_indptr, kv_page_indptr, kv_page_indices, seq_lens, window)
-            self._kernel_planned = True
         if q.dtype in (self.store.dtype, torch.float32):
-            keys, values, present = read_pages_dense(self.store, layer, kv_page_indices, q.dtype)
+            keys, values, present = read_pages_dense(self.store.view, layer, self._kv_pages, q.dtype)
         else:
-            keys, values, present = self.store.read_pages(layer, kv_page_indices)
+            keys, values, present = self.store.read_pages(layer, self._kv_pages)
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         out, score, seen = self._kernel_plan.run(q.contiguous(), keys, values, present, sm_scale)
         self._store_importance(layer, score, seen)

@@ -81,6 +81,32 @@ KEYS, VALUES, KEY_META, VALUE_META, INDEX = range(5)
 SECTION_NAMES = ("keys", "values", "key_meta", "value_meta", "index")
 
 
+@functools.lru_cache(maxsize=16)
+def _hadamard_cpu(dim: int) -> torch.Tensor:
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"Hadamard rotation needs a power-of-two dimension, got {dim}")
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < dim:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return (matrix / dim ** 0.5).to(torch.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_on(dim: int, device: torch.device) -> torch.Tensor:
+    return _hadamard_cpu(dim).to(device)
+
+
+def hadamard_matrix(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Normalized Sylvester Hadamard matrix ``[dim, dim]`` float32: symmetric and orthonormal (H @ H = I). The
+    rotation a format's ``"hadamard"`` keys or values are stored in. One cached copy per device: read-only."""
+    return _hadamard_on(dim, torch.device(device))
+
+
+def hadamard_scale(dim: int) -> float:
+    """``float32(1 / sqrt(dim))`` as a Python float: the entries' magnitude in :func:`hadamard_matrix`."""
+    return float(torch.tensor(dim ** -0.5, dtype=torch.float64).to(torch.float32))
+
+
 def align_up(nbytes, align: int = BLOCK_ALIGN):
     """Round ``nbytes`` (int or integer tensor) up to a multiple of ``align``."""
     return (nbytes + align - 1) // align * align
@@ -280,3 +306,64 @@ class LayerFormats:
     def max_sealed_block_nbytes(self) -> int:
         """Largest sealed block over all layers."""
         return max(f.max_block_nbytes for f in self.sealed)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockView:
+    """The store's blocks as kernels see them: arena bytes, descriptor tables and layer formats; no allocator.
+
+    Kernels (and the torch decode path on codes) take a ``BlockView`` and never the store, like FlashInfer's
+    kernels take a paged KV tensor and never a cache manager. Block ``(page, layer, head)`` is descriptor row
+    ``(page * num_layers + layer) * num_kv_heads + head``; its bytes are ``data[block_offset[row]:]`` in the
+    layout of ``formats.staged`` (``page_state[page] == STAGED``) or ``formats[layer]`` with the tier counts
+    ``tier_counts[page, layer, head]`` (``SEALED``). The tensors are the store's own (views, not copies): writes
+    through them are writes to the store.
+
+    Attributes:
+        data: ``[capacity]`` uint8 arena bytes.
+        block_offset: ``[num_pages * num_layers * num_kv_heads]`` int64 byte offset of each block (-1: none).
+        page_state: ``[num_pages]`` int8 :class:`PageState` codes.
+        tier_counts: ``[num_pages, num_layers, num_kv_heads, num_tiers]`` int32 tokens per tier of sealed blocks.
+        formats: the staged format and every layer's sealed format.
+        num_kv_heads: KV heads on this rank.
+    """
+
+    data: torch.Tensor
+    block_offset: torch.Tensor
+    page_state: torch.Tensor
+    tier_counts: torch.Tensor
+    formats: LayerFormats
+    num_kv_heads: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.formats.num_layers
+
+    @property
+    def num_pages(self) -> int:
+        return self.page_state.numel()
+
+    @property
+    def head_dim(self) -> int:
+        return self.formats.head_dim
+
+    @property
+    def page_size(self) -> int:
+        return self.formats.staged.page_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Model dtype of staged K/V."""
+        return self.formats.staged.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def num_tiers(self) -> int:
+        return self.tier_counts.shape[-1]
+
+    def typed(self, dtype: torch.dtype) -> torch.Tensor:
+        """The arena bytes as a flat ``dtype`` tensor (``uint8``, ``int32``, ``float32`` or the model dtype)."""
+        return self.data.view(dtype)

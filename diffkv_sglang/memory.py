@@ -314,6 +314,45 @@ class BlockArena:
         self.block_nbytes.masked_fill_(released, 0)
         self._used, self._top, self._num_blocks = used, top, num_blocks
 
+    def rebind(self, sources: Tensor, targets: Tensor) -> None:
+        """Hand the blocks of ``sources`` to ``targets`` without moving a byte: ``targets[i]`` gets the offset and
+        size of ``sources[i]``'s block, which then holds none. ``used``, ``top`` and the block count are unchanged.
+        (The store seals into spare slots while the staged blocks are live, then rebinds.) One host sync.
+
+        Parameters
+        ----------
+        sources, targets : Tensor, int64 [n]
+            Distinct slot ids in ``[0, num_slots)``; every source holds a block, no target does.
+
+        Raises
+        ------
+        ValueError
+            Bad shapes, a slot out of range, a source without a block or a target holding one. Nothing is
+            changed.
+        """
+        sources = self._slot_tensor("sources", sources)
+        targets = self._slot_tensor("targets", targets)
+        if sources.shape != targets.shape:
+            raise ValueError(f"sources and targets must have the same shape, got {tuple(sources.shape)} and "
+                             f"{tuple(targets.shape)}")
+        if sources.numel() == 0:
+            return
+        both = torch.cat([sources, targets])
+        in_range = (both >= 0) & (both < self.num_slots)
+        held = self.block_offset[both.clamp(0, self.num_slots - 1)] >= 0
+        n = sources.numel()
+        ordered = both.sort().values
+        out_of_range, empty_source, held_target, repeated = torch.stack([
+            (~in_range).any(), (~held[:n]).any(), held[n:].any(), (ordered[1:] == ordered[:-1]).any()]).tolist()
+        if out_of_range:
+            raise ValueError(f"slots must lie in [0, {self.num_slots}), got {both[~in_range][:8].tolist()}")
+        if empty_source or held_target or repeated:
+            raise ValueError("rebind: every source must hold a block, no target may, and all slots must be distinct")
+        self.block_offset[targets] = self.block_offset[sources]
+        self.block_nbytes[targets] = self.block_nbytes[sources]
+        self.block_offset[sources] = -1
+        self.block_nbytes[sources] = 0
+
     def compact(self, max_move_bytes: int | None = None) -> CompactionStats:
         """Slide live blocks toward offset 0, keeping their order, so free space joins the tail.
 

@@ -23,27 +23,13 @@ import functools
 
 import torch
 
-from .format import INDEX, KEY_META, KEYS, META_SCALE_BYTES, VALUE_META, VALUES, BlockFormat
+from .format import (INDEX, KEY_META, KEYS, META_SCALE_BYTES, VALUE_META, VALUES, BlockFormat, hadamard_matrix,
+                     hadamard_scale)
 
 QUANT_BITS = (2, 4, 8, 16)   # 16 is for testing exactness; tiers use 2, 4 or 8
 
 
 # ------------------------------------------------------------------------------------------- rotation
-@functools.lru_cache(maxsize=16)
-def _hadamard_cpu(dim: int) -> torch.Tensor:
-    if dim < 1 or dim & (dim - 1):
-        raise ValueError(f"Hadamard rotation needs a power-of-two dimension, got {dim}")
-    matrix = torch.ones(1, 1, dtype=torch.float64)
-    while matrix.shape[0] < dim:
-        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
-    return (matrix / dim ** 0.5).to(torch.float32)
-
-
-def hadamard_matrix(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Normalized Sylvester Hadamard matrix ``[dim, dim]`` float32: symmetric and orthonormal (H @ H = I)."""
-    return _hadamard_cpu(dim).to(device)
-
-
 def _hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """``x @ H`` as a fast Walsh-Hadamard transform in a fixed butterfly order (float32).
 
@@ -62,11 +48,6 @@ def _hadamard_transform(x: torch.Tensor) -> torch.Tensor:
         y = y.reshape(x.shape)
         h *= 2
     return y * hadamard_scale(dim)
-
-
-def hadamard_scale(dim: int) -> float:
-    """``float32(1 / sqrt(dim))`` as a Python float: the entries' magnitude in :func:`hadamard_matrix`."""
-    return float(torch.tensor(dim ** -0.5, dtype=torch.float64).to(torch.float32))
 
 
 def rotate(x: torch.Tensor, rotation: str) -> torch.Tensor:

@@ -13,9 +13,12 @@ A page's life::
 * ``write_tokens(layer, locs, k, v)`` stores new tokens; ``add_importance(...)`` accumulates attention.
 * ``seal(pages, context_lens)`` classifies each token per (layer, head) with :mod:`policy`, writes one compressed
   block per (page, layer, head) with :mod:`quant` (or the seal kernel, byte for byte the same, when
-  ``store.kernels``), and frees the dense blocks. The staged bytes are read out and freed before the compressed
-  blocks are allocated, and a compressed block is never larger than a staged one, so sealing never runs out of
-  memory.
+  ``store.kernels``), and frees the dense blocks. The compressed blocks are allocated in spare slots while the
+  staged ones are live, so the seal kernel reads the staged blocks in place (no dense copy), then the staged
+  blocks are freed and the pages' slots take the new blocks (:meth:`BlockArena.rebind`). Without room for both,
+  sealing goes on in halves of the chunk, and a single page that still does not fit is copied out (``L * H``
+  blocks), freed and written; a compressed block is never larger than a staged one, so sealing never runs out
+  of memory.
 * ``release(pages)`` frees every block of the pages (the allocator calls it for every page SGLang frees).
 
 Both states live in one physical budget (the arena), so admission checks need only one number.
@@ -32,9 +35,9 @@ import torch
 
 from .backend_select import use_kernels
 from .config import DiffKVConfig
-from .format import (DESCRIPTOR_COUNT_DTYPE, PAGE_STATE_DTYPE, LayerFormats, PageState,
+from .format import (DESCRIPTOR_COUNT_DTYPE, PAGE_STATE_DTYPE, BlockView, LayerFormats, PageState,
                      descriptor_bytes_per_block)
-from .memory import BlockArena
+from .memory import ArenaOutOfMemory, BlockArena
 from .policy import classify_with_config, relative_importance
 from .quant import read_sealed_blocks, tier_counts, write_sealed_blocks
 
@@ -80,22 +83,32 @@ class CompressedKVStore:
         arena_bytes: physical budget for all blocks.
         dtype: model dtype of staged K/V.
         device: where the arena and tables live.
-        seal_chunk_pages: pages sealed per internal chunk (bounds the temporary dense copy).
+        seal_chunk_pages: pages sealed per internal chunk (spare descriptor slots for a chunk's sealed blocks).
 
     Attributes:
         kernels: True when this store runs the Triton kernels (seal, compaction moves, decode attention); see
             :mod:`diffkv_sglang.backend_select`.
+        view: the blocks as kernels take them (:class:`~diffkv_sglang.format.BlockView`: the arena bytes,
+            descriptor tables and formats, shared with the store).
 
-    Example::
+    Example (two pages of 16 tokens, sealed one, read back, released)::
 
-        store = CompressedKVStore(DiffKVConfig(), num_layers=2, num_kv_heads=2, head_dim=64,
-                                  num_pages=64, arena_bytes=1 << 22)
-        store.stage(torch.tensor([1, 2]))
-        for layer in range(2):
-            store.write_tokens(layer, locs, k, v)          # locs: slots of pages 1 and 2
-        store.seal(torch.tensor([1]), context_lens=torch.tensor([96]))
-        keys, values, present = store.read_pages(0, torch.tensor([1, 2]))
-        store.release(torch.tensor([1, 2]))
+        >>> import torch
+        >>> from diffkv_sglang.config import DiffKVConfig
+        >>> store = CompressedKVStore(DiffKVConfig(page_size=16), num_layers=2, num_kv_heads=2, head_dim=64,
+        ...                           num_pages=64, arena_bytes=1 << 22)
+        >>> pages = torch.tensor([1, 2])
+        >>> store.stage(pages)
+        >>> locs = torch.arange(16, 48)                     # token slots of pages 1 and 2
+        >>> for layer in range(2):
+        ...     store.write_tokens(layer, locs, torch.randn(32, 2, 64), torch.randn(32, 2, 64))
+        >>> store.seal(torch.tensor([1]), context_lens=torch.tensor([96]))
+        >>> keys, values, present = store.read_pages(0, pages)     # [n, H, P, D] float32, present [n, H, P]
+        >>> keys.shape, store.stats().sealed_pages
+        (torch.Size([2, 2, 16, 64]), 1)
+        >>> store.release(pages)
+        >>> store.stats().used_bytes
+        0
     """
 
     def __init__(self, config: DiffKVConfig, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int,
@@ -110,10 +123,15 @@ class CompressedKVStore:
         self.device = torch.device(device)
         self.seal_chunk_pages = seal_chunk_pages
         self.kernels = use_kernels(self.device, head_dim)
-        self.arena = BlockArena(arena_bytes, num_pages * num_layers * num_kv_heads, self.device, kernels=self.kernels)
+        # slots [0, num_pages * L * H) hold the pages' blocks; the spare slots after them hold a chunk's sealed
+        # blocks while its staged blocks are still live (seal reads them in place), until rebound to the pages
+        self._num_page_slots = num_pages * num_layers * num_kv_heads
+        spare_slots = seal_chunk_pages * num_layers * num_kv_heads
+        self.arena = BlockArena(arena_bytes, self._num_page_slots + spare_slots, self.device, kernels=self.kernels)
         self.page_state = torch.zeros(num_pages, dtype=PAGE_STATE_DTYPE, device=self.device)
         self.tier_counts = torch.zeros(num_pages, num_layers, num_kv_heads, config.num_tiers,
                                        dtype=DESCRIPTOR_COUNT_DTYPE, device=self.device)
+        self.view = self._make_view()
         self._heads = torch.arange(num_kv_heads, device=self.device)
         self._layers = torch.arange(num_layers, device=self.device)
         self._format_groups = self._group_layers_by_format()
@@ -129,11 +147,16 @@ class CompressedKVStore:
         copy = CompressedKVStore(self.config, self.num_layers, self.num_kv_heads, self.head_dim, self.num_pages,
                                  arena_bytes=16, dtype=self.dtype, device=device, seal_chunk_pages=self.seal_chunk_pages)
         copy.arena = self.arena.to(copy.device, kernels=copy.kernels)
+        copy.view = copy._make_view()
         for name in ("page_state", "tier_counts", "_sealed_totals"):
             getattr(copy, name).copy_(getattr(self, name))
         copy.compactions, copy.compacted_bytes = self.compactions, self.compacted_bytes
         copy.compaction_seconds = self.compaction_seconds
         return copy
+
+    def _make_view(self) -> BlockView:
+        return BlockView(self.arena.data, self.arena.block_offset, self.page_state, self.tier_counts, self.formats,
+                         self.num_kv_heads)
 
     # ------------------------------------------------------------------------------------- addressing
     def slots(self, pages: torch.Tensor, layer: int | None = None) -> torch.Tensor:
@@ -143,10 +166,21 @@ class CompressedKVStore:
             return (pages[:, None, None] * self.num_layers + self._layers[None, :, None]) * self.num_kv_heads + self._heads
         return (pages[:, None] * self.num_layers + layer) * self.num_kv_heads + self._heads
 
+    def block_nbytes(self, pages: torch.Tensor) -> torch.Tensor:
+        """``[n, L, H]`` int64 arena bytes of each block of ``pages`` ``[n]`` (0 where a page holds none)."""
+        return self.arena.block_nbytes[self.slots(pages)]
+
     def _staged_elements(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
         """``[n, H]`` element index (in model-dtype units) of the staged blocks of ``pages`` in ``layer``."""
         offsets = self.arena.block_offset[self.slots(pages, layer)]
         return offsets // self.formats.staged.element_bytes
+
+    def _rows(self, dtype: torch.dtype, width: int) -> torch.Tensor:
+        """The arena as overlapping rows of ``width`` ``dtype`` elements, row ``i`` starting at element ``i``:
+        ``[capacity / itemsize - width + 1, width]``. Indexing rows by element offsets reads or writes whole rows
+        with one int64 index per row (not per element)."""
+        flat = self.arena.data.view(dtype)
+        return flat.as_strided((flat.numel() - width + 1, width), (1, 1))
 
     def _check_state(self, pages: torch.Tensor, allowed: tuple[PageState, ...], action: str) -> None:
         state = self.page_state[pages]
@@ -170,9 +204,8 @@ class CompressedKVStore:
         slots = self.slots(pages).reshape(-1)
         staged = self.formats.staged
         offsets = self.arena.allocate(slots, torch.full_like(slots, staged.nbytes))
-        as_f32 = self.arena.data.view(torch.float32)
-        stats = (offsets[:, None] + staged.score_start) // 4 + torch.arange(2 * self.page_size, device=self.device)
-        as_f32[stats.reshape(-1)] = 0.0                        # score_sum and seen are contiguous
+        statistics = self._rows(torch.float32, 2 * self.page_size)          # score_sum and seen are contiguous
+        statistics[(offsets + staged.score_start) // 4] = 0.0
         self.page_state[pages] = PageState.STAGED
 
     def write_tokens(self, layer: int, locs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -187,11 +220,10 @@ class CompressedKVStore:
         locs = locs.to(self.device, torch.int64)
         pages, in_page = locs // self.page_size, locs % self.page_size
         staged = self.formats.staged
-        base = self._staged_elements(layer, pages) + (in_page * self.head_dim)[:, None]       # [m, H]
-        index = (base[..., None] + torch.arange(self.head_dim, device=self.device)).reshape(-1)
-        data = self.arena.data.view(self.dtype)
-        data[index] = keys.to(self.dtype).reshape(-1)
-        data[index + staged.values_start // staged.element_bytes] = values.to(self.dtype).reshape(-1)
+        rows = (self._staged_elements(layer, pages) + (in_page * self.head_dim)[:, None]).reshape(-1)   # [m * H]
+        dense = self._rows(self.dtype, self.head_dim)
+        dense[rows] = keys.to(self.dtype).reshape(-1, self.head_dim)
+        dense[rows + staged.values_start // staged.element_bytes] = values.to(self.dtype).reshape(-1, self.head_dim)
 
     def add_importance(self, layer: int, locs: torch.Tensor, score: torch.Tensor, seen: torch.Tensor,
                        accumulate: bool = True) -> None:
@@ -215,22 +247,20 @@ class CompressedKVStore:
         as_f32.index_put_((seen_at.reshape(-1),), seen.float()[:, None].expand_as(seen_at).reshape(-1),
                           accumulate=accumulate)
 
-    def _read_staged(self, layer_slots: torch.Tensor):
-        """Dense contents of staged blocks: slots ``[...]`` -> keys/values ``[..., P, D]`` (store dtype),
-        score_sum/seen ``[..., P]`` float32."""
+    def _read_staged_kv(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the dense K/V of the staged blocks at byte ``offsets`` ``[...]``: ``[..., P, D]`` (store dtype)."""
         staged = self.formats.staged
-        offsets = self.arena.block_offset[layer_slots]
-        elems = offsets // staged.element_bytes
-        kv_index = elems[..., None] + torch.arange(self.page_size * self.head_dim, device=self.device)
-        data = self.arena.data.view(self.dtype)
-        shape = (*layer_slots.shape, self.page_size, self.head_dim)
-        keys = data[kv_index].reshape(shape)
-        values = data[kv_index + staged.values_start // staged.element_bytes].reshape(shape)
-        stat_index = (offsets // 4)[..., None] + torch.arange(self.page_size, device=self.device)
-        as_f32 = self.arena.data.view(torch.float32)
-        score_sum = as_f32[stat_index + staged.score_start // 4]
-        seen = as_f32[stat_index + staged.seen_start // 4]
-        return keys, values, score_sum, seen
+        elements = offsets // staged.element_bytes
+        blocks = self._rows(self.dtype, self.page_size * self.head_dim)
+        shape = (*offsets.shape, self.page_size, self.head_dim)
+        return (blocks[elements].reshape(shape),
+                blocks[elements + staged.values_start // staged.element_bytes].reshape(shape))
+
+    def _read_statistics(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score_sum``, ``seen`` ``[..., P]`` float32 of the staged blocks at byte ``offsets`` ``[...]``."""
+        staged = self.formats.staged
+        statistics = self._rows(torch.float32, 2 * self.page_size)[(offsets + staged.score_start) // 4]
+        return statistics[..., :self.page_size], statistics[..., self.page_size:]
 
     # ---------------------------------------------------------------------------------------- sealing
     def seal(self, pages: torch.Tensor, context_lens: torch.Tensor) -> None:
@@ -249,35 +279,69 @@ class CompressedKVStore:
             self._seal_chunk(pages[start:start + self.seal_chunk_pages], context_lens[start:start + self.seal_chunk_pages])
 
     def _seal_chunk(self, pages: torch.Tensor, context_lens: torch.Tensor) -> None:
-        # The staged K/V are copied out before their blocks are freed: the sealed blocks reuse the same slots, so
-        # they can only be allocated after the free, and may then land on the staged bytes (the seal kernel could
-        # read staged blocks in place, but only into destinations that cannot overlap them).
+        """Seal at most ``seal_chunk_pages`` pages: in place when the arena has room for their sealed blocks next
+        to the staged ones, else in halves, and a single page that still does not fit through a copy."""
         slots = self.slots(pages)                                                              # [n, L, H]
-        keys, values, score_sum, seen = self._read_staged(slots)                              # [n, L, H, P(, D)]
+        score_sum, seen = self._read_statistics(self.arena.block_offset[slots])               # [n, L, H, P]
         r = relative_importance(score_sum, seen, context_lens[:, None, None, None])
         tiers = classify_with_config(r, self.config)                                           # [n, L, H, P]
-        self.arena.free(slots.reshape(-1))
-        groups = self._format_groups
         nbytes = torch.empty(slots.shape, dtype=torch.int64, device=self.device)
-        for fmt, layers in groups:
+        for fmt, layers in self._format_groups:
             nbytes[:, layers] = fmt.block_nbytes(tier_counts(tiers[:, layers], fmt.num_tiers))
-        offsets = self.arena.allocate(slots.reshape(-1), nbytes.reshape(-1)).reshape(slots.shape)
-        for fmt, layers in groups:
+        spare = torch.arange(slots.numel(), device=self.device) + self._num_page_slots
+        try:
+            sealed = self.arena.allocate(spare, nbytes.reshape(-1)).reshape(slots.shape)
+        except ArenaOutOfMemory:
+            if pages.numel() > 1:                      # less headroom needed for fewer pages
+                half = pages.numel() // 2
+                self._seal_chunk(pages[:half], context_lens[:half])
+                self._seal_chunk(pages[half:], context_lens[half:])
+            else:
+                self._seal_page_through_copy(pages, slots, tiers, nbytes)
+            return
+        # the staged blocks are live, so the sealed ones cannot overlap them; read their offsets after the
+        # allocation (which may have compacted the arena)
+        staged = self.arena.block_offset[slots]
+        source = staged if self.kernels else self._read_staged_kv(staged)
+        self._write_groups(pages, sealed, source, tiers)
+        self.arena.free(slots.reshape(-1))
+        self.arena.rebind(spare, slots.reshape(-1))
+        self._finish_seal(pages, slots)
+
+    def _seal_page_through_copy(self, pages, slots, tiers, nbytes) -> None:
+        """Seal one page when the arena cannot hold its sealed blocks beside the staged ones: copy the staged K/V
+        out (one page: ``L * H * P * D`` elements), free, allocate (a sealed block is never larger than a staged
+        one, so this fits), write."""
+        keys, values = self._read_staged_kv(self.arena.block_offset[slots])
+        self.arena.free(slots.reshape(-1))
+        sealed = self.arena.allocate(slots.reshape(-1), nbytes.reshape(-1)).reshape(slots.shape)
+        self._write_groups(pages, sealed, (keys, values), tiers)
+        self._finish_seal(pages, slots)
+
+    def _write_groups(self, pages, sealed, source, tiers) -> None:
+        """Write every format group's sealed blocks at ``sealed`` ``[n, L, H]`` offsets from ``source``: staged
+        block offsets ``[n, L, H]`` (the seal kernel reads them in place) or ``(keys, values)`` ``[n, L, H, P, D]``;
+        record the tier counts."""
+        for fmt, layers in self._format_groups:
             flat = lambda x: x[:, layers].reshape(-1, *x.shape[3:])                            # noqa: E731
-            counts = self._write_sealed(fmt, flat(offsets), flat(keys), flat(values), flat(tiers))
+            group_source = flat(source) if isinstance(source, torch.Tensor) else tuple(map(flat, source))
+            counts = self._write_sealed(fmt, flat(sealed), group_source, flat(tiers))
             self.tier_counts[pages[:, None], layers] = counts.reshape(len(pages), len(layers), self.num_kv_heads, -1).to(torch.int32)
             self._sealed_totals[1:] += counts.sum(0)
+
+    def _finish_seal(self, pages, slots) -> None:
         self._sealed_totals[0] += self.arena.block_nbytes[slots.reshape(-1)].sum()
         self.page_state[pages] = PageState.SEALED
 
-    def _write_sealed(self, fmt, offsets, keys, values, tiers) -> torch.Tensor:
-        """Write sealed blocks of one format at ``offsets`` ``[n]`` from ``keys``/``values`` ``[n, P, D]`` and
-        ``tiers`` ``[n, P]``; returns the ``[n, T]`` tier counts. One seal-kernel launch with kernels."""
+    def _write_sealed(self, fmt, offsets, source, tiers) -> torch.Tensor:
+        """Write sealed blocks of one format at ``offsets`` ``[n]`` from ``source`` (``[n]`` staged block offsets,
+        kernels only, or ``(keys, values)`` ``[n, P, D]``) and ``tiers`` ``[n, P]``; returns the ``[n, T]`` tier
+        counts. One seal-kernel launch with kernels."""
         if self.kernels:
             from .kernels.seal import seal_blocks
 
-            return seal_blocks(fmt, self.arena.data, (keys, values), tiers, offsets)
-        return write_sealed_blocks(fmt, self.arena.data, offsets, keys, values, tiers)
+            return seal_blocks(fmt, self.arena.data, source, tiers, offsets, staged_dtype=self.dtype)
+        return write_sealed_blocks(fmt, self.arena.data, offsets, *source, tiers)
 
     @property
     def format_groups(self) -> list[tuple]:
@@ -300,7 +364,7 @@ class CompressedKVStore:
         slots = self.slots(pages)
         sealed = self.page_state[pages] == PageState.SEALED                                    # [n]
         # masked sums, not an integer matrix product: CUDA has no int64 addmv/mm (torch raises NotImplementedError)
-        self._sealed_totals[0] -= (self.arena.block_nbytes[slots] * sealed[:, None, None]).sum()
+        self._sealed_totals[0] -= (self.block_nbytes(pages) * sealed[:, None, None]).sum()
         per_page = self.tier_counts[pages].sum(dim=(1, 2), dtype=torch.int64)                 # [n, T]
         self._sealed_totals[1:] -= (per_page * sealed[:, None]).sum(0)
         self.arena.free(slots.reshape(-1))
@@ -330,7 +394,7 @@ class CompressedKVStore:
         state = self.page_state[pages]
         staged = (state == PageState.STAGED).nonzero(as_tuple=True)[0]
         if staged.numel():
-            k, v, _, _ = self._read_staged(self.slots(pages[staged], layer))
+            k, v = self._read_staged_kv(self.arena.block_offset[self.slots(pages[staged], layer)])
             keys[staged], values[staged], present[staged] = k.float(), v.float(), True
         sealed = (state == PageState.SEALED).nonzero(as_tuple=True)[0]
         if sealed.numel():
@@ -344,8 +408,7 @@ class CompressedKVStore:
 
     def staged_importance(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``score_sum``, ``seen`` ``[n, H, P]`` float32 of STAGED ``pages`` in ``layer`` (for tests and debugging)."""
-        _, _, score_sum, seen = self._read_staged(self.slots(pages.to(self.device, torch.int64), layer))
-        return score_sum, seen
+        return self._read_statistics(self.arena.block_offset[self.slots(pages.to(self.device, torch.int64), layer)])
 
     # ---------------------------------------------------------------------------------------- metrics
     @property

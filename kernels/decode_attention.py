@@ -50,15 +50,16 @@ A float32 query (float32 outputs) gets each operand as a float16 pair (high part
 remainder: relative 2^-22), and staged tiles in float32 with IEEE products; likewise float32 models' staged
 tiles. The bound the tests check is derived in ``tests/test_kernel_decode.py``.
 
-Block byte offsets come only from :mod:`diffkv_sglang.format`: the launcher passes each layer's section
-coefficients, bit widths and groups as ``tl.constexpr`` tuples and the kernel computes section starts from the
-block's tier counts. Hadamard rotation: ``q`` is rotated once per layer (torch, into a plan buffer) for sealed
-keys while staged keys use the plain ``q``; values of sealed pages are accumulated in the rotated space and
-staged ones in the model's space, and ``out = acc_rotated @ H + acc_staged``.
+Block byte offsets come only from :mod:`diffkv_sglang.format` through :mod:`.block_read` (shared with the seal and
+dense-read kernels): the launcher passes each layer's section coefficients, bit widths and groups as
+``tl.constexpr`` tuples and the kernel computes section starts from the block's tier counts. Hadamard rotation:
+``q`` is rotated once per layer (torch, into a plan buffer) for sealed keys while staged keys use the plain ``q``;
+values of sealed pages are accumulated in the rotated space and staged ones in the model's space, and ``out =
+acc_rotated @ H + acc_staged``.
 
 Example::
 
-    plan = DecodePlan(store, num_q_heads=32, max_batch=64, max_pages=512)   # buffers: once
+    plan = DecodePlan(store.view, num_q_heads=32, max_batch=64, max_pages=512)   # buffers: once
     plan.plan(page_table, seq_lens)                                        # once per batch
     for layer in range(store.num_layers):
         store.write_tokens(layer, new_locs, k[layer], v[layer])
@@ -74,18 +75,13 @@ import torch
 import triton
 import triton.language as tl
 
-from diffkv_sglang.config import MAX_TIERS
-from diffkv_sglang.format import INDEX, KEY_META, KEYS, META_BYTES, VALUE_META, VALUES, BlockFormat
-from diffkv_sglang.kernels.tl_utils import INTERPRET as _INTERPRET
+from diffkv_sglang.format import BlockView, PageState, hadamard_matrix
+from diffkv_sglang.kernels.block_read import (SEALED, STAGED, describe_block, half_to_float, meta_scale_start,
+                                              section_start, sealed_format_constants, tier_count, unpack_codes)
 from diffkv_sglang.kernels.tl_utils import mma as _mma
-from diffkv_sglang.quant import hadamard_matrix
-from diffkv_sglang.store import CompressedKVStore, PageState
 
 # The interpreter keeps bfloat16 as raw bits and multiplies them as integers in tl.dot: there, products run on
 # exact float32 copies of the 16-bit operands (what the tensor cores multiply).
-_STAGED = tl.constexpr(int(PageState.STAGED))
-_SEALED = tl.constexpr(int(PageState.SEALED))
-_SUPPORTED_BITS = (2, 4, 8)
 W_SHIFT = 16                    # value weights p * s enter float16 multiplied by 2^W_SHIFT
 _W_SCALE = tl.constexpr(float(2 ** W_SHIFT))
 _W_UNSCALE = tl.constexpr(float(2 ** -W_SHIFT))
@@ -93,114 +89,6 @@ MIN_TILE_ROWS = 16              # the tensor cores' smallest N / K
 
 
 # --------------------------------------------------------------------------------------------- helpers
-@triton.jit
-def _section_start(n0, n1, n2, n3, C: tl.constexpr, t: tl.constexpr):
-    """Byte offset of tier ``t``'s section inside a block: ``sum_u n_u * C[5t + u] + C[5t + 4]`` (format.py's
-    linear coefficients, padded to four tiers)."""
-    return C[5 * t + 4] + n0 * C[5 * t] + n1 * C[5 * t + 1] + n2 * C[5 * t + 2] + n3 * C[5 * t + 3]
-
-
-@triton.jit
-def _field(words, k: tl.constexpr, BITS: tl.constexpr):
-    """Field ``k`` (``BITS`` wide, little endian) of int32 ``words``."""
-    return (words >> (k * BITS)) & ((1 << BITS) - 1)
-
-
-@triton.jit
-def _fields4(words, k0: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
-    """Fields ``k0 + i * step`` (i = 0..3) of ``words`` as ``[..., 2, 2]`` whose flattened index is ``i``."""
-    return tl.join(tl.join(_field(words, k0, BITS), _field(words, k0 + 2 * step, BITS)),
-                   tl.join(_field(words, k0 + step, BITS), _field(words, k0 + 3 * step, BITS)))
-
-
-@triton.jit
-def _exact_f16(x):
-    """Integers ``0 <= x < 1024`` (int32) -> float16, exactly and without a conversion instruction: the bits
-    ``0x6400 | x`` are the float16 ``1024 + x``."""
-    return (x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
-
-
-# PTX for one int32 word of packed codes -> its 32 / BITS codes as float16 (outputs $0.. in element order):
-# each instruction pair builds two float16 ``1024 + code`` (0x64 above the code byte, or 0x6400 | code) and
-# subtracts 1024 from both; ``prmt`` moves bytes, ``lop3`` does ``(x & mask) | 0x64006400`` in one step.
-_UNPACK_PTX = {
-    8: """{ .reg .b32 m, t0, t1;
-    mov.b32 m, 0x64646464;
-    prmt.b32 t0, $4, m, 0x4140;
-    prmt.b32 t1, $4, m, 0x4342;
-    mov.b32 m, 0x64006400;
-    sub.f16x2 t0, t0, m;
-    sub.f16x2 t1, t1, m;
-    mov.b32 {$0, $1}, t0;
-    mov.b32 {$2, $3}, t1; }""",
-}
-
-
-def _lop3_unpack_ptx(bits: int) -> str:
-    """PTX unpacking one word of ``bits``-wide codes (4 or 2): ``n = 16 / bits`` steps, step ``i`` masks the
-    fields ``i`` and ``i + n`` (one per 16-bit half) into two float16 ``1024 + code``, output ``$i`` and ``$(i + n)``;
-    the word is operand ``$(2 n)``."""
-    n, word = 16 // bits, 32 // bits
-    temps = ", ".join(f"t{i}" for i in range(n))
-    mask = f"0x{(1 << bits) - 1:04x}{(1 << bits) - 1:04x}"
-    lines = [f"{{ .reg .b32 m, w, {temps};", "mov.b32 m, 0x64006400;", f"lop3.b32 t0, ${word}, {mask}, m, 0xea;"]
-    for i in range(1, n):
-        lines += [f"shr.b32 w, ${word}, {i * bits};", f"lop3.b32 t{i}, w, {mask}, m, 0xea;"]
-    lines += [f"sub.f16x2 t{i}, t{i}, m;" for i in range(n)]
-    lines += [f"mov.b32 {{${i}, ${i + n}}}, t{i};" for i in range(n)]
-    return "\n    ".join(lines) + " }"
-
-
-_UNPACK_PTX.update({bits: _lop3_unpack_ptx(bits) for bits in (4, 2)})
-_UNPACK_PTX = {bits: tl.constexpr(asm) for bits, asm in _UNPACK_PTX.items()}
-_UNPACK_CONSTRAINTS = {bits: tl.constexpr(",".join(["=h"] * (32 // bits) + ["r"])) for bits in (2, 4, 8)}
-_ASM8, _ASM4, _ASM2 = _UNPACK_PTX[8], _UNPACK_PTX[4], _UNPACK_PTX[2]
-_CON8, _CON4, _CON2 = _UNPACK_CONSTRAINTS[8], _UNPACK_CONSTRAINTS[4], _UNPACK_CONSTRAINTS[2]
-
-
-@triton.jit
-def _tree4(c0, c1, c2, c3):
-    """Four tensors as ``[..., 2, 2]`` whose flattened last dims index them in order (join puts its pair in a
-    new minor dimension, so the pairs are (c0, c2) and (c1, c3))."""
-    return tl.join(tl.join(c0, c2), tl.join(c1, c3))
-
-
-@triton.jit
-def _codes(words, BITS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    """Packed rows as int32 words ``[BLOCK_N, D * BITS / 32]`` -> codes ``[BLOCK_N, D]`` float16 (exact). Little
-    endian: element ``j`` of a row is field ``j % (32 / BITS)`` of word ``j // (32 / BITS)``. On the GPU each
-    word is unpacked by a few instructions of PTX (:data:`_UNPACK_PTX`, about one per code); the interpreter
-    computes the same with shifts and masks. The fields are joined in bit-reversed order (``join(evens,
-    odds)``, recursively), so the reshape puts them in element order."""
-    if _INTERPRET:
-        if BITS == 8:
-            codes = _fields4(words, 0, 1, 8)
-        elif BITS == 4:
-            codes = tl.join(_fields4(words, 0, 2, 4), _fields4(words, 1, 2, 4))
-        else:
-            codes = tl.join(tl.join(_fields4(words, 0, 4, 2), _fields4(words, 2, 4, 2)),
-                            tl.join(_fields4(words, 1, 4, 2), _fields4(words, 3, 4, 2)))
-        codes = _exact_f16(codes)
-    elif BITS == 8:
-        c0, c1, c2, c3 = tl.inline_asm_elementwise(_ASM8, _CON8, [words], (tl.float16,) * 4, True, 1)
-        codes = _tree4(c0, c1, c2, c3)
-    elif BITS == 4:
-        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(_ASM4, _CON4, [words], (tl.float16,) * 8, True, 1)
-        codes = tl.join(_tree4(c0, c2, c4, c6), _tree4(c1, c3, c5, c7))
-    else:
-        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = tl.inline_asm_elementwise(
-            _ASM2, _CON2, [words], (tl.float16,) * 16, True, 1)
-        codes = tl.join(tl.join(_tree4(c0, c4, c8, c12), _tree4(c2, c6, c10, c14)),
-                        tl.join(_tree4(c1, c5, c9, c13), _tree4(c3, c7, c11, c15)))
-    return codes.reshape(BLOCK_N, D)
-
-
-@triton.jit
-def _half(bits):
-    """The float16 in the low 16 bits of int32 ``bits``, as float32."""
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
 @triton.jit
 def _group_blocks(x, GROUPS: tl.constexpr, D: tl.constexpr):
     """``x`` ``[M, D]`` -> ``[GROUPS * M, D]``: row block ``j`` keeps the columns of quantization group ``j``
@@ -252,44 +140,9 @@ def _softmax_step(m_i, s):
 
 
 @triton.jit
-def _tier_count(n0, n1, n2, n3, t: tl.constexpr):
-    if t == 0:
-        n = n0
-    elif t == 1:
-        n = n1
-    elif t == 2:
-        n = n2
-    else:
-        n = n3
-    return n
-
-
-@triton.jit
 def _page_id(table, w, w_hi, CHUNKS: tl.constexpr):
     """Logical page of item ``w`` (page ``w // CHUNKS`` of the request; 0 past ``w_hi``)."""
     return tl.load(table + w // CHUNKS, mask=w < w_hi, other=0).to(tl.int64)
-
-
-@triton.jit
-def _describe(page, ok, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS: tl.constexpr,
-              NUM_KV_HEADS: tl.constexpr, T: tl.constexpr):
-    """Descriptor of ``page`` in (layer, head ``h``): ``(state, block offset, n0, n1, n2, n3)``, state -1 unless
-    ``ok``, tier counts 0 unless sealed. The loads are independent of each other (no chain)."""
-    state = tl.load(PAGE_STATE + page, mask=ok, other=-1).to(tl.int32)
-    slot = (page * NUM_LAYERS + layer) * NUM_KV_HEADS + h
-    base = tl.load(BLOCK_OFFSET + slot, mask=ok, other=0)
-    sealed = state == _SEALED
-    n0 = tl.where(sealed, tl.load(TIER_COUNTS + slot * T, mask=ok, other=0), 0)
-    n1 = tl.zeros_like(n0)
-    n2 = tl.zeros_like(n0)
-    n3 = tl.zeros_like(n0)
-    if T > 1:
-        n1 = tl.where(sealed, tl.load(TIER_COUNTS + slot * T + 1, mask=ok, other=0), 0)
-    if T > 2:
-        n2 = tl.where(sealed, tl.load(TIER_COUNTS + slot * T + 2, mask=ok, other=0), 0)
-    if T > 3:
-        n3 = tl.where(sealed, tl.load(TIER_COUNTS + slot * T + 3, mask=ok, other=0), 0)
-    return state, base, n0, n1, n2, n3
 
 
 @triton.jit
@@ -331,18 +184,18 @@ def _fetch_tier(block, n0, n1, n2, n3, row0, t: tl.constexpr, KEY_BITS: tl.const
     register): packed key and value codes ``[BLOCK_N, row_bytes / 4]`` and key and value (scale, zero) words
     (:func:`_meta`). Sections start at multiples of 4 bytes (code rows do: ``head_dim`` is a multiple of 16)."""
     rank = row0 + tl.arange(0, BLOCK_N) - _tier_start(n0, n1, n2, t)       # row inside the tier's sections
-    in_tier = (rank >= 0) & (rank < _tier_count(n0, n1, n2, n3, t))
+    in_tier = (rank >= 0) & (rank < tier_count(n0, n1, n2, n3, t))
     key_row: tl.constexpr = D * KEY_BITS // 32
     value_row: tl.constexpr = D * VALUE_BITS // 32
-    key_at = tl.multiple_of(_section_start(n0, n1, n2, n3, KEY_SEC, t) >> 2, CODE_ALIGN // 4)
-    value_at = tl.multiple_of(_section_start(n0, n1, n2, n3, VALUE_SEC, t) >> 2, CODE_ALIGN // 4)
+    key_at = tl.multiple_of(section_start(n0, n1, n2, n3, KEY_SEC, t) >> 2, CODE_ALIGN // 4)
+    value_at = tl.multiple_of(section_start(n0, n1, n2, n3, VALUE_SEC, t) >> 2, CODE_ALIGN // 4)
     key_words = tl.load(block + key_at + rank[:, None] * key_row + tl.arange(0, key_row)[None, :],
                         mask=in_tier[:, None], other=0)
     value_words = tl.load(block + value_at + rank[:, None] * value_row + tl.arange(0, value_row)[None, :],
                           mask=in_tier[:, None], other=0)
-    key_meta = _meta(block, _section_start(n0, n1, n2, n3, KEY_META_SEC, t) >> 2, rank, in_tier, KEY_GROUPS,
+    key_meta = _meta(block, section_start(n0, n1, n2, n3, KEY_META_SEC, t) >> 2, rank, in_tier, KEY_GROUPS,
                      MAX_KEY_GROUPS)
-    value_meta = _meta(block, _section_start(n0, n1, n2, n3, VALUE_META_SEC, t) >> 2, rank, in_tier, VALUE_GROUPS,
+    value_meta = _meta(block, section_start(n0, n1, n2, n3, VALUE_META_SEC, t) >> 2, rank, in_tier, VALUE_GROUPS,
                        MAX_VALUE_GROUPS)
     return key_words, value_words, key_meta, value_meta
 
@@ -357,8 +210,7 @@ def _fetch_item(U32, desc, row0, T: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_
     :func:`_fetch_tier` (tiers past T repeat tier 0). For other items nothing is read."""
     state, base, n0, n1, n2, n3 = desc
     block = U32 + tl.multiple_of(base >> 2, 4)            # blocks start at multiples of 16 bytes
-    scales_at = (n0 * META_SCALE_SEC[0] + n1 * META_SCALE_SEC[1] + n2 * META_SCALE_SEC[2]
-                 + n3 * META_SCALE_SEC[3]) >> 2
+    scales_at = meta_scale_start(n0, n1, n2, n3, META_SCALE_SEC) >> 2
     sealed = (n0 + n1 + n2 + n3) > 0
     key_ms = tl.load(block + scales_at, mask=sealed, other=0).to(tl.float32, bitcast=True)
     value_ms = tl.load(block + scales_at + 1, mask=sealed, other=0).to(tl.float32, bitcast=True)
@@ -387,7 +239,7 @@ def _fetch_item(U32, desc, row0, T: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_
 def _has_rows(n0, n1, n2, n3, row0, t: tl.constexpr, BLOCK_N: tl.constexpr):
     """Whether the item (rows ``row0 .. row0 + BLOCK_N`` of the block's rows ordered by tier) has rows of tier ``t``."""
     start = _tier_start(n0, n1, n2, t)
-    return (start < row0 + BLOCK_N) & (start + _tier_count(n0, n1, n2, n3, t) > row0)
+    return (start < row0 + BLOCK_N) & (start + tier_count(n0, n1, n2, n3, t) > row0)
 
 
 @triton.jit
@@ -397,7 +249,7 @@ def _tier_keys(prod, k_meta, tiles, q_hi, q_lo, present, KEY_BITS: tl.constexpr,
     rows, so adding is exact) if ``present`` (a branch otherwise)."""
     if present:
         key_words, value_words, key_meta, value_meta = tiles
-        codes_t = tl.trans(_codes(key_words, KEY_BITS, BLOCK_N, D))
+        codes_t = tl.trans(unpack_codes(key_words, KEY_BITS, BLOCK_N, D))
         prod = _mma(q_hi, codes_t, prod, False)
         if PARTS == 2:
             prod = _mma(q_lo, codes_t, prod, False)
@@ -411,7 +263,7 @@ def _tier_values(acc, v_meta, tiles, w_hi, w_lo, present, VALUE_BITS: tl.constex
     """Add a tier's part of the value product ``w @ codes`` to ``acc`` if ``present`` (a branch otherwise)."""
     if present:
         key_words, value_words, key_meta, value_meta = tiles
-        codes = _codes(value_words, VALUE_BITS, BLOCK_N, D)
+        codes = unpack_codes(value_words, VALUE_BITS, BLOCK_N, D)
         acc = _mma(w_hi, codes, acc, False)
         if PARTS == 2:
             acc = _mma(w_lo, codes, acc, False)
@@ -442,7 +294,7 @@ def _attend_sealed(m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, U8, base, n0
     rows = row0 + tl.arange(0, BLOCK_N)
     live = rows < n0 + n1 + n2 + n3
     if valid < P:
-        pos = tl.load(U8 + base + _section_start(n0, n1, n2, n3, INDEX_SEC, 0) + rows, mask=live, other=0)
+        pos = tl.load(U8 + base + section_start(n0, n1, n2, n3, INDEX_SEC, 0) + rows, mask=live, other=0)
         live = live & (pos.to(tl.int32) < valid)
     has0 = _has_rows(n0, n1, n2, n3, row0, 0, BLOCK_N)
     has1 = _has_rows(n0, n1, n2, n3, row0, 1, BLOCK_N)
@@ -462,12 +314,12 @@ def _attend_sealed(m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, U8, base, n0
         prod, k_meta = _tier_keys(prod, k_meta, tiles3, q_hi, q_lo, has3, KEY_BITS[3], BLOCK_N, D, PARTS)
         v_meta = v_meta | tiles3[3]
     if KG == 1:
-        k_scale = tl.where(live, _half(k_meta), 0.0)                      # no NaN from rows past the request
-        k_zero = tl.where(live, _half(k_meta >> 16), 0.0)
+        k_scale = tl.where(live, half_to_float(k_meta), 0.0)                      # no NaN from rows past the request
+        k_zero = tl.where(live, half_to_float(k_meta >> 16), 0.0)
         s = prod * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
     else:
-        k_scale = tl.where(live[None, :], _half(k_meta), 0.0)            # [KG, BLOCK_N]
-        k_zero = tl.where(live[None, :], _half(k_meta >> 16), 0.0)
+        k_scale = tl.where(live[None, :], half_to_float(k_meta), 0.0)            # [KG, BLOCK_N]
+        k_zero = tl.where(live[None, :], half_to_float(k_meta >> 16), 0.0)
         s = tl.sum(prod.reshape(KG, BLOCK_G, BLOCK_N) * k_scale[:, None, :] + q_sum[:, :, None] * k_zero[:, None, :],
                    0)
     s = tl.where(live[None, :], s * (key_ms * key_qk_scale), float("-inf"))
@@ -477,15 +329,15 @@ def _attend_sealed(m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, U8, base, n0
     if VALUE_ROT:
         acc_st = acc_st * alpha[:, None]
     if VG == 1:
-        v_scale = tl.where(live, _half(v_meta), 0.0)
-        v_zero = tl.where(live, _half(v_meta >> 16), 0.0)
+        v_scale = tl.where(live, half_to_float(v_meta), 0.0)
+        v_zero = tl.where(live, half_to_float(v_meta >> 16), 0.0)
         w = p * (v_scale * _W_SCALE)[None, :]
         z_acc = tl.fma(z_acc, rescale, p * (v_zero * _W_SCALE)[None, :])
         r = acc * rescale
     else:
         z_acc = z_acc * rescale
-        v_scale = tl.where(live[None, :], _half(v_meta), 0.0)            # [VG, BLOCK_N]
-        v_zero = tl.where(live[None, :], _half(v_meta >> 16), 0.0)
+        v_scale = tl.where(live[None, :], half_to_float(v_meta), 0.0)            # [VG, BLOCK_N]
+        v_zero = tl.where(live[None, :], half_to_float(v_meta >> 16), 0.0)
         w = (p[None, :, :] * (v_scale * _W_SCALE)[:, None, :]).reshape(VG * BLOCK_G, BLOCK_N)
         r = tl.zeros([VG * BLOCK_G, D], tl.float32)
     w_hi = w.to(tl.float16)
@@ -620,9 +472,9 @@ def _decode_split_kernel(
         w_lo = page_lo * CHUNKS
         w_hi = page_hi * CHUNKS
         # pipeline prologue: item w_lo's descriptor and tiles, item w_lo + 1's descriptor, item w_lo + 2's page
-        desc = _describe(_page_id(table, w_lo, w_hi, CHUNKS), w_lo < w_hi, layer, h, PAGE_STATE, BLOCK_OFFSET,
+        desc = describe_block(_page_id(table, w_lo, w_hi, CHUNKS), w_lo < w_hi, layer, h, PAGE_STATE, BLOCK_OFFSET,
                          TIER_COUNTS, NUM_LAYERS, NUM_KV_HEADS, T)
-        desc_1 = _describe(_page_id(table, w_lo + 1, w_hi, CHUNKS), w_lo + 1 < w_hi, layer, h, PAGE_STATE,
+        desc_1 = describe_block(_page_id(table, w_lo + 1, w_hi, CHUNKS), w_lo + 1 < w_hi, layer, h, PAGE_STATE,
                            BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS, NUM_KV_HEADS, T)
         page_2 = _page_id(table, w_lo + 2, w_hi, CHUNKS)
         item = _fetch_item(U32, desc, (w_lo % CHUNKS) * BLOCK_N, T, KEY_BITS, VALUE_BITS, KEY_GROUPS, VALUE_GROUPS,
@@ -634,19 +486,19 @@ def _decode_split_kernel(
             item_1 = _fetch_item(U32, desc_1, ((w + 1) % CHUNKS) * BLOCK_N, T, KEY_BITS, VALUE_BITS, KEY_GROUPS,
                                  VALUE_GROUPS, KG, VG, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC,
                                  META_SCALE_SEC, CODE_ALIGN, D, BLOCK_N)
-            desc_2 = _describe(page_2, w + 2 < w_hi, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS,
+            desc_2 = describe_block(page_2, w + 2 < w_hi, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS,
                                NUM_KV_HEADS, T)
             page_2 = _page_id(table, w + 3, w_hi, CHUNKS)
             state, base, n0, n1, n2, n3 = desc
             row0 = (w % CHUNKS) * BLOCK_N
             valid = tl.minimum(seq_len - (w // CHUNKS) * P, P)
-            if state == _SEALED:
+            if state == SEALED:
                 if n0 + n1 + n2 + n3 > row0:                 # all-pruned blocks (and chunks past the rows): nothing
                     m_i, l_i, acc, z_acc, acc_st, unit = _attend_sealed(
                         m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, U8, base, n0, n1, n2, n3, row0, valid,
                         key_qk_scale, T, KEY_BITS, VALUE_BITS, KG, VG, INDEX_SEC, BLOCK_G, D, P, BLOCK_N, PARTS,
                         VALUE_ROT)
-            elif state == _STAGED:
+            elif state == STAGED:
                 srank = tl.load(ranks + w // CHUNKS)
                 m_i, l_i, acc, z_acc, acc_st = _attend_staged(
                     m_i, l_i, acc, z_acc, acc_st, unit, q, KV, base, row0, valid, srank, logits, staged_cap, qk_scale, G,
@@ -722,7 +574,7 @@ def _decode_merge_kernel(
         for k in range(0, staged_cap):
             i = tl.load(STAGED_POS + b * staged_cap + k)
             page = tl.load(PAGE_TABLE + b * stride_pt + tl.maximum(i, 0)).to(tl.int64)
-            ok = (i >= 0) & (tl.load(PAGE_STATE + page) == _STAGED)
+            ok = (i >= 0) & (tl.load(PAGE_STATE + page) == STAGED)
             base = tl.load(BLOCK_OFFSET + (page * NUM_LAYERS + layer) * NUM_KV_HEADS + h, mask=ok, other=0)
             row_mask = (rows < tl.minimum(seq_len - i * P, P)) & ok
             logits = LOGITS + (((b * NUM_KV_HEADS + h) * staged_cap + k) * P + rows[None, :]) * G + g[:, None]
@@ -790,54 +642,6 @@ MAX_SPLITS = 64
 NARROW_PAIRS_PER_SM = 2
 
 
-def sealed_format_constants(fmt: BlockFormat) -> dict:
-    """A layer's sealed-block format as the split kernel's ``tl.constexpr`` arguments, tiers padded to MAX_TIERS.
-
-    Section tuples hold, per tier ``t``, the five numbers ``(c_0, c_1, c_2, c_3, const)`` with
-    ``start = sum_u counts[u] * c_u + const`` (from :meth:`BlockFormat.section_coefficients`); META_SCALE_SEC the
-    four coefficients of :meth:`BlockFormat.meta_scale_start`.
-    """
-    num_tiers = fmt.num_tiers
-    coeffs, const = fmt.section_coefficients()
-    pad = [0] * (MAX_TIERS - num_tiers)
-
-    def section(kind: int) -> tuple[int, ...]:
-        flat: list[int] = []
-        for t in range(MAX_TIERS):
-            row = coeffs[kind][t] if t < num_tiers else [0] * num_tiers
-            flat += [*row, *pad, const[kind]]
-        return tuple(flat)
-
-    specs = [layout.spec for layout in fmt.tiers]
-    for spec in specs:
-        if spec.key_bits not in _SUPPORTED_BITS or spec.value_bits not in _SUPPORTED_BITS:
-            raise ValueError(f"decode kernel: tier {spec.name} has bits outside {_SUPPORTED_BITS}")
-    row_bytes = [layout.row_bytes(kind) for layout in fmt.tiers for kind in (KEYS, VALUES, KEY_META, VALUE_META)]
-    packed = [n for spec in specs for n in (fmt.head_dim * spec.key_bits // 8, fmt.head_dim * spec.value_bits // 8,
-                                            META_BYTES * spec.key_groups, META_BYTES * spec.value_groups)]
-    if row_bytes != packed:             # the kernel unpacks dense little-endian codes and (scale, zero) pairs
-        raise ValueError(f"decode kernel: {fmt} rows {row_bytes} are not the packed layout it reads ({packed})")
-    for name in ("key_rotation", "value_rotation"):
-        if getattr(fmt, name) not in ("none", "hadamard"):
-            raise ValueError(f"decode kernel: {name}={getattr(fmt, name)!r}; allowed: 'none', 'hadamard'")
-
-    def per_tier(field: str, fill: int) -> tuple[int, ...]:
-        return tuple(getattr(spec, field) for spec in specs) + (fill,) * (MAX_TIERS - num_tiers)
-
-    unit = torch.eye(num_tiers, dtype=torch.int64)
-    code_rows = [layout.row_bytes(kind) for layout in fmt.tiers for kind in (KEYS, VALUES)]
-    return dict(
-        T=num_tiers,
-        KEY_BITS=per_tier("key_bits", 8), VALUE_BITS=per_tier("value_bits", 8),
-        KEY_GROUPS=per_tier("key_groups", 1), VALUE_GROUPS=per_tier("value_groups", 1),
-        KEY_SEC=section(KEYS), VALUE_SEC=section(VALUES), KEY_META_SEC=section(KEY_META),
-        VALUE_META_SEC=section(VALUE_META), INDEX_SEC=section(INDEX),
-        META_SCALE_SEC=tuple(fmt.meta_scale_start(unit).tolist()) + tuple(pad),
-        CODE_ALIGN=math.gcd(16, *code_rows),      # code sections come first: rows start at multiples of this
-        KEY_ROT=fmt.key_rotation == "hadamard", VALUE_ROT=fmt.value_rotation == "hadamard",
-    )
-
-
 def default_config(head_dim: int) -> DecodeConfig:
     """The tuning table's entry for ``head_dim`` (the closest smaller one otherwise)."""
     known = sorted(DECODE_CONFIGS)
@@ -848,8 +652,8 @@ class DecodePlan:
     """Per-batch metadata and fixed-capacity workspaces of the Triton decode path; ``run`` only launches.
 
     Args:
-        store: the compressed store (arena, descriptor tables, layer formats).
-        num_q_heads: query heads on this rank (a multiple of ``store.num_kv_heads``).
+        kv: the store's blocks (arena bytes, descriptor tables, layer formats; ``CompressedKVStore.view``).
+        num_q_heads: query heads on this rank (a multiple of ``kv.num_kv_heads``).
         max_batch, max_pages: capacity of the page table (requests, pages per request).
         max_staged_pages: capacity of the staged-logit scratch, in staged pages per request. ``None`` sizes it
             in each :meth:`plan` from the batch (one host sync); give a number for CUDA graphs (``plan`` then
@@ -862,32 +666,32 @@ class DecodePlan:
 
     Example::
 
-        plan = DecodePlan(store, num_q_heads=32, max_batch=64, max_pages=512)
+        plan = DecodePlan(store.view, num_q_heads=32, max_batch=64, max_pages=512)
         plan.plan(page_table, seq_lens)          # [B, n] logical pages, [B] tokens incl. the new one
-        for layer in range(store.num_layers):
+        for layer in range(kv.num_layers):
             out = plan.run(q[layer], layer)     # q [B, Hq, D] -> [B, Hq, D]; importance recorded
 
     ``run`` allocates nothing when given ``out`` and does no host sync, so it can be captured in a CUDA graph
     once ``plan`` has filled the buffers (re-run ``plan`` outside the graph before each replay).
     """
 
-    def __init__(self, store: CompressedKVStore, num_q_heads: int, max_batch: int, max_pages: int, *,
+    def __init__(self, kv: BlockView, num_q_heads: int, max_batch: int, max_pages: int, *,
                  max_staged_pages: int | None = None, num_splits: int | None = None, sm_scale: float | None = None,
                  config: DecodeConfig | None = None, record_importance: bool = True):
-        heads, dim = store.num_kv_heads, store.head_dim
+        heads, dim = kv.num_kv_heads, kv.head_dim
         if num_q_heads % heads:
             raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={heads}")
         if max_batch < 1 or max_pages < 1:
             raise ValueError(f"max_batch={max_batch} and max_pages={max_pages} must be >= 1")
-        self.store, self.num_q_heads, self.group = store, num_q_heads, num_q_heads // heads
+        self.kv, self.num_q_heads, self.group = kv, num_q_heads, num_q_heads // heads
         self.max_batch, self.max_pages = max_batch, max_pages
         self.sm_scale = sm_scale if sm_scale is not None else dim ** -0.5
         self.config = config or default_config(dim)
         if self.config.block_n < MIN_TILE_ROWS or self.config.block_n & (self.config.block_n - 1):
             raise ValueError(f"block_n={self.config.block_n} must be a power of two >= {MIN_TILE_ROWS}")
-        self.block_n = min(self.config.block_n, max(MIN_TILE_ROWS, triton.next_power_of_2(store.page_size)))
+        self.block_n = min(self.config.block_n, max(MIN_TILE_ROWS, triton.next_power_of_2(kv.page_size)))
         self.record_importance = record_importance
-        device = store.device
+        device = kv.device
         self._fixed_splits = num_splits
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
         self._sms = sms
@@ -895,38 +699,36 @@ class DecodePlan:
         self.staged_rank = torch.full((max_batch, max_pages), -1, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
         rows = max(b * heads * self._splits_for(b) for b in range(1, max_batch + 1))
-        value_rot = store.config.value_rotation == "hadamard"
+        value_rot = kv.formats.config.value_rotation == "hadamard"
         self._part_m = torch.empty(rows, self.group, device=device)
         self._part_l = torch.empty(rows, self.group, device=device)
         self._part_acc = torch.empty(rows, (1 + value_rot) * self.group * dim, device=device)
         self._fixed_staged_cap = max_staged_pages
         self._alloc_staged(max_staged_pages or 1)
-        data = store.arena.data
-        self._u8, self._u32, self._f32, self._kv = (data, data.view(torch.int32), data.view(torch.float32),
-                                                    data.view(store.dtype))
+        data = kv.data
+        self._u8, self._u32, self._f32, self._kv = data, kv.typed(torch.int32), kv.typed(torch.float32), kv.typed(kv.dtype)
         self._had = hadamard_matrix(dim, device)
-        key_rot = store.config.key_rotation == "hadamard"
+        key_rot = kv.formats.config.key_rotation == "hadamard"
         vec = lambda: torch.empty(max_batch, num_q_heads, dim, device=device)          # noqa: E731
         self._q32, self._q_rot = (vec(), vec()) if key_rot else (None, None)
         self._o_rot, self._o_st, self._o_fin = (vec(), vec(), vec()) if value_rot else (None, None, None)
-        self._constants: dict[int, dict] = {}
         self.batch, self.num_splits = 0, 1
 
     def _splits_for(self, batch: int) -> int:
         if self._fixed_splits is not None:
             return self._fixed_splits
         most = triton.cdiv(self.max_pages, self.config.min_pages_per_split)
-        pairs = batch * self.store.num_kv_heads
+        pairs = batch * self.kv.num_kv_heads
         per_sm = (self.config.programs_per_sm if pairs <= NARROW_PAIRS_PER_SM * self._sms
                   else self.config.wide_programs_per_sm)
         wanted = triton.cdiv(per_sm * self._sms, pairs)
         return max(1, min(wanted, most, MAX_SPLITS))
 
     def _alloc_staged(self, cap: int) -> None:
-        store, device = self.store, self.store.device
+        kv, device = self.kv, self.kv.device
         self.staged_cap = cap
         self.staged_pos = torch.full((self.max_batch, cap), -1, dtype=torch.int32, device=device)
-        self._logits = torch.empty(self.max_batch * store.num_kv_heads * cap * store.page_size * self.group,
+        self._logits = torch.empty(self.max_batch * kv.num_kv_heads * cap * kv.page_size * self.group,
                                    device=device)
 
     def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor, check: bool = True) -> None:
@@ -938,18 +740,18 @@ class DecodePlan:
             seq_lens: ``[B]`` int tokens per request, the new token included.
             check: verify the table covers ``seq_lens`` and the staged-page capacity (host syncs).
         """
-        store, page = self.store, self.store.page_size
+        kv, page = self.kv, self.kv.page_size
         batch, cols = page_table.shape
         if batch > self.max_batch or cols > self.max_pages or seq_lens.shape != (batch,):
             raise ValueError(f"plan: page_table {tuple(page_table.shape)} / seq_lens {tuple(seq_lens.shape)} "
                              f"exceed max_batch={self.max_batch}, max_pages={self.max_pages} or disagree")
-        page_table = page_table.to(store.device, torch.int64)
-        seq_lens = seq_lens.to(store.device, torch.int64)
+        page_table = page_table.to(kv.device, torch.int64)
+        seq_lens = seq_lens.to(kv.device, torch.int64)
         pages_needed = (seq_lens + page - 1) // page
         if check and bool((pages_needed > cols).any()):
             raise ValueError("plan: some requests have fewer pages than their seq_lens need")
-        in_request = torch.arange(cols, device=store.device)[None, :] < pages_needed[:, None]
-        staged = in_request & (store.page_state[page_table] == PageState.STAGED)
+        in_request = torch.arange(cols, device=kv.device)[None, :] < pages_needed[:, None]
+        staged = in_request & (kv.page_state[page_table] == PageState.STAGED)
         rank = torch.cumsum(staged, 1, dtype=torch.int64) - 1
         if self._fixed_staged_cap is None:
             most = int(staged.sum(1).max()) if batch else 0
@@ -962,8 +764,8 @@ class DecodePlan:
         self.page_table[:batch, :cols].copy_(page_table)
         self.staged_rank[:batch, :cols].copy_(rank)
         self.seq_lens[:batch].copy_(seq_lens)
-        positions = torch.full((batch, cap + 1), -1, dtype=torch.int64, device=store.device)
-        column = torch.arange(cols, device=store.device).expand(batch, cols)
+        positions = torch.full((batch, cap + 1), -1, dtype=torch.int64, device=kv.device)
+        column = torch.arange(cols, device=kv.device).expand(batch, cols)
         positions.scatter_(1, torch.where(rank >= 0, rank, cap), column)          # column cap: a dump
         self.staged_pos[:batch].copy_(positions[:, :cap])
         self.batch, self.num_splits = batch, self._splits_for(max(batch, 1))
@@ -973,20 +775,18 @@ class DecodePlan:
         """Attention of ``q`` ``[B, Hq, D]`` over the planned batch in ``layer``; returns ``out`` ``[B, Hq, D]``
         (``q.dtype``; allocated only when not given) and accumulates staged-token importance. ``sm_scale``
         overrides the plan's softmax scale for this call (a kernel argument, not a compile-time constant)."""
-        store, batch, heads, dim = self.store, self.batch, self.store.num_kv_heads, self.store.head_dim
+        kv, batch, heads, dim = self.kv, self.batch, self.kv.num_kv_heads, self.kv.head_dim
         if batch == 0:
             raise RuntimeError("call plan() with a non-empty batch before run()")
         if q.shape != (batch, self.num_q_heads, dim) or q.stride(-1) != 1 or q.device != self._u8.device:
             raise ValueError(f"q {tuple(q.shape)} on {q.device}: expected ({batch}, {self.num_q_heads}, {dim}), "
-                             f"last dim contiguous, on {store.device}")
+                             f"last dim contiguous, on {kv.device}")
         if out is None:
             out = torch.empty_like(q)
         elif out.shape != q.shape or out.stride(-1) != 1:
             raise ValueError(f"out {tuple(out.shape)}: expected {tuple(q.shape)} with a contiguous last dim")
-        fmt = store.formats[layer]
-        consts = self._constants.get(id(fmt))
-        if consts is None:
-            consts = self._constants[id(fmt)] = sealed_format_constants(fmt)
+        fmt = kv.formats[layer]
+        consts = sealed_format_constants(fmt)
         q_rot = q
         if consts["KEY_ROT"]:
             self._q32[:batch].copy_(q)
@@ -994,31 +794,31 @@ class DecodePlan:
             torch.mm(self._q32[:batch].view(-1, dim), self._had, out=q_rot.view(-1, dim))
         value_rot = consts["VALUE_ROT"]
         target = self._o_rot[:batch] if value_rot else out
-        staged, cfg = store.formats.staged, self.config
+        staged, cfg = kv.formats.staged, self.config
         group_block = triton.next_power_of_2(self.group)
-        common = dict(NUM_LAYERS=store.num_layers, NUM_KV_HEADS=heads, G=self.group, D=dim, P=store.page_size,
+        common = dict(NUM_LAYERS=kv.num_layers, NUM_KV_HEADS=heads, G=self.group, D=dim, P=kv.page_size,
                       MIN_PAGES=cfg.min_pages_per_split)
         parts = 2 if q.dtype == torch.float32 else 1
         _decode_split_kernel[(batch, heads, self.num_splits)](
             q, q.stride(0), q.stride(1), q_rot, q_rot.stride(0), q_rot.stride(1),
             self._u8, self._u32, self._kv,
-            store.arena.block_offset, store.page_state, store.tier_counts,
+            kv.block_offset, kv.page_state, kv.tier_counts,
             self.page_table, self.staged_rank, self.max_pages, self.seq_lens,
             self._part_m, self._part_l, self._part_acc, self._logits,
             layer, self.staged_cap, (self.sm_scale if sm_scale is None else sm_scale) * math.log2(math.e),
-            BLOCK_G=max(16, group_block), BLOCK_N=self.block_n, CHUNKS=triton.cdiv(store.page_size, self.block_n),
+            BLOCK_G=max(16, group_block), BLOCK_N=self.block_n, CHUNKS=triton.cdiv(kv.page_size, self.block_n),
             KG=max(consts["KEY_GROUPS"]), VG=max(consts["VALUE_GROUPS"]),
             KV_ELEMENT_BYTES=staged.element_bytes, KV_VALUES_START=staged.values_start // staged.element_bytes,
-            PARTS=parts, STAGED_IEEE=parts == 2 or store.dtype == torch.float32, UNROLL=cfg.unroll,
+            PARTS=parts, STAGED_IEEE=parts == 2 or kv.dtype == torch.float32, UNROLL=cfg.unroll,
             num_warps=cfg.num_warps, **common, **consts,
             **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
         _decode_merge_kernel[(batch, heads)](
             target, target.stride(0), target.stride(1), self._o_st if value_rot else target,
             self._part_m, self._part_l, self._part_acc, self._logits,
             self.page_table, self.max_pages, self.staged_pos, self.seq_lens,
-            store.page_state, store.arena.block_offset, self._f32,
+            kv.page_state, kv.block_offset, self._f32,
             layer, self.num_splits, self.staged_cap,
-            BLOCK_G=group_block, BLOCK_P=triton.next_power_of_2(store.page_size), SCORE_START=staged.score_start,
+            BLOCK_G=group_block, BLOCK_P=triton.next_power_of_2(kv.page_size), SCORE_START=staged.score_start,
             SEEN_START=staged.seen_start, VALUE_ROT=value_rot, RECORD=self.record_importance, num_warps=4,
             **common)
         if value_rot:

@@ -15,34 +15,26 @@ tier counts) says what it is.
   kind is multiplied by the normalized Hadamard matrix (IEEE float32 products: the reference's butterfly
   differs by float32 rounding). Rows are scattered to their in-page slots; the slots no tier holds are zeroed.
 
-Block offsets come only from :mod:`diffkv_sglang.format` through the decode kernel's format constants
-(:func:`~diffkv_sglang.kernels.decode_attention.sealed_format_constants`), whose block-reading helpers (descriptor,
-section starts, code unpacking) this kernel shares.
+Block offsets come only from :mod:`diffkv_sglang.format` through :mod:`diffkv_sglang.kernels.block_read`
+(descriptor, section starts, code unpacking; shared with the decode and seal kernels).
 
 Example::
 
-    keys, values, present = read_pages_dense(store, layer, pages, torch.bfloat16)     # [n, H, P, D], [n, H, P]
+    keys, values, present = read_pages_dense(store.view, layer, pages, torch.bfloat16)     # [n, H, P, D], [n, H, P]
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from diffkv_sglang.kernels.decode_attention import (_codes, _describe, _half, _section_start, _tier_count,
-                                                    sealed_format_constants)
+from diffkv_sglang.format import BlockView, hadamard_matrix
+from diffkv_sglang.kernels.block_read import (SEALED, STAGED, describe_block, half_to_float, meta_scale_start,
+                                              section_start, sealed_format_constants, tier_count, unpack_codes)
 from diffkv_sglang.kernels.tl_utils import mma, round_to
-from diffkv_sglang.quant import hadamard_matrix
-from diffkv_sglang.store import CompressedKVStore, PageState
 
 __all__ = ["read_pages_dense"]
-
-_STAGED = tl.constexpr(int(PageState.STAGED))
-_SEALED = tl.constexpr(int(PageState.SEALED))
-
 
 @triton.jit
 def _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t: tl.constexpr, BITS: tl.constexpr,
@@ -51,14 +43,14 @@ def _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t: tl.constexpr, B
     """Tier ``t``'s rows ``rank`` (``[BLOCK_P]``, masked by ``in_tier``) of one kind (keys or values) of a sealed
     block, dequantized: ``[BLOCK_P, D]`` float32 (zeros outside the tier)."""
     row_words: tl.constexpr = D * BITS // 32
-    at = tl.multiple_of((base + _section_start(n0, n1, n2, n3, SEC, t)) >> 2, CODE_ALIGN // 4)
+    at = tl.multiple_of((base + section_start(n0, n1, n2, n3, SEC, t)) >> 2, CODE_ALIGN // 4)
     words = tl.load(U32 + at + rank[:, None] * row_words + tl.arange(0, row_words)[None, :], mask=in_tier[:, None],
                     other=0)
-    codes = _codes(words, BITS, BLOCK_P, D).to(tl.float32)
+    codes = unpack_codes(words, BITS, BLOCK_P, D).to(tl.float32)
     group = tl.arange(0, D) // (D // GROUPS)
-    meta_at = (base + _section_start(n0, n1, n2, n3, META_SEC, t)) >> 2
+    meta_at = (base + section_start(n0, n1, n2, n3, META_SEC, t)) >> 2
     meta = tl.load(U32 + meta_at + rank[:, None] * GROUPS + group[None, :], mask=in_tier[:, None], other=0)
-    x = (codes * _half(meta) + _half(meta >> 16)) * meta_scale
+    x = (codes * half_to_float(meta) + half_to_float(meta >> 16)) * meta_scale
     x = tl.where(in_tier[:, None], x, 0.0)
     if ROT:
         h = tl.load(HAD + tl.arange(0, D)[:, None] * D + tl.arange(0, D)[None, :])
@@ -76,8 +68,8 @@ def _store_tier(U8, U32, K_OUT, V_OUT, PRESENT, HAD, base, n0, n1, n2, n3, out_r
     """Dequantize tier ``t`` of a sealed block and scatter its rows to their in-page slots; returns the slots
     ``[BLOCK_P]`` (-1 past the tier's rows)."""
     rank = tl.arange(0, BLOCK_P)
-    in_tier = rank < _tier_count(n0, n1, n2, n3, t)
-    slot = tl.load(U8 + base + _section_start(n0, n1, n2, n3, INDEX_SEC, t) + rank, mask=in_tier, other=0)
+    in_tier = rank < tier_count(n0, n1, n2, n3, t)
+    slot = tl.load(U8 + base + section_start(n0, n1, n2, n3, INDEX_SEC, t) + rank, mask=in_tier, other=0)
     rows = out_row + slot.to(tl.int64)
     d = tl.arange(0, D)
     keys = _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t, KEY_BITS, KEY_GROUPS, KEY_SEC, KEY_META_SEC,
@@ -97,7 +89,7 @@ def _covered(slots, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _dense_read_kernel(U8, U32, STAGED, PAGES, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, HAD, K_OUT, V_OUT, PRESENT,
+def _dense_read_kernel(U8, U32, KV, PAGES, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, HAD, K_OUT, V_OUT, PRESENT,
                        layer, values_start, NUM_LAYERS: tl.constexpr, H: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
                        ELEMENT_BYTES: tl.constexpr, BLOCK_P: tl.constexpr, T: tl.constexpr,
                        KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_GROUPS: tl.constexpr,
@@ -106,29 +98,28 @@ def _dense_read_kernel(U8, U32, STAGED, PAGES, PAGE_STATE, BLOCK_OFFSET, TIER_CO
                        META_SCALE_SEC: tl.constexpr, KEY_ROT: tl.constexpr, VALUE_ROT: tl.constexpr,
                        CODE_ALIGN: tl.constexpr):
     """One (page, KV head) block of ``PAGES`` into its ``[P, D]`` rows of the outputs (``U8``, ``U32``, ``STAGED``:
-    the arena as bytes, int32 words and the store's model dtype)."""
+    the arena as bytes, int32 words and the model dtype)."""
     i = tl.program_id(0)
     h = tl.program_id(1)
     page = tl.load(PAGES + i).to(tl.int64)
-    state, base, n0, n1, n2, n3 = _describe(page, True, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS,
+    state, base, n0, n1, n2, n3 = describe_block(page, True, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS,
                                             H, T)
     out_row = (i.to(tl.int64) * H + h) * P
     slot = tl.arange(0, BLOCK_P)
     in_page = slot < P
     d = tl.arange(0, D)
     out = (out_row + slot)[:, None] * D + d[None, :]
-    if state == _STAGED:
+    if state == STAGED:
         src = (base // ELEMENT_BYTES + slot * D)[:, None] + d[None, :]
-        keys = tl.load(STAGED + src, mask=in_page[:, None], other=0.0)
-        values = tl.load(STAGED + src + values_start // ELEMENT_BYTES, mask=in_page[:, None], other=0.0)
+        keys = tl.load(KV + src, mask=in_page[:, None], other=0.0)
+        values = tl.load(KV + src + values_start // ELEMENT_BYTES, mask=in_page[:, None], other=0.0)
         tl.store(K_OUT + out, keys.to(K_OUT.dtype.element_ty), mask=in_page[:, None])
         tl.store(V_OUT + out, values.to(V_OUT.dtype.element_ty), mask=in_page[:, None])
         tl.store(PRESENT + out_row + slot, tl.full([BLOCK_P], 1, tl.uint8), mask=in_page)
     else:
         covered = tl.zeros([BLOCK_P], tl.int1)
-        if state == _SEALED:
-            scales_at = (base + n0 * META_SCALE_SEC[0] + n1 * META_SCALE_SEC[1] + n2 * META_SCALE_SEC[2]
-                         + n3 * META_SCALE_SEC[3]) >> 2
+        if state == SEALED:
+            scales_at = (base + meta_scale_start(n0, n1, n2, n3, META_SCALE_SEC)) >> 2
             key_ms = tl.load(U32 + scales_at).to(tl.float32, bitcast=True)
             value_ms = tl.load(U32 + scales_at + 1).to(tl.float32, bitcast=True)
             for t in tl.static_range(T):
@@ -144,24 +135,12 @@ def _dense_read_kernel(U8, U32, STAGED, PAGES, PAGE_STATE, BLOCK_OFFSET, TIER_CO
         tl.store(PRESENT + out_row + slot, tl.zeros([BLOCK_P], tl.uint8), mask=empty)
 
 
-@functools.lru_cache(maxsize=64)
-def _format_constants(fmt) -> dict:
-    """A layer format's kernel constants, computed once per format (the launch is per layer)."""
-    return sealed_format_constants(fmt)
-
-
-@functools.lru_cache(maxsize=8)
-def _hadamard_on(dim: int, device: torch.device) -> torch.Tensor:
-    """The normalized Hadamard matrix on ``device``, copied there once rather than at every launch."""
-    return hadamard_matrix(dim, device)
-
-
-def read_pages_dense(store: CompressedKVStore, layer: int, pages: torch.Tensor,
+def read_pages_dense(kv: BlockView, layer: int, pages: torch.Tensor,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys and values of ``pages`` in ``layer``, dense, in ``dtype`` (the store's dtype, or float32).
 
     Args:
-        store: the compressed store.
+        kv: the store's blocks (``CompressedKVStore.view``).
         layer: the layer.
         pages: ``[n]`` int logical pages (any state).
         dtype: output dtype: the store's model dtype or float32.
@@ -169,24 +148,23 @@ def read_pages_dense(store: CompressedKVStore, layer: int, pages: torch.Tensor,
     Returns:
         keys, values: ``[n, H, P, D]`` in ``dtype`` (model space); present: ``[n, H, P]`` bool.
     """
-    heads, page, dim = store.num_kv_heads, store.page_size, store.head_dim
-    if dtype not in (store.dtype, torch.float32):
-        raise ValueError(f"read_pages_dense: dtype {dtype}; allowed: the store's {store.dtype} or torch.float32")
-    pages = pages.to(store.device, torch.int64).contiguous()
+    heads, page, dim = kv.num_kv_heads, kv.page_size, kv.head_dim
+    if dtype not in (kv.dtype, torch.float32):
+        raise ValueError(f"read_pages_dense: dtype {dtype}; allowed: the store's {kv.dtype} or torch.float32")
+    pages = pages.to(kv.device, torch.int64).contiguous()
     n = pages.numel()
-    keys = torch.empty(n, heads, page, dim, dtype=dtype, device=store.device)
+    keys = torch.empty(n, heads, page, dim, dtype=dtype, device=kv.device)
     values = torch.empty_like(keys)
-    present = torch.empty(n, heads, page, dtype=torch.bool, device=store.device)
+    present = torch.empty(n, heads, page, dtype=torch.bool, device=kv.device)
     if n == 0:
         return keys, values, present
-    fmt, staged = store.formats[layer], store.formats.staged
-    consts = _format_constants(fmt)
+    fmt, staged = kv.formats[layer], kv.formats.staged
+    consts = sealed_format_constants(fmt)
     rotated = consts["KEY_ROT"] or consts["VALUE_ROT"]
-    had = _hadamard_on(dim, torch.device(store.device)) if rotated else keys   # any pointer when nothing is rotated
-    arena = store.arena.data
+    had = hadamard_matrix(dim, kv.device) if rotated else keys   # any pointer when nothing is rotated
     _dense_read_kernel[(n, heads)](
-        arena, arena.view(torch.int32), arena.view(store.dtype), pages, store.page_state, store.arena.block_offset,
-        store.tier_counts, had, keys, values, present.view(torch.uint8), layer, staged.values_start,
-        store.num_layers, heads, page, dim, staged.element_bytes, max(32, triton.next_power_of_2(page)),
+        kv.data, kv.typed(torch.int32), kv.typed(kv.dtype), pages, kv.page_state, kv.block_offset,
+        kv.tier_counts, had, keys, values, present.view(torch.uint8), layer, staged.values_start,
+        kv.num_layers, heads, page, dim, staged.element_bytes, max(32, triton.next_power_of_2(page)),
         enable_fp_fusion=False, **consts)
     return keys, values, present

@@ -31,7 +31,7 @@ are stored in it); the bound the tests check is derived in ``tests/test_kernel_e
 
 Example::
 
-    plan = ExtendPlan(store, num_q_heads=32)
+    plan = ExtendPlan(store.view, num_q_heads=32)
     plan.plan(qo_indptr, kv_page_indptr, kv_page_indices, seq_lens)          # once per batch
     for layer in range(store.num_layers):
         store.write_tokens(layer, new_locs, k[layer], v[layer])
@@ -47,12 +47,12 @@ import torch
 import triton
 import triton.language as tl
 
+from diffkv_sglang.format import BlockView
+from diffkv_sglang.kernels.block_read import STAGED
 from diffkv_sglang.kernels.tl_utils import mma as _mma
-from diffkv_sglang.store import CompressedKVStore, PageState
 
 __all__ = ["ExtendPlan", "EXTEND_CONFIG"]
 
-_STAGED = tl.constexpr(int(PageState.STAGED))
 EXTEND_CONFIG = {"block_q": 64, "block_n": 64, "window_rows": 64, "num_warps": 4, "num_stages": 2}
 """Launch parameters: query rows and key rows per attention tile, observing queries per chunk of the importance
 kernel, Triton options."""
@@ -128,7 +128,7 @@ def _window_importance_kernel(Q, K, PRESENT, LSE, SCORE, SEEN, QO_INDPTR, KV_IND
     page0 = tl.load(KV_INDPTR + b)
     if j * P < seq_len:
         page = tl.load(KV_INDICES + page0 + j)
-        if tl.load(PAGE_STATE + page) == _STAGED:
+        if tl.load(PAGE_STATE + page) == STAGED:
             q_first = tl.load(QO_INDPTR + b)
             q_end = tl.load(QO_INDPTR + b + 1)
             n_obs = tl.minimum(obs_window, q_end - q_first).to(tl.int32)
@@ -165,17 +165,17 @@ class ExtendPlan:
     """Per-batch metadata and launches of the extend kernels.
 
     Args:
-        store: the compressed store (its page table state decides which pages are staged).
+        kv: the store's blocks (``CompressedKVStore.view``; its page states decide which pages are staged).
         num_q_heads: query heads (a multiple of the store's KV heads).
         config: launch parameters (default :data:`EXTEND_CONFIG`).
     """
 
-    def __init__(self, store: CompressedKVStore, num_q_heads: int, config: dict | None = None):
-        if num_q_heads % store.num_kv_heads:
-            raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={store.num_kv_heads}")
-        if store.head_dim & (store.head_dim - 1) or store.head_dim < 16:
-            raise ValueError(f"head_dim={store.head_dim}: the extend kernel needs a power of two >= 16")
-        self.store, self.num_q_heads = store, num_q_heads
+    def __init__(self, kv: BlockView, num_q_heads: int, config: dict | None = None):
+        if num_q_heads % kv.num_kv_heads:
+            raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={kv.num_kv_heads}")
+        if kv.head_dim & (kv.head_dim - 1) or kv.head_dim < 16:
+            raise ValueError(f"head_dim={kv.head_dim}: the extend kernel needs a power of two >= 16")
+        self.kv, self.num_q_heads = kv, num_q_heads
         self.config = dict(EXTEND_CONFIG, **(config or {}))
         self._batch = None
 
@@ -191,7 +191,7 @@ class ExtendPlan:
             seq_lens: ``[B]`` int tokens per request after this extend.
             obs_window: observing queries per request.
         """
-        device = self.store.device
+        device = self.kv.device
         as_long = lambda x: x.to(device, torch.int64).contiguous()                 # noqa: E731
         qo_indptr, kv_page_indptr, kv_page_indices, seq_lens = map(as_long, (qo_indptr, kv_page_indptr,
                                                                             kv_page_indices, seq_lens))
@@ -205,7 +205,7 @@ class ExtendPlan:
         pages = kv_page_indptr[1:] - kv_page_indptr[:-1]
         max_pages = max(int(pages.max()) if pages.numel() else 0, 1)
         total = int(qo_indptr[-1]) if qo_indptr.numel() else 0
-        num_batch, heads, cols = seq_lens.numel(), self.store.num_kv_heads, max_pages * self.store.page_size
+        num_batch, heads, cols = seq_lens.numel(), self.kv.num_kv_heads, max_pages * self.kv.page_size
         self._batch = dict(qo_indptr=qo_indptr, kv_page_indptr=kv_page_indptr, kv_page_indices=kv_page_indices,
                            seq_lens=seq_lens, tile_req=tile_req, tile_row=tile_row, max_pages=max_pages,
                            obs_window=int(obs_window), total=total)
@@ -233,8 +233,8 @@ class ExtendPlan:
         batch = self._batch
         if batch is None:
             raise RuntimeError("call plan() before run()")
-        store, cfg = self.store, self.config
-        heads, page, dim = store.num_kv_heads, store.page_size, store.head_dim
+        kv, cfg = self.kv, self.config
+        heads, page, dim = kv.num_kv_heads, kv.page_size, kv.head_dim
         total, num_q_heads = batch["total"], self.num_q_heads
         if tuple(q.shape) != (total, num_q_heads, dim) or q.stride(-1) != 1 or q.stride(1) != dim:
             raise ValueError(f"q must be [{total}, {num_q_heads}, {dim}] with contiguous heads, got {tuple(q.shape)}")
@@ -263,7 +263,7 @@ class ExtendPlan:
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             _window_importance_kernel[(num_batch, heads, batch["max_pages"])](
                 q, keys, present_u8, lse, score, seen, batch["qo_indptr"], batch["kv_page_indptr"],
-                batch["kv_page_indices"], store.page_state, batch["seq_lens"], qk_scale, batch["obs_window"],
+                batch["kv_page_indices"], kv.page_state, batch["seq_lens"], qk_scale, batch["obs_window"],
                 q.stride(0), cols, heads, group, page, dim, cfg["window_rows"],
                 max(MIN_BLOCK, triton.next_power_of_2(page)), ieee, num_warps=cfg["num_warps"])
         return out, score, seen

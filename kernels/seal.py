@@ -21,7 +21,8 @@ the tile; else a first pass for the meta scales and a second for the rest)::
         per tier t: pack codes into little-endian int32 words, store the rows of the tier's tokens
     meta scales (float32 keys, values), uint8 token index rows, counts
 
-Section starts come only from :meth:`BlockFormat.section_coefficients`, passed as ``tl.constexpr`` tuples.
+Section starts come only from :meth:`BlockFormat.section_coefficients`, as ``tl.constexpr`` tuples through
+:mod:`diffkv_sglang.kernels.block_read`, the same encoding the decode and dense-read kernels read.
 
 Exactness. Every float operation is the one the reference does, correctly rounded: divisions use
 ``tl.math.div_rn`` (Triton's ``/`` is an approximate division on NVIDIA GPUs), the division by the power-of-two
@@ -46,14 +47,12 @@ reaches a fraction of the copy bandwidth; ``maxnreg=64`` raises occupancy from 3
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from diffkv_sglang.format import INDEX, KEY_META, KEYS, VALUE_META, VALUES, BlockFormat
-from diffkv_sglang.quant import hadamard_scale
+from diffkv_sglang.format import BlockFormat, hadamard_scale
+from diffkv_sglang.kernels.block_read import meta_scale_start, section_start, sealed_format_constants
 
 __all__ = ["seal_blocks", "SEAL_CONFIG"]
 
@@ -64,9 +63,6 @@ fits is loaded once, a larger one in two passes), with one warp per ``elements_p
 (Triton 3.6, 16384 blocks, 30/50/20 mix): whole 32-token pages beat 8- and 16-row chunks, 8 warps beat 4 and 16
 at head_dim 128, and 64 registers beat the compiler's 80 (760 vs 683 GB/s; rotated 604 vs 441)."""
 
-_SUPPORTED_BITS = (2, 4, 8)
-# section kinds as constants the kernels can read
-_KEYS, _VALUES, _KEY_META, _VALUE_META, _INDEX = (tl.constexpr(k) for k in (KEYS, VALUES, KEY_META, VALUE_META, INDEX))
 
 
 # ------------------------------------------------------------------------------------- device helpers
@@ -106,22 +102,6 @@ def _frexp_exponent(a):
     scaled = tl.where(biased == 0, a, 0.0) * 18446744073709551616.0      # subnormals: exact a * 2^64
     scaled = (scaled.to(tl.int32, bitcast=True) >> 23) & 0xFF
     return tl.where(biased == 0, scaled - 126 - 64, biased - 126)
-
-
-@triton.jit
-def _section_start(n0, n1, n2, n3, KIND: tl.constexpr, t: tl.constexpr, COEFFS: tl.constexpr, CONSTS: tl.constexpr,
-                   NUM_TIERS: tl.constexpr):
-    """Byte offset in the block of section ``(KIND, t)`` for tier counts ``n0..n3``:
-    ``sum_u n[u] * coeffs[KIND][t][u] + CONSTS[KIND]``, with ``COEFFS`` the flattened
-    ``section_coefficients()[0]`` (Triton 3.6 takes no nested constexpr tuples)."""
-    start = n0 * COEFFS[(KIND * NUM_TIERS + t) * NUM_TIERS] + CONSTS[KIND]
-    if NUM_TIERS > 1:
-        start += n1 * COEFFS[(KIND * NUM_TIERS + t) * NUM_TIERS + 1]
-    if NUM_TIERS > 2:
-        start += n2 * COEFFS[(KIND * NUM_TIERS + t) * NUM_TIERS + 2]
-    if NUM_TIERS > 3:
-        start += n3 * COEFFS[(KIND * NUM_TIERS + t) * NUM_TIERS + 3]
-    return start
 
 
 @triton.jit
@@ -202,9 +182,8 @@ def _store_rows(block_i32, first_word, rank, member, rows, WORDS: tl.constexpr):
 
 @triton.jit
 def _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32,
-               KIND_CODES: tl.constexpr, KIND_META: tl.constexpr, BITS: tl.constexpr, GROUPS: tl.constexpr,
-               GF: tl.constexpr, COEFFS: tl.constexpr, CONSTS: tl.constexpr, NUM_TIERS: tl.constexpr,
-               ROWS: tl.constexpr, D: tl.constexpr):
+               CODE_SEC: tl.constexpr, META_SEC: tl.constexpr, BITS: tl.constexpr, GROUPS: tl.constexpr,
+               GF: tl.constexpr, NUM_TIERS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
     """Quantize rows ``q`` ``[ROWS, D]`` (already divided by the meta scale) with each token's tier and write their
     code rows and (scale, zero) rows at the tokens' ``rank`` within their tier (``quant.quantize`` +
     ``pack_codes``). Min and max are taken once over the ``GF`` finest groups of all tiers; per tier only the
@@ -218,7 +197,7 @@ def _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32,
     for t in tl.static_range(NUM_TIERS):
         words, zero_t, divisor_t = _tier_params(lo, hi, ROWS, GF, GROUPS[t], (1 << BITS[t]) - 1)
         member = tier == t
-        meta_word = _section_start(n0, n1, n2, n3, KIND_META, t, COEFFS, CONSTS, NUM_TIERS) // 4
+        meta_word = section_start(n0, n1, n2, n3, META_SEC, t) // 4
         _store_rows(block_i32, meta_word, rank, member, words, GROUPS[t])
         zero = tl.where(member[:, None], zero_t, zero)
         divisor = tl.where(member[:, None], divisor_t, divisor)
@@ -230,7 +209,7 @@ def _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32,
     y = tl.minimum(tl.math.div_rn(q - zero, divisor), qmax)
     codes = ((y + 8388608.0) - 8388608.0).to(tl.int32)
     for t in tl.static_range(NUM_TIERS):
-        code_word = _section_start(n0, n1, n2, n3, KIND_CODES, t, COEFFS, CONSTS, NUM_TIERS) // 4
+        code_word = section_start(n0, n1, n2, n3, CODE_SEC, t) // 4
         _store_rows(block_i32, code_word, rank, tier == t, _pack(codes, ROWS, D, BITS[t]), D * BITS[t] // 32)
 
 
@@ -244,7 +223,8 @@ def _kept_max(x, kept):
 def _seal_chunk(keys, values, tier, p, seen0, seen1, seen2, seen3, key_pre, key_inv, value_pre, value_inv,
                 n0, n1, n2, n3, block_i32, block_u8,
                 KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_GROUPS: tl.constexpr, VALUE_GROUPS: tl.constexpr,
-                KEY_GF: tl.constexpr, VALUE_GF: tl.constexpr, COEFFS: tl.constexpr, CONSTS: tl.constexpr,
+                KEY_GF: tl.constexpr, VALUE_GF: tl.constexpr, KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr,
+                KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr, INDEX_SEC: tl.constexpr,
                 NUM_TIERS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
     """Quantize and write the rows of tokens ``p`` (tiers ``tier``, K/V ``[ROWS, D]`` float32, rotated): codes,
     (scale, zero) rows and token indices. ``seen0..3`` count each tier's tokens in earlier chunks; returns them
@@ -261,13 +241,13 @@ def _seal_chunk(keys, values, tier, p, seen0, seen1, seen2, seen3, key_pre, key_
         rank = tl.where(tier == 3, rank_t, rank)
     kept = (tier >= 0)[:, None]
     q = tl.where(kept, (keys * key_pre) * key_inv, 0.0)        # x / m exactly
-    _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32, _KEYS, _KEY_META, KEY_BITS, KEY_GROUPS, KEY_GF, COEFFS,
-               CONSTS, NUM_TIERS, ROWS, D)
+    _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32, KEY_SEC, KEY_META_SEC, KEY_BITS, KEY_GROUPS, KEY_GF,
+               NUM_TIERS, ROWS, D)
     q = tl.where(kept, (values * value_pre) * value_inv, 0.0)
-    _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32, _VALUES, _VALUE_META, VALUE_BITS, VALUE_GROUPS, VALUE_GF,
-               COEFFS, CONSTS, NUM_TIERS, ROWS, D)
+    _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32, VALUE_SEC, VALUE_META_SEC, VALUE_BITS, VALUE_GROUPS,
+               VALUE_GF, NUM_TIERS, ROWS, D)
     for t in tl.static_range(NUM_TIERS):
-        index = _section_start(n0, n1, n2, n3, _INDEX, t, COEFFS, CONSTS, NUM_TIERS)
+        index = section_start(n0, n1, n2, n3, INDEX_SEC, t)
         tl.store(block_u8 + index + rank, p.to(tl.uint8), mask=tier == t)
     return seen0, seen1, seen2, seen3
 
@@ -280,14 +260,15 @@ def _seal_kernel(
     src_offsets,                            # [n] int64 staged block byte offsets (used when STAGED)
     tiers,                                  # [n, P] int8
     dst_offsets,                            # [n] int64 sealed block byte offsets
-    counts_out,                             # [n, NUM_TIERS] int64
+    counts_out,                             # [n, T] int64
     P: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr,
-    NUM_TIERS: tl.constexpr,
+    T: tl.constexpr,                        # the format (block_read.sealed_format_constants), tiers padded to 4
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_GROUPS: tl.constexpr, VALUE_GROUPS: tl.constexpr,
+    KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr, KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr,
+    INDEX_SEC: tl.constexpr, META_SCALE_SEC: tl.constexpr, CODE_ALIGN: tl.constexpr,
+    KEY_ROT: tl.constexpr, VALUE_ROT: tl.constexpr,
     KEY_GF: tl.constexpr, VALUE_GF: tl.constexpr,           # finest group count over the tiers
-    COEFFS: tl.constexpr, CONSTS: tl.constexpr,
-    ROTATE_KEYS: tl.constexpr, ROTATE_VALUES: tl.constexpr, HAD_SCALE: tl.constexpr,
-    STAGED: tl.constexpr, ELEMENT_BYTES: tl.constexpr,
+    HAD_SCALE: tl.constexpr, STAGED: tl.constexpr, ELEMENT_BYTES: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     p_all = tl.arange(0, BLOCK_P)
@@ -313,13 +294,13 @@ def _seal_kernel(
         # the whole page in registers: one load, max |x| over the kept tokens -> meta scales, quantize
         p = tl.arange(0, ROWS)
         tier = tl.load(tiers + b * P + p, mask=p < P, other=-1).to(tl.int32)
-        keys = _load_rows(key_src, p, P, D, ROTATE_KEYS, LOG2_D, HAD_SCALE, ROWS)
-        values = _load_rows(value_src, p, P, D, ROTATE_VALUES, LOG2_D, HAD_SCALE, ROWS)
+        keys = _load_rows(key_src, p, P, D, KEY_ROT, LOG2_D, HAD_SCALE, ROWS)
+        values = _load_rows(value_src, p, P, D, VALUE_ROT, LOG2_D, HAD_SCALE, ROWS)
         key_scale, key_pre, key_inv = _meta_scale(_kept_max(keys, tier >= 0))
         value_scale, value_pre, value_inv = _meta_scale(_kept_max(values, tier >= 0))
         _seal_chunk(keys, values, tier, p, seen0, seen1, seen2, seen3, key_pre, key_inv, value_pre, value_inv,
                     n0, n1, n2, n3, block_i32, block_u8, KEY_BITS, VALUE_BITS, KEY_GROUPS, VALUE_GROUPS, KEY_GF,
-                    VALUE_GF, COEFFS, CONSTS, NUM_TIERS, ROWS, D)
+                    VALUE_GF, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC, INDEX_SEC, T, ROWS, D)
     else:
         # pass 1: max |x| over the kept tokens, ROWS tokens at a time -> meta scales
         key_max = tl.zeros((ROWS, D), dtype=tl.float32)
@@ -327,9 +308,9 @@ def _seal_kernel(
         for c in range(0, BLOCK_P, ROWS):
             p = c + tl.arange(0, ROWS)
             kept = (tl.load(tiers + b * P + p, mask=p < P, other=-1) >= 0)[:, None]
-            x = _load_rows(key_src, p, P, D, ROTATE_KEYS, LOG2_D, HAD_SCALE, ROWS)
+            x = _load_rows(key_src, p, P, D, KEY_ROT, LOG2_D, HAD_SCALE, ROWS)
             key_max = tl.maximum(key_max, tl.where(kept, tl.abs(x), 0.0))
-            x = _load_rows(value_src, p, P, D, ROTATE_VALUES, LOG2_D, HAD_SCALE, ROWS)
+            x = _load_rows(value_src, p, P, D, VALUE_ROT, LOG2_D, HAD_SCALE, ROWS)
             value_max = tl.maximum(value_max, tl.where(kept, tl.abs(x), 0.0))
         key_scale, key_pre, key_inv = _meta_scale(tl.max(tl.max(key_max, axis=1), axis=0))
         value_scale, value_pre, value_inv = _meta_scale(tl.max(tl.max(value_max, axis=1), axis=0))
@@ -337,48 +318,33 @@ def _seal_kernel(
         for c in range(0, BLOCK_P, ROWS):
             p = c + tl.arange(0, ROWS)
             tier = tl.load(tiers + b * P + p, mask=p < P, other=-1).to(tl.int32)
-            keys = _load_rows(key_src, p, P, D, ROTATE_KEYS, LOG2_D, HAD_SCALE, ROWS)
-            values = _load_rows(value_src, p, P, D, ROTATE_VALUES, LOG2_D, HAD_SCALE, ROWS)
+            keys = _load_rows(key_src, p, P, D, KEY_ROT, LOG2_D, HAD_SCALE, ROWS)
+            values = _load_rows(value_src, p, P, D, VALUE_ROT, LOG2_D, HAD_SCALE, ROWS)
             seen0, seen1, seen2, seen3 = _seal_chunk(
                 keys, values, tier, p, seen0, seen1, seen2, seen3, key_pre, key_inv, value_pre, value_inv,
                 n0, n1, n2, n3, block_i32, block_u8, KEY_BITS, VALUE_BITS, KEY_GROUPS, VALUE_GROUPS, KEY_GF,
-                VALUE_GF, COEFFS, CONSTS, NUM_TIERS, ROWS, D)
+                VALUE_GF, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC, INDEX_SEC, T, ROWS, D)
 
-    # meta scales: float32 (keys, values) right before the index section (the INDEX const is their 8 bytes)
-    meta_word = (_section_start(n0, n1, n2, n3, _INDEX, 0, COEFFS, CONSTS, NUM_TIERS) - CONSTS[_INDEX]) // 4
+    # meta scales: float32 (keys, values) right before the index section
+    meta_word = meta_scale_start(n0, n1, n2, n3, META_SCALE_SEC) // 4
     pair = tl.arange(0, 2)
     tl.store(block_i32 + meta_word + pair, tl.where(pair == 0, key_scale, value_scale).to(tl.int32, bitcast=True))
-    tl.store(counts_out + b * NUM_TIERS, n0.to(tl.int64))
-    if NUM_TIERS > 1:
-        tl.store(counts_out + b * NUM_TIERS + 1, n1.to(tl.int64))
-    if NUM_TIERS > 2:
-        tl.store(counts_out + b * NUM_TIERS + 2, n2.to(tl.int64))
-    if NUM_TIERS > 3:
-        tl.store(counts_out + b * NUM_TIERS + 3, n3.to(tl.int64))
+    tl.store(counts_out + b * T, n0.to(tl.int64))
+    if T > 1:
+        tl.store(counts_out + b * T + 1, n1.to(tl.int64))
+    if T > 2:
+        tl.store(counts_out + b * T + 2, n2.to(tl.int64))
+    if T > 3:
+        tl.store(counts_out + b * T + 3, n3.to(tl.int64))
 
 
 # ------------------------------------------------------------------------------------------- launcher
-@functools.lru_cache(maxsize=None)
 def _format_constants(fmt: BlockFormat) -> dict:
-    """The format as ``tl.constexpr`` kernel arguments (hashable tuples, so one compile per format)."""
-    coeffs, consts = fmt.section_coefficients()
-    specs = [layout.spec for layout in fmt.tiers]
-    for spec in specs:
-        for bits in (spec.key_bits, spec.value_bits):
-            if bits not in _SUPPORTED_BITS:
-                raise ValueError(f"the seal kernel packs {_SUPPORTED_BITS}-bit codes, got a {bits}-bit tier")
-    for name, rotation in (("key_rotation", fmt.key_rotation), ("value_rotation", fmt.value_rotation)):
-        if rotation not in ("none", "hadamard"):
-            raise ValueError(f"{name}={rotation!r}; allowed: 'none', 'hadamard'")
-    return dict(
-        NUM_TIERS=fmt.num_tiers,
-        KEY_BITS=tuple(s.key_bits for s in specs), VALUE_BITS=tuple(s.value_bits for s in specs),
-        KEY_GROUPS=tuple(s.key_groups for s in specs), VALUE_GROUPS=tuple(s.value_groups for s in specs),
-        KEY_GF=max(s.key_groups for s in specs), VALUE_GF=max(s.value_groups for s in specs),
-        COEFFS=tuple(c for kind in coeffs for row in kind for c in row), CONSTS=tuple(consts),
-        ROTATE_KEYS=fmt.key_rotation == "hadamard", ROTATE_VALUES=fmt.value_rotation == "hadamard",
-        HAD_SCALE=hadamard_scale(fmt.head_dim),
-    )
+    """The format as ``tl.constexpr`` kernel arguments: :func:`~.block_read.sealed_format_constants` (shared with the
+    readers) plus the finest group counts and the Hadamard scale."""
+    consts = sealed_format_constants(fmt)
+    return dict(consts, KEY_GF=max(consts["KEY_GROUPS"]), VALUE_GF=max(consts["VALUE_GROUPS"]),
+                HAD_SCALE=hadamard_scale(fmt.head_dim))
 
 
 def seal_blocks(fmt: BlockFormat, data: torch.Tensor, source, tiers: torch.Tensor, dst_offsets: torch.Tensor,

@@ -37,9 +37,10 @@ class Request:
             store.write_tokens(layer, self.locs, self.k[layer], self.v[layer])
 
 
-def csr(requests):
-    indptr = torch.tensor([0] + [len(r.pages) for r in requests]).cumsum(0)
-    return indptr, torch.cat([r.pages for r in requests])
+def page_table(requests):
+    """``[B, max_pages]`` the requests' pages, padded with page 0 (ignored past each request's pages)."""
+    width = max(len(r.pages) for r in requests)
+    return torch.stack([torch.nn.functional.pad(r.pages, (0, width - len(r.pages))) for r in requests])
 
 
 def kept_and_dequantized(store, req, layer):
@@ -56,8 +57,8 @@ def test_decode_over_staged_pages_is_exact(gqa, seeded, reference_attention):
     heads = 2
     store = make_store(DiffKVConfig(page_size=P), heads)
     reqs = [Request(store, [1, 2, 3], 40), Request(store, [7], 5), Request(store, [9, 4], 32)]
-    wrapper = DecodeAttentionWrapper(store)
-    wrapper.plan(*csr(reqs), torch.tensor([r.seq_len for r in reqs]))
+    wrapper = DecodeAttentionWrapper(store, num_q_heads=heads * gqa)
+    wrapper.plan(page_table(reqs), torch.tensor([r.seq_len for r in reqs]))
     q = torch.randn(len(reqs), heads * gqa, D)
     for layer in range(2):
         out = wrapper.run(q, layer)
@@ -78,8 +79,8 @@ def test_decode_8_bit_no_pruning_matches_dense(seeded, reference_attention):
     store = make_store(DiffKVConfig.from_dict({"tiers": ["k8v8"], "alpha_low": 0, "page_size": P, "window": 0}), heads)
     req = Request(store, [3, 8, 5, 6], 64)
     store.seal(req.pages, torch.tensor([64] * 4))
-    wrapper = DecodeAttentionWrapper(store)
-    wrapper.plan(*csr([req]), torch.tensor([req.seq_len]))
+    wrapper = DecodeAttentionWrapper(store, num_q_heads=heads * gqa)
+    wrapper.plan(page_table([req]), torch.tensor([req.seq_len]))
     q = torch.randn(1, heads * gqa, D)
     for layer in range(2):
         out = wrapper.run(q, layer)
@@ -104,8 +105,8 @@ def test_decode_with_pruning_equals_attention_over_kept_tokens(rotation, seeded,
         seen = torch.full((32,), 2.0)
         store.add_importance(layer, req.locs[:32], torch.rand(32, heads) * 2 / 48 * 2, seen)
     store.seal(sealed, torch.tensor([48, 48]))
-    wrapper = DecodeAttentionWrapper(store)
-    wrapper.plan(*csr([req]), torch.tensor([48]))
+    wrapper = DecodeAttentionWrapper(store, num_q_heads=heads * gqa)
+    wrapper.plan(page_table([req]), torch.tensor([48]))
     q = torch.randn(1, heads * gqa, D)
     for layer in range(2):
         out = wrapper.run(q, layer)
@@ -124,8 +125,8 @@ def test_decode_accumulates_group_max_into_staged_tokens(seeded, reference_atten
     heads, gqa = 2, 3
     store = make_store(DiffKVConfig(page_size=P), heads, layers=1)
     req = Request(store, [1, 2], 20)
-    wrapper = DecodeAttentionWrapper(store)
-    wrapper.plan(*csr([req]), torch.tensor([20]))
+    wrapper = DecodeAttentionWrapper(store, num_q_heads=heads * gqa)
+    wrapper.plan(page_table([req]), torch.tensor([20]))
     q = torch.randn(1, heads * gqa, D)
     wrapper.run(q, 0)
     wrapper.run(q, 0)
@@ -150,8 +151,8 @@ def test_extend_with_sealed_prefix_and_window_scores(gqa, seeded, reference_atte
     store.seal(a.pages[:2], torch.tensor([32, 32]))
     extend = torch.tensor([13, 19])
     qo_indptr = torch.tensor([0, 13, 32])
-    wrapper = ExtendAttentionWrapper(store)
-    wrapper.plan(qo_indptr, *csr([a, b]), torch.tensor([45, 19]))
+    wrapper = ExtendAttentionWrapper(store, num_q_heads=heads * gqa)
+    wrapper.plan(qo_indptr, page_table([a, b]), torch.tensor([45, 19]))
     q = torch.randn(32, heads * gqa, D)
     for layer in range(2):
         out = wrapper.run(q, layer)
@@ -174,9 +175,11 @@ def test_extend_with_sealed_prefix_and_window_scores(gqa, seeded, reference_atte
 def test_plan_rejects_too_few_pages():
     store = make_store(DiffKVConfig(page_size=P), 1, layers=1)
     with pytest.raises(ValueError, match="fewer pages"):
-        DecodeAttentionWrapper(store).plan(torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([17]))
+        DecodeAttentionWrapper(store, num_q_heads=1).plan(torch.tensor([[1]]), torch.tensor([17]))
     with pytest.raises(RuntimeError, match="plan"):
-        DecodeAttentionWrapper(store).run(torch.randn(1, 1, D), 0)
+        DecodeAttentionWrapper(store, num_q_heads=1).run(torch.randn(1, 1, D), 0)
+    with pytest.raises(ValueError, match="num_q_heads=3 must be a positive multiple of num_kv_heads=2"):
+        DecodeAttentionWrapper(make_store(DiffKVConfig(page_size=P), 2, layers=1), num_q_heads=3)
 
 
 def test_extend_window_replaces_and_decode_accumulates(seeded, reference_attention):
@@ -184,8 +187,8 @@ def test_extend_window_replaces_and_decode_accumulates(seeded, reference_attenti
     heads = 2
     store = make_store(DiffKVConfig.from_dict({"page_size": P, "obs_window": 4}), heads, layers=1)
     req = Request(store, [5, 6], 20)
-    wrapper = ExtendAttentionWrapper(store)
-    wrapper.plan(torch.tensor([0, 8]), *csr([req]), torch.tensor([20]))
+    wrapper = ExtendAttentionWrapper(store, num_q_heads=heads)
+    wrapper.plan(torch.tensor([0, 8]), page_table([req]), torch.tensor([20]))
     for _ in range(2):                                       # two different chunks observing the same tokens
         q = torch.randn(8, heads, D)
         wrapper.run(q, 0)
@@ -194,7 +197,7 @@ def test_extend_window_replaces_and_decode_accumulates(seeded, reference_attenti
     flat = lambda x: x.permute(1, 0, 2).reshape(heads, -1)[:, :20]           # noqa: E731
     assert torch.allclose(flat(score), group_max(probs[:, -4:].sum(1).float(), heads), atol=1e-5)
     assert flat(seen).max() == 4
-    decode = DecodeAttentionWrapper(store)
-    decode.plan(*csr([req]), torch.tensor([20]))
+    decode = DecodeAttentionWrapper(store, num_q_heads=heads)
+    decode.plan(page_table([req]), torch.tensor([20]))
     decode.run(torch.randn(1, heads, D), 0)
     assert flat(store.staged_importance(0, req.pages)[1]).max() == 5

@@ -25,7 +25,7 @@ from diffkv_sglang.attention import DecodeAttentionWrapper
 from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.policy import group_max
 from diffkv_sglang.store import PageState
-from kernel_stores import PRUNING, build, csr
+from kernel_stores import PRUNING, build
 
 P, D, LAYERS = 16, 32, 3
 
@@ -61,9 +61,8 @@ def test_decode_on_codes_matches_dense_reference(option, gqa, seeded, reference_
     store, table, seq_lens = build(config, heads, D, [70, 50, 33, 90, 20], layers=LAYERS)
     seq_lens[1] = 2 * P + P // 2              # its third (sealed) page half inside, the staged fourth beyond it
     store.release(table[3, 2:3])              # an EMPTY page inside request 3
-    indptr, indices = csr(table, torch.tensor([70, 50, 33, 90, 20]), P)
-    wrapper = DecodeAttentionWrapper(store)
-    wrapper.plan(indptr, indices, seq_lens)
+    wrapper = DecodeAttentionWrapper(store, num_q_heads=heads * gqa)
+    wrapper.plan(table, seq_lens)
     q = torch.randn(len(seq_lens), heads * gqa, D)
     staged = [table[b][store.page_state[table[b]] == PageState.STAGED] for b in range(len(seq_lens))]
     for layer in range(LAYERS):
@@ -93,10 +92,10 @@ def test_every_key_pruned_gives_zeros_and_an_empty_batch_runs(seeded):
     store.add_importance(0, table[0, 0] * P + torch.arange(P), torch.zeros(P, 1), torch.ones(P), accumulate=False)
     store.seal(table[0], torch.tensor([P]))               # no attention received: every token pruned
     assert int(store.tier_counts[table[0]].sum()) == 0
-    wrapper = DecodeAttentionWrapper(store)
-    wrapper.plan(*csr(table, seq_lens, P), seq_lens)
+    wrapper = DecodeAttentionWrapper(store, num_q_heads=2)
+    wrapper.plan(table, seq_lens)
     assert torch.equal(wrapper.run(torch.randn(1, 2, D), 0), torch.zeros(1, 2, D))
-    wrapper.plan(torch.tensor([0]), torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))
+    wrapper.plan(torch.zeros(0, 1, dtype=torch.int64), torch.tensor([], dtype=torch.int64))
     assert wrapper.run(torch.randn(0, 2, D), 0).shape == (0, 2, D)
 
 
@@ -105,8 +104,8 @@ def test_blocks_moved_between_plan_and_run_are_found(seeded, reference_attention
     config = DiffKVConfig.from_dict({"tiers": ["k8v4", "k4v2"], "page_size": P, "compaction_trigger": 0.0})
     store, table, seq_lens = build(config, 2, D, [40, 70], layers=1)
     store.release(table[0])                                # holes below request 1's blocks
-    wrapper = DecodeAttentionWrapper(store)
-    wrapper.plan(*csr(table[1:], seq_lens[1:], P), seq_lens[1:])
+    wrapper = DecodeAttentionWrapper(store, num_q_heads=2)
+    wrapper.plan(table[1:], seq_lens[1:])
     moved = store.arena.block_offset.clone()
     store.arena.compact()
     assert not torch.equal(moved, store.arena.block_offset)

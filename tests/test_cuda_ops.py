@@ -12,7 +12,7 @@ decode plan/run, release of staged and sealed pages, compaction, reads, stats, c
 * on CUDA (skipped without a GPU): the life cycle on the GPU, torch reference and Triton kernels, against the CPU
   run: tables, dequantized pages and stats equal, attention outputs within bf16 rounding.
 
-The glue steps need SGLang importable (the backend module imports it; on CPU with ``tests/cpu_shims``, so that
+The glue steps need SGLang importable (the backend module imports it; on CPU with ``diffkv_devtools.CPU_SHIMS``, so that
 check runs in a subprocess); without SGLang they are skipped. The whole
 plugin under a real ``sglang.Engine`` on a GPU is ``tests/test_gpu_serving.py``.
 """
@@ -28,6 +28,7 @@ import torch
 from kernel_stores import tier_values
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from diffkv_devtools import CPU_SHIMS
 from diffkv_sglang.attention import DecodeAttentionWrapper, ExtendAttentionWrapper
 from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.policy import sealable_pages
@@ -65,7 +66,7 @@ def _glue_backend(store: CompressedKVStore, req_to_token: torch.Tensor):
     fields = types.SimpleNamespace(store=store, page_size=store.page_size, window=store.config.window,
                                    req_to_token=req_to_token)
     return types.SimpleNamespace(**{name: getattr(DiffKVAttnBackend, name).__get__(fields)
-                                    for name in ("_page_table", "_csr", "_seal_old_pages")})
+                                    for name in ("_page_table", "_seal_old_pages")})
 
 
 def life_cycle(device: str, glue: bool = False) -> dict:
@@ -83,13 +84,13 @@ def life_cycle(device: str, glue: bool = False) -> dict:
     locs = [(p[:, None] * P + torch.arange(P, device=device)).reshape(-1)[:n] for p, n in zip(pages, SEQ)]
     all_pages, all_locs = torch.cat(pages), torch.cat(locs)
     seq_lens = torch.tensor(SEQ, device=device)
-    indptr = torch.tensor([0, len(PAGES[0]), len(PAGES[0]) + len(PAGES[1])], device=device)
+    page_table = torch.nn.utils.rnn.pad_sequence(pages, batch_first=True)                  # [2, max_pages]
     result = {}
 
     # prefill: stage, write, extend attention (records window importance), then steer the importance
     store.stage(all_pages)
-    extend = ExtendAttentionWrapper(store)
-    extend.plan(torch.tensor([0, SEQ[0], sum(SEQ)], device=device), indptr, all_pages, seq_lens)
+    extend = ExtendAttentionWrapper(store, HQ)
+    extend.plan(torch.tensor([0, SEQ[0], sum(SEQ)], device=device), page_table, seq_lens)
     values = torch.tensor(tier_values(config))
     for layer in range(L):
         store.write_tokens(layer, all_locs, rand(sum(SEQ), H, D), rand(sum(SEQ), H, D))
@@ -109,18 +110,17 @@ def life_cycle(device: str, glue: bool = False) -> dict:
         backend = _glue_backend(store, req_to_token)
         batch = types.SimpleNamespace(seq_lens=new_lens.int(), seq_lens_cpu=new_lens.cpu(),
                                       req_pool_indices=torch.arange(2, device=device))
-        table, valid, num_pages = backend._page_table(batch)
+        table, valid = backend._page_table(batch)
         backend._seal_old_pages(table, valid, new_lens)
-        csr = backend._csr(table, valid, num_pages)
     else:
         counts = sealable_pages(new_lens, P, config.window).tolist()
         sealed = torch.cat([p[:c] for p, c in zip(pages, counts)])
         order = sealed.argsort()                                   # the backend seals in page order
         store.seal(sealed[order], torch.cat([new_lens[b].repeat(c) for b, c in enumerate(counts)])[order])
-        csr = (indptr, all_pages)
+        table = page_table
     store.maybe_compact()
-    decode = DecodeAttentionWrapper(store)
-    decode.plan(*csr, new_lens)
+    decode = DecodeAttentionWrapper(store, HQ)
+    decode.plan(table, new_lens)
     for layer in range(L):
         store.write_tokens(layer, new_locs, rand(2, H, D), rand(2, H, D))
         result[f"decode_out_{layer}"] = decode.run(rand(2, HQ, D).bfloat16(), layer).float().cpu()
@@ -185,11 +185,11 @@ def check_glue_on_cpu() -> None:
 
 
 def test_glue_life_cycle_has_no_integer_matrix_products():
-    """In a subprocess: importing SGLang on a CPU-only machine needs tests/cpu_shims (torchvision, sgl_kernel) on
-    the path, which must not leak into this test session."""
+    """In a subprocess: importing SGLang on a CPU-only machine needs the CPU shims (torchvision, sgl_kernel) on the
+    path, which must not leak into this test session."""
     pytest.importorskip("sglang")
     here = Path(__file__).parent
-    shims = [] if torch.cuda.is_available() else [str(here / "cpu_shims")]
+    shims = [] if torch.cuda.is_available() else [str(CPU_SHIMS)]
     env = {**os.environ, "DIFFKV_KERNELS": "torch",
            "PYTHONPATH": os.pathsep.join([*shims, os.environ.get("PYTHONPATH", "")])}
     code = (f"import sys; sys.path[:0] = [{str(here)!r}, {str(here / 'kernel_support')!r}]; "

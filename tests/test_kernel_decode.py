@@ -50,7 +50,7 @@ from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.kernels.decode_attention import DecodeConfig, DecodePlan
 from diffkv_sglang.store import PageState
 from decode_bound import error_bound
-from kernel_stores import CONTEXT, PRUNING, build, csr
+from kernel_stores import CONTEXT, PRUNING, build
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("torch_reference")]
 
@@ -71,10 +71,10 @@ def compare(store, table, seq_lens, num_q_heads, num_splits=None, config=None):
     page = store.page_size
     staged = table[(store.page_state[table] == PageState.STAGED)
                    & (torch.arange(table.shape[1]) < (seq_lens[:, None] + page - 1) // page)]
-    reference = DecodeAttentionWrapper(store)
-    reference.plan(*csr(table, seq_lens, page), seq_lens)
+    reference = DecodeAttentionWrapper(store, num_q_heads)
+    reference.plan(table, seq_lens)
     kernel_store = store.to(DEVICE)
-    plan = DecodePlan(kernel_store, num_q_heads, max_batch=len(seq_lens) + 1, max_pages=table.shape[1] + 1,
+    plan = DecodePlan(kernel_store.view, num_q_heads, max_batch=len(seq_lens) + 1, max_pages=table.shape[1] + 1,
                       num_splits=num_splits, config=config)
     plan.plan(table.to(DEVICE), seq_lens.to(DEVICE))
     for workspace in (plan._part_m, plan._part_l, plan._part_acc, plan._logits):
@@ -182,16 +182,16 @@ def test_plan_checks_and_fixed_capacity(seeded):
     store, table, lens = build(DiffKVConfig.from_dict({"page_size": page, **PRUNING}), heads, dim, [40, 20], layers=1,
                                staged_pages=2)
     store, table, lens = store.to(DEVICE), table.to(DEVICE), lens.to(DEVICE)
-    plan = DecodePlan(store, heads, max_batch=2, max_pages=3, max_staged_pages=1)
+    plan = DecodePlan(store.view, heads, max_batch=2, max_pages=3, max_staged_pages=1)
     with pytest.raises(ValueError, match="max_staged_pages"):
         plan.plan(table, lens)
     with pytest.raises(ValueError, match="fewer pages"):
-        DecodePlan(store, heads, max_batch=2, max_pages=3).plan(table[:, :1], lens)
+        DecodePlan(store.view, heads, max_batch=2, max_pages=3).plan(table[:, :1], lens)
     with pytest.raises(ValueError, match="exceed"):
-        DecodePlan(store, heads, max_batch=1, max_pages=3).plan(table, lens)
+        DecodePlan(store.view, heads, max_batch=1, max_pages=3).plan(table, lens)
     with pytest.raises(ValueError, match="multiple"):
-        DecodePlan(store, 3, max_batch=2, max_pages=3)
-    plan = DecodePlan(store, heads, max_batch=4, max_pages=8, max_staged_pages=2)
+        DecodePlan(store.view, 3, max_batch=2, max_pages=3)
+    plan = DecodePlan(store.view, heads, max_batch=4, max_pages=8, max_staged_pages=2)
     with pytest.raises(RuntimeError, match="plan"):
         plan.run(torch.randn(2, heads, dim, device=DEVICE), 0)
     plan.plan(table, lens)
@@ -205,7 +205,7 @@ def test_run_is_capturable_in_a_cuda_graph(seeded):
     config = DiffKVConfig.from_dict({"page_size": page, **PRUNING, "key_rotation": "hadamard", "value_rotation": "hadamard"})
     store, table, lens = build(config, heads, dim, [700, 100, 1500], layers=1)
     store, table, lens = store.to(DEVICE), table.to(DEVICE), lens.to(DEVICE)
-    plan = DecodePlan(store, heads * 4, max_batch=3, max_pages=table.shape[1], max_staged_pages=2)
+    plan = DecodePlan(store.view, heads * 4, max_batch=3, max_pages=table.shape[1], max_staged_pages=2)
     plan.plan(table, lens)
     q = torch.randn(3, heads * 4, dim, device=DEVICE)
     out = torch.empty_like(q)
@@ -247,8 +247,8 @@ def test_decode_step_through_the_wrapper_is_capturable(monkeypatch, seeded):
     inputs = [[torch.randn(shape, generator=gen) for shape in shapes] for _ in steps]
     results = {}
     for mode, kernel_store in stores.items():
-        wrapper = DecodeAttentionWrapper(kernel_store, max_batch=lanes, max_pages=table.shape[1],
-                                         num_q_heads=heads * gqa, max_staged_pages=3)
+        wrapper = DecodeAttentionWrapper(kernel_store, heads * gqa, max_batch=lanes, max_pages=table.shape[1],
+                                         max_staged_pages=3)
         q, k, v = (torch.empty(x.shape, device=DEVICE) for x in inputs[0])
         locs = torch.empty(lanes, dtype=torch.int64, device=DEVICE)
         out = torch.empty(layers, lanes, heads * gqa, dim, device=DEVICE)
@@ -266,7 +266,7 @@ def test_decode_step_through_the_wrapper_is_capturable(monkeypatch, seeded):
                 static.copy_(fresh)
             pos = step_lens.to(DEVICE) - 1
             locs.copy_(table[torch.arange(lanes, device=DEVICE), pos // page] * page + pos % page)
-            wrapper.plan(*csr(table, step_lens.to(DEVICE), page), step_lens.to(DEVICE))
+            wrapper.plan(table, step_lens.to(DEVICE))
             if mode == "graph" and i > 0:
                 out.fill_(float("nan"))
                 graph.replay()

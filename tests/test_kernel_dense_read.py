@@ -52,7 +52,7 @@ def test_dense_read_matches_reference(name, store_dtype, out_dtype, seeded):
     rotated = config.key_rotation == "hadamard"
     for layer in range(store.num_layers):
         ref_k, ref_v, ref_present = store.read_pages(layer, pages)
-        got_k, got_v, got_present = read_pages_dense(kernel_store, layer, pages.to(DEVICE), dtype)
+        got_k, got_v, got_present = read_pages_dense(kernel_store.view, layer, pages.to(DEVICE), dtype)
         assert got_k.dtype == dtype and torch.equal(got_present.cpu(), ref_present)
         for ref, got in ((ref_k, got_k), (ref_v, got_v)):
             ref, got = ref.to(dtype), got.cpu()
@@ -71,4 +71,4 @@ def test_dense_read_matches_reference(name, store_dtype, out_dtype, seeded):
 def test_dense_read_checks_the_dtype(seeded):
     store, table, _ = build(DiffKVConfig.from_dict({"page_size": 16, **PRUNING}), 1, 32, [20], layers=1, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="dtype"):
-        read_pages_dense(store.to(DEVICE), 0, table[0].to(DEVICE), torch.float16)
+        read_pages_dense(store.to(DEVICE).view, 0, table[0].to(DEVICE), torch.float16)

@@ -108,16 +108,17 @@ def test_decode_wrapper_kernels_match_torch(monkeypatch, seeded):
     for mode in ("torch", "triton"):
         monkeypatch.setenv(KERNELS_ENV, mode)
         stores[mode], _ = _replay(seeded, steps)
-        wrappers[mode] = DecodeAttentionWrapper(stores[mode])
+    gqa = 3
+    for mode in stores:
+        wrappers[mode] = DecodeAttentionWrapper(stores[mode], num_q_heads=HEADS * gqa)
     # two batches: the second has more requests and pages than the first plan's capacity
     batches = [([[1, 2, 3]], [40]), ([[4, 5, 6], [7, 8], [9], [1, 2, 3]], [48, 20, 9, 41])]
-    gqa = 3
     for tables, lens in batches:
-        indptr = torch.tensor([0] + [len(t) for t in tables]).cumsum(0)
+        table = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in tables], batch_first=True)
         indices = torch.tensor([p for t in tables for p in t])
         staged = indices[stores["torch"].page_state[indices] == PageState.STAGED]
         for mode in wrappers:
-            wrappers[mode].plan(indptr, indices, torch.tensor(lens), sm_scale=0.2)
+            wrappers[mode].plan(table, torch.tensor(lens), sm_scale=0.2)
         for layer in range(LAYERS):
             q = torch.randn(len(lens), HEADS * gqa, D).to(torch.bfloat16)
             scale = None if layer == 0 else 0.05                          # plan's scale, then a per-layer one
@@ -126,7 +127,6 @@ def test_decode_wrapper_kernels_match_torch(monkeypatch, seeded):
             assert out.dtype == q.dtype and out.shape == q.shape
             # the kernel's bound for a bfloat16 query over a bfloat16 store (tests/test_kernel_decode.py), plus
             # both sides rounding their float32 result to bfloat16 (2^-8 relative each)
-            table = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in tables], batch_first=True)
             bound, logit_err = error_bound(stores["torch"], table, torch.tensor(lens), layer, q.float(),
                                            0.2 if scale is None else scale, 2 ** -11, ref.float(), staged_u=2 ** -8)
             err = (out.double() - ref.double()).abs()
@@ -149,8 +149,8 @@ def test_decode_wrapper_kernels_float32_outputs(monkeypatch, seeded):
     for mode in ("torch", "triton"):
         monkeypatch.setenv(KERNELS_ENV, mode)
         store, _ = _replay(seeded, steps)
-        wrapper = DecodeAttentionWrapper(store)
-        wrapper.plan(torch.tensor([0, 3, 4]), torch.tensor([1, 2, 3, 4]), torch.tensor([45, 16]))
+        wrapper = DecodeAttentionWrapper(store, num_q_heads=HEADS * 2)
+        wrapper.plan(torch.tensor([[1, 2, 3], [4, 0, 0]]), torch.tensor([45, 16]))
         torch.manual_seed(seeded)
         outs[mode] = [wrapper.run(torch.randn(2, HEADS * 2, D), layer, sm_scale=0.3) for layer in range(LAYERS)]
     for ref, out in zip(outs["torch"], outs["triton"]):
@@ -158,20 +158,15 @@ def test_decode_wrapper_kernels_float32_outputs(monkeypatch, seeded):
 
 
 @pytest.mark.triton
-def test_decode_wrapper_with_known_heads_plans_eagerly(monkeypatch, seeded):
-    """Given ``num_q_heads``, ``plan`` fills the kernel plan (``run`` only launches: CUDA-graph capture) and
-    ``run(out=)`` writes into ``out``; the results equal the lazily planned wrapper's."""
+def test_decode_wrapper_run_writes_into_out(monkeypatch, seeded):
+    """``run(out=)`` writes the result into ``out`` (what a captured CUDA graph replays) and returns it; it equals
+    the result ``run`` allocates."""
     monkeypatch.setenv(KERNELS_ENV, "triton")
     store, _ = _replay(seeded, [("stage", [1, 2, 3]), ("seal", [1, 2])])
-    indptr, indices, lens = torch.tensor([0, 3]), torch.tensor([1, 2, 3]), torch.tensor([40])
-    eager = DecodeAttentionWrapper(store, num_q_heads=HEADS * 2)
-    eager.plan(indptr, indices, lens)
-    assert eager._kernel_planned
+    wrapper = DecodeAttentionWrapper(store, num_q_heads=HEADS * 2)
+    wrapper.plan(torch.tensor([[1, 2, 3]]), torch.tensor([40]))
     q = torch.randn(1, HEADS * 2, D)
     out = torch.full_like(q, float("nan"))
-    assert eager.run(q, 0, out=out) is out
-    lazy = DecodeAttentionWrapper(store)
-    lazy.plan(indptr, indices, lens)
-    assert not lazy._kernel_planned
-    torch.testing.assert_close(lazy.run(q, 0), out, rtol=0, atol=0)
-
+    assert wrapper.run(q, 0, out=out) is out
+    wrapper.plan(torch.tensor([[1, 2, 3]]), torch.tensor([40]))        # the same batch: the same importance added
+    torch.testing.assert_close(wrapper.run(q, 0), out, rtol=0, atol=0)

@@ -90,9 +90,9 @@ def compare(config, heads, gqa, dim, seq_lens, extend_lens, staged_pages, dtype,
         store.add_importance(layer, locs, torch.full((locs.numel(), heads), POISON),
                              torch.full((locs.numel(),), POISON), accumulate=False)
     kernel_store = store.to(DEVICE)
-    reference = ExtendAttentionWrapper(store)
-    reference.plan(qo_indptr, kv_indptr, kv_indices, lens)
-    plan = ExtendPlan(kernel_store, heads * gqa, config=extend_config)
+    reference = ExtendAttentionWrapper(store, heads * gqa)
+    reference.plan(qo_indptr, table, lens)
+    plan = ExtendPlan(kernel_store.view, heads * gqa, config=extend_config)
     plan.plan(*(x.to(DEVICE) for x in (qo_indptr, kv_indptr, kv_indices, lens)), config.obs_window)
     for layer in range(store.num_layers):
         q = torch.randn(int(qo_indptr[-1]), heads * gqa, dim).to(dtype)
@@ -163,8 +163,8 @@ def test_plan_and_run_checks(seeded):
     store, table, lens = build(config, 2, 32, [40], layers=1, staged_pages=3)
     store = store.to(DEVICE)
     with pytest.raises(ValueError, match="multiple"):
-        ExtendPlan(store, 3)
-    plan = ExtendPlan(store, 4)
+        ExtendPlan(store.view, 3)
+    plan = ExtendPlan(store.view, 4)
     kv_indptr, kv_indices = csr(table, lens, 16)
     q = torch.randn(40, 4, 32, device=DEVICE)
     keys, values, present = store.read_pages(0, kv_indices.to(DEVICE))

@@ -181,7 +181,7 @@ def test_running_totals_match_a_table_scan_and_compaction_keeps_data(seeded):
             assert all(torch.equal(x, y) for x, y in zip(b, a))
         stats = store.stats()
         sealed = store.page_state == PageState.SEALED
-        nbytes = store.arena.block_nbytes.reshape(store.num_pages, -1).sum(-1)
+        nbytes = store.block_nbytes(torch.arange(store.num_pages)).sum((1, 2))
         assert stats.sealed_bytes == int(nbytes[sealed].sum())
         assert stats.staged_bytes == int(nbytes[store.page_state == PageState.STAGED].sum())
         assert stats.tokens_per_tier == tuple(store.tier_counts.sum(dim=(0, 1, 2)).tolist())

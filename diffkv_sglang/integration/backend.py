@@ -52,16 +52,22 @@ class DiffKVAttnBackend(AttentionBackend):
         self.window = pool.plan.config.window
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.num_q_heads = model_runner.model_config.get_num_attention_heads(get_parallel().attn_tp_size)
-        self.decode_wrapper = DecodeAttentionWrapper(self.store)         # eager decode batches
+        # a decoding request's pages older than the window are sealed before each step: at most this many stay
+        # staged, so the decode plans size their staged scratch once and plan without a host sync
+        self.max_staged_pages = self.window // self.page_size + 2
+        self.decode_wrapper = DecodeAttentionWrapper(self.store, self.num_q_heads,             # eager batches
+                                                     max_staged_pages=self.max_staged_pages)
         self.graph_decode_wrapper: DecodeAttentionWrapper | None = None  # fixed capacities (init_cuda_graph_state)
         self._graph_max_bs = 0
         self._decode_planned = self.decode_wrapper                        # the wrapper the last decode plan filled
-        self.extend_wrapper = ExtendAttentionWrapper(self.store)
+        self.extend_wrapper = ExtendAttentionWrapper(self.store, self.num_q_heads)
         self._checked_layers: set[int] = set()
 
     # ------------------------------------------------------------------------------ metadata
     def _page_table(self, forward_batch):
-        """``[B, max_pages]`` logical pages of each request and the ``[B, max_pages]`` valid mask."""
+        """``[B, max_pages]`` logical pages of each request (what the wrappers plan with) and the
+        ``[B, max_pages]`` mask of the columns within each request's length. No host sync: the width comes from
+        SGLang's host copy of the lengths."""
         seq_lens = forward_batch.seq_lens.to(torch.int64)
         lens_cpu = forward_batch.seq_lens_cpu
         max_len = int(lens_cpu.max() if lens_cpu is not None else seq_lens.max())
@@ -69,12 +75,7 @@ class DiffKVAttnBackend(AttentionBackend):
         pages = starts // self.page_size
         num_pages = (seq_lens + self.page_size - 1) // self.page_size
         valid = torch.arange(pages.shape[1], device=pages.device)[None, :] < num_pages[:, None]
-        return pages, valid, num_pages
-
-    def _csr(self, pages, valid, num_pages):
-        indptr = torch.zeros(num_pages.numel() + 1, dtype=torch.int64, device=pages.device)
-        indptr[1:] = torch.cumsum(num_pages, 0)
-        return indptr, pages[valid]
+        return pages, valid
 
     def _seal_old_pages(self, pages, valid, seq_lens):
         """Seal every staged page of the batch that lies entirely before its request's protected window."""
@@ -93,12 +94,13 @@ class DiffKVAttnBackend(AttentionBackend):
         self.init_forward_metadata_out_graph(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        """Seal, compact and plan for this batch (host syncs allowed: it runs outside any CUDA graph; a captured
-        decode graph replays only the forward, over the buffers planned here)."""
+        """Seal, compact and plan for this batch (outside any CUDA graph: a captured decode graph replays only the
+        forward, over the buffers planned here). A decode step syncs with the host once outside sealing (whether
+        any page needs sealing); planning needs none (``tests/test_host_syncs.py``)."""
         mode = forward_batch.forward_mode
         if mode.is_idle():
             return
-        pages, valid, num_pages = self._page_table(forward_batch)
+        pages, valid = self._page_table(forward_batch)
         seq_lens = forward_batch.seq_lens.to(torch.int64)
         if mode.is_decode():
             self._seal_old_pages(pages, valid, seq_lens)
@@ -107,12 +109,12 @@ class DiffKVAttnBackend(AttentionBackend):
             # with; a larger (eager) batch into its own wrapper, so the captured buffers never move
             graphed = self.graph_decode_wrapper is not None and seq_lens.numel() <= self._graph_max_bs
             self._decode_planned = self.graph_decode_wrapper if graphed else self.decode_wrapper
-            self._decode_planned.plan(*self._csr(pages, valid, num_pages), seq_lens)
+            self._decode_planned.plan(pages, seq_lens, check=False)      # the table covers seq_lens by construction
         elif mode.is_extend():
             extend_lens = forward_batch.extend_seq_lens.to(torch.int64)
             qo_indptr = torch.zeros(extend_lens.numel() + 1, dtype=torch.int64, device=extend_lens.device)
             qo_indptr[1:] = torch.cumsum(extend_lens, 0)
-            self.extend_wrapper.plan(qo_indptr, *self._csr(pages, valid, num_pages), seq_lens)
+            self.extend_wrapper.plan(qo_indptr, pages, seq_lens)
         else:
             raise NotImplementedError(f"the diffkv backend does not support forward mode {mode}")
         self.pool.reporter.maybe_report()
@@ -123,9 +125,8 @@ class DiffKVAttnBackend(AttentionBackend):
         if not self.store.kernels:
             raise RuntimeError("CUDA graphs need the DiffKV kernels (a CUDA store with DIFFKV_KERNELS auto or triton)")
         max_pages = -(-self.req_to_token.shape[1] // self.page_size)
-        self.graph_decode_wrapper = DecodeAttentionWrapper(self.store, max_batch=max_bs, max_pages=max_pages,
-                                                           num_q_heads=self.num_q_heads,
-                                                           max_staged_pages=self.window // self.page_size + 2)
+        self.graph_decode_wrapper = DecodeAttentionWrapper(self.store, self.num_q_heads, max_batch=max_bs,
+                                                           max_pages=max_pages, max_staged_pages=self.max_staged_pages)
         self._graph_max_bs = max_bs
 
     def get_cuda_graph_seq_len_fill_value(self):
