@@ -61,8 +61,7 @@ def _worker(batch: int, context: int, steps: int, threads: int, seed: int) -> di
         store.add_importance(layer, locs, torch.rand(locs.numel(), KV_HEADS) * 1.7 / context, torch.ones(locs.numel()))
     sealed = table[:, :(context - config.window) // PAGE]
     store.seal(sealed.reshape(-1), torch.full((sealed.numel(),), context))
-    wrapper = DecodeAttentionWrapper(store)
-    indptr = torch.arange(batch + 1) * pages_per_request
+    wrapper = DecodeAttentionWrapper(store, Q_HEADS)
     times = []
     for step in range(steps + 1):
         seq_lens = torch.full((batch,), context + step + 1)
@@ -70,7 +69,7 @@ def _worker(batch: int, context: int, steps: int, threads: int, seed: int) -> di
         q = torch.randn(LAYERS, batch, Q_HEADS, HEAD_DIM, dtype=torch.bfloat16)
         kv = torch.randn(LAYERS, 2, batch, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)
         start = time.perf_counter()
-        wrapper.plan(indptr, table.reshape(-1), seq_lens)
+        wrapper.plan(table, seq_lens)
         for layer in range(LAYERS):
             store.write_tokens(layer, new_locs, kv[layer, 0], kv[layer, 1])
             wrapper.run(q[layer], layer)

@@ -263,13 +263,6 @@ class Pool:
         return blocks + slots.numel() * per_block + used.numel() * per_page + vectors + 4 * seq_lens.numel()
 
 
-def csr(table: torch.Tensor, seq_lens: torch.Tensor, page: int):
-    pages = (seq_lens + page - 1) // page
-    indptr = torch.cat([pages.new_zeros(1), pages.cumsum(0)])
-    indices = table[torch.arange(table.shape[1], device=table.device)[None, :] < pages[:, None]]
-    return indptr, indices
-
-
 def check_decode(name: str, config: DiffKVConfig, q_heads: int, heads: int, dim: int, seq_lens: list[int],
           mix, device, decode_config: DecodeConfig | None = None) -> dict:
     """Kernel vs DecodeAttentionWrapper on one pool: output (poisoned first) and staged-token importance."""
@@ -279,11 +272,11 @@ def check_decode(name: str, config: DiffKVConfig, q_heads: int, heads: int, dim:
     table, lens = pool.table(seq_lens)
     store = pool.store.to(device)                      # the reference runs on the CPU copy
     q = torch.randn(len(seq_lens), q_heads, dim)
-    reference = DecodeAttentionWrapper(pool.store)
-    reference.plan(*csr(table, lens, page), lens)
+    reference = DecodeAttentionWrapper(pool.store, q_heads)
+    reference.plan(table, lens)
     ref = reference.run(q, 0)
     ref_score, ref_seen = pool.store.staged_importance(0, pool.staged)
-    plan = DecodePlan(store, q_heads, max_batch=len(seq_lens), max_pages=table.shape[1], config=decode_config)
+    plan = DecodePlan(store.view, q_heads, max_batch=len(seq_lens), max_pages=table.shape[1], config=decode_config)
     plan.plan(table, lens)
     for workspace in (plan._part_m, plan._part_l, plan._part_acc, plan._logits):
         workspace.fill_(float("nan"))
@@ -349,7 +342,7 @@ def time_decode(pool: Pool, batch: int, context: int, q_heads: int,
     copies = l2_copies(nbytes, store.device, max(1, pool.sealed.numel() // max(per_copy, 1)))
     plans = []
     for copy in range(copies):
-        plan = DecodePlan(store, q_heads, max_batch=batch, max_pages=table.shape[1], config=decode_config)
+        plan = DecodePlan(store.view, q_heads, max_batch=batch, max_pages=table.shape[1], config=decode_config)
         plan.plan(*pool.table([context] * batch, copy))
         q = torch.randn(batch, q_heads, store.head_dim, device=store.device, dtype=torch.bfloat16)
         plans.append((plan, q, torch.empty_like(q)))
@@ -608,13 +601,13 @@ def bench_extend(device, cases) -> list[dict]:
         seq_len = prefix + new
         kv_indptr = torch.tensor([0, pages.numel()], device=device)
         qo_indptr = torch.tensor([0, new], device=device)
-        wrapper = ExtendAttentionWrapper(store)
-        wrapper.plan(qo_indptr, kv_indptr, pages, torch.tensor([seq_len], device=device))
+        wrapper = ExtendAttentionWrapper(store, q_heads)
+        wrapper.plan(qo_indptr, pages[None, :], torch.tensor([seq_len], device=device))
         q = torch.randn(new, q_heads, dim, device=device, dtype=torch.bfloat16)
         wrapper_us = time_us(lambda: wrapper.run(q, 0), device)
         keys, values, present = store.read_pages(0, pages)
         keys, values = keys.to(q.dtype), values.to(q.dtype)
-        plan = ExtendPlan(store, q_heads)
+        plan = ExtendPlan(store.view, q_heads)
         plan.plan(qo_indptr, kv_indptr, pages, torch.tensor([seq_len], device=device), config.obs_window)
         kernels_us = time_us(lambda: plan.run(q, keys, values, present, dim ** -0.5), device)
         del keys, values, present

@@ -42,7 +42,7 @@ def main() -> int:
     pool = Pool(config, heads, dim, args.batch * (args.context // page - STAGED_TAIL), args.batch * STAGED_TAIL,
                 MIXES[args.mix], device)
     table, lens = pool.table([args.context] * args.batch)
-    plan = DecodePlan(pool.store, q_heads, max_batch=args.batch, max_pages=table.shape[1])
+    plan = DecodePlan(pool.store.view, q_heads, max_batch=args.batch, max_pages=table.shape[1])
     plan.plan(table, lens)
     q = torch.randn(args.batch, q_heads, dim, device=device, dtype=torch.bfloat16)
     out = torch.empty_like(q)

@@ -53,8 +53,8 @@ def main() -> None:
     start = time.perf_counter()
     needed = math.ceil(PROMPT / page)
     store.stage(pages[:needed])
-    extend = ExtendAttentionWrapper(store)
-    extend.plan(torch.tensor([0, PROMPT]), torch.tensor([0, needed]), pages[:needed], torch.tensor([PROMPT]))
+    extend = ExtendAttentionWrapper(store, Q_HEADS)
+    extend.plan(torch.tensor([0, PROMPT]), pages[None, :needed], torch.tensor([PROMPT]))    # qo_indptr, page table
     for layer in range(LAYERS):
         store.write_tokens(layer, locs[:PROMPT], keys[layer, :PROMPT], values[layer, :PROMPT])
         extend.run(queries[layer, :PROMPT], layer)
@@ -62,14 +62,14 @@ def main() -> None:
     store.seal(pages[:sealed], torch.full((sealed,), PROMPT))
     print(f"prefill: {PROMPT} tokens, {sealed} of {needed} pages sealed in {time.perf_counter() - start:.2f} s")
 
-    decode = DecodeAttentionWrapper(store)
+    decode = DecodeAttentionWrapper(store, Q_HEADS)
     worst = 0.0
     for step in range(DECODE):
         pos = PROMPT + step
         if pos % page == 0:
             store.stage(pages[pos // page:pos // page + 1])
         n_pages = pos // page + 1
-        decode.plan(torch.tensor([0, n_pages]), pages[:n_pages], torch.tensor([pos + 1]))
+        decode.plan(pages[None, :n_pages], torch.tensor([pos + 1]))
         for layer in range(LAYERS):
             store.write_tokens(layer, locs[pos:pos + 1], keys[layer, pos:pos + 1], values[layer, pos:pos + 1])
             out = decode.run(queries[layer, pos:pos + 1], layer)[0]

@@ -138,6 +138,24 @@ def test_allocate_aligns_and_uses_prefix_sum(device):
     arena.check_invariants()
 
 
+def test_rebind_hands_blocks_over_without_moving_bytes(device):
+    arena = make_arena(1024, 10, device)
+    offsets = arena.allocate(i64([8, 9]), i64([16, 48]))
+    arena.data[offsets[1]:offsets[1] + 48] = 7
+    state = (arena.used_bytes, arena.top, arena.num_blocks)
+    arena.rebind(i64([9, 8]), i64([2, 3]))
+    assert arena.block_offset[[2, 3, 8, 9]].tolist() == [16, 0, -1, -1]
+    assert arena.block_nbytes[[2, 3, 8, 9]].tolist() == [48, 16, 0, 0]
+    assert (arena.used_bytes, arena.top, arena.num_blocks) == state
+    assert bool((arena.data[16:64] == 7).all())
+    arena.check_invariants()
+    for sources, targets, match in (([2], [3], "no target"), ([8], [4], "every source"), ([2], [2], "distinct"),
+                                    ([2], [10], r"\[0, 10\)")):
+        with pytest.raises(ValueError, match=match):
+            arena.rebind(i64(sources), i64(targets))
+    assert arena.block_offset[[2, 3]].tolist() == [16, 0]
+
+
 def test_empty_batches_are_noops(device):
     arena = make_arena(256, 4, device)
     arena.allocate(i64([0]), i64([20]))

@@ -117,16 +117,30 @@ def test_stage_out_of_memory_changes_nothing(seeded):
         store.stage(torch.tensor([1]))
 
 
-def test_seal_succeeds_in_a_full_arena(seeded):
-    """Sealing frees the staged bytes before allocating smaller sealed blocks, so it cannot run out of memory."""
+@pytest.mark.parametrize("headroom_pages", [0.0, 1.5])
+def test_seal_succeeds_in_a_full_arena_and_writes_what_a_roomy_one_does(headroom_pages, seeded):
+    """In place, a chunk's sealed blocks need room beside its staged ones; without it sealing goes on in halves
+    and, for a single page that still does not fit, through a copy (freed first: a sealed block is never larger
+    than a staged one), so it cannot run out of memory. Every path writes the same blocks as a roomy arena."""
     staged_page_bytes = L * H * make_store().formats.staged.nbytes
-    store = make_store(arena_bytes=3 * staged_page_bytes)
     pages = torch.tensor([5, 6, 7])
-    fill(store, pages)
-    assert store.arena.free_bytes < staged_page_bytes
-    store.seal(pages, torch.tensor([500, 500, 500]))
-    assert store.arena.free_bytes > staged_page_bytes      # K8V4 at head_dim 32 is 57 of 136 bytes per token
-    store.arena.check_invariants()
+    stores = {}
+    for name, arena_bytes in (("full", int((3 + headroom_pages) * staged_page_bytes)), ("roomy", 1 << 22)):
+        store = stores[name] = make_store(arena_bytes=arena_bytes)
+        torch.manual_seed(seeded)                          # after the poison, whose size differs
+        locs, _, _ = fill(store, pages)
+        for layer in range(L):
+            store.add_importance(layer, locs, torch.rand(locs.numel(), H) / 50, torch.ones(locs.numel()))
+    assert stores["full"].arena.free_bytes < (headroom_pages + 0.01) * staged_page_bytes
+    for store in stores.values():
+        store.seal(pages, torch.tensor([500, 500, 500]))
+        store.arena.check_invariants()
+    full, roomy = stores["full"], stores["roomy"]
+    assert full.arena.free_bytes > staged_page_bytes      # K8V4 at head_dim 32 is 57 of 136 bytes per token
+    assert torch.equal(full.tier_counts, roomy.tier_counts) and full.stats().sealed_bytes == roomy.stats().sealed_bytes
+    for layer in range(L):
+        for got, expected in zip(full.read_pages(layer, pages), roomy.read_pages(layer, pages)):
+            assert torch.equal(got, expected)
 
 
 def test_per_layer_override_and_rotation(seeded):
