@@ -14,7 +14,7 @@ hook                                                    effect
 ``prepare_server_args`` (around)                        builds and validates the config, publishes it
 ``ServerArgs.resolve_once`` (around)                    from the command line, a refusal is one
                                                         ``error:`` line and exit code 2
-``Engine.server_args_class``                            accepts ``kv_pool=`` / ``diffkv_*=`` keywords
+``Engine.server_args_class`` (wrapped)                  accepts ``kv_pool=`` / ``diffkv_*=`` keywords
 resolution step ``handle_attention_backend_compatibility``  forces ``--attention-backend diffkv`` (a different
                                                         one typed is logged as overridden), the page
                                                         size, no CUDA graphs; refuses unsupported setups
@@ -26,6 +26,10 @@ resolution step ``handle_attention_backend_compatibility``  forces ``--attention
                                                         scheduler (:mod:`.integration.requests`)
 attention backend registry ``"diffkv"``                 :class:`DiffKVAttnBackend`
 ======================================================  ================================================
+
+Every SGLang object named here (and in ``integration/``) is listed, with why and whether a public registry covers
+it, in :mod:`.integration.upstream`, and imported through it; a target or attribute SGLang 0.5.23 has and the
+installed SGLang lacks is an error naming both versions, never a silent default.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import sys
 from .backend_select import CUDA_GRAPH_ENV, cuda_graph_enabled
 from .config import ConfigError, DiffKVConfig
 from .integration import args as cli
+from .integration import upstream
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +86,8 @@ def _prepare_server_args(original, argv):
             _fail(cli.flag_error_message(error, given))
     elif any(getattr(ns, flag.dest) is not None for flag in cli.FLAGS) or ns.diffkv_config:
         _fail("--diffkv-* flags need --kv-pool diffkv")
-    _attach(server_args, ns.kv_pool, config)
-    server_args._diffkv_from_cli = True
+    cli.publish(ns.kv_pool, config)
+    server_args._diffkv_from_cli = True          # read by _resolve_once (ServerArgs keeps underscore bookkeeping)
     return server_args
 
 
@@ -97,19 +102,10 @@ def _resolve_once(original, server_args):
         _fail(str(refusal))
 
 
-def _attach(server_args, kv_pool: str, config: DiffKVConfig | None) -> None:
-    server_args._diffkv_kv_pool = kv_pool
-    server_args._diffkv_config = config.to_dict() if config is not None else None
-    cli.publish(kv_pool, config)
-
-
-def _engine_server_args_factory(**kwargs):
-    from sglang.srt.server_args import ServerArgs
-
-    kv_pool, config = cli.split_engine_kwargs(kwargs)
-    server_args = ServerArgs(**kwargs)
-    _attach(server_args, kv_pool, config)
-    return server_args
+def _take_engine_kwargs(kwargs: dict) -> None:
+    """``sglang.Engine(**kwargs)``: pop ``kv_pool`` and the ``diffkv_*`` keywords and publish the choice, before
+    SGLang builds its record from the rest."""
+    cli.publish(*cli.split_engine_kwargs(kwargs))
 
 
 # ------------------------------------------------------------------------------------- resolution
@@ -118,10 +114,8 @@ def _resolve(server_args, previous):
     config = _selected_config()
     if config is None:
         return
-    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
-    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
-
-    cfg = resolving_view(server_args)
+    upstream.require_fields(server_args, "ServerArgs")
+    cfg = upstream.resolving_view(server_args)
     if cfg.speculative_algorithm:
         raise cli.Refusal("--speculative-algorithm", cfg.speculative_algorithm,
                           "speculative decoding is not supported", "unset")
@@ -146,7 +140,7 @@ def _resolve(server_args, previous):
         if backend not in (None, "diffkv"):
             raise cli.Refusal(_flag(name), backend, "only the diffkv attention backend reads the DiffKV pool",
                               "diffkv or unset")
-    typed = server_args._raw_input.get("attention_backend")      # the user's flag (resolution picks one otherwise)
+    typed = server_args.attention_backend      # the record holds what was typed; resolution declares its choices
     if typed not in (None, "diffkv"):
         logger.warning("--kv-pool diffkv: --attention-backend %s is overridden: the attention backend is 'diffkv', "
                        "the only one that reads the DiffKV pool", typed)
@@ -157,11 +151,12 @@ def _resolve(server_args, previous):
         raise cli.Refusal(CUDA_GRAPH_ENV, os.environ[CUDA_GRAPH_ENV], "it switches SGLang's decode CUDA graphs",
                           "0 (off, the default) or 1 (on)") from None
     decode_graphs = wants_graphs and str(cfg.device or "cuda").startswith("cuda")
-    graphs = with_phase(cfg.cuda_graph_config, Phase.PREFILL, backend=Backend.DISABLED)
+    disabled = upstream.Backend.DISABLED
+    graphs = upstream.with_phase(cfg.cuda_graph_config, upstream.Phase.PREFILL, backend=disabled)
     if not decode_graphs:
-        graphs = with_phase(graphs, Phase.DECODE, backend=Backend.DISABLED)
-    declare_resolution(server_args, "diffkv", attention_backend="diffkv", page_size=config.page_size,
-                       cuda_graph_config=graphs)
+        graphs = upstream.with_phase(graphs, upstream.Phase.DECODE, backend=disabled)
+    upstream.declare_resolution(server_args, "diffkv", attention_backend="diffkv", page_size=config.page_size,
+                                cuda_graph_config=graphs)
     logger.info("DiffKV pool selected: %s", config.to_dict())
     decode_state = (f"as SGLang configures them ({CUDA_GRAPH_ENV}=1)" if decode_graphs
                     else f"off (device {cfg.device})" if wants_graphs
@@ -175,32 +170,22 @@ def _flag(field: str) -> str:
 
 
 def _refuse_unsupported_model(server_args) -> None:
-    from sglang.srt.arg_groups.model_override_base import model_config_of
-
-    model_config = model_config_of(server_args)
+    model_config = upstream.model_config_of(server_args)
     if model_config is None:
         return
-    allowed = "a model with multi-head or grouped-query attention only"
-    model = server_args._raw_input.get("model_path")
-    arch = getattr(getattr(model_config, "attention_arch", None), "name", "MHA")
-    if arch != "MHA":
-        raise cli.Refusal("--model-path", model, f"this model uses {arch} attention", allowed)
-    if getattr(model_config, "is_hybrid_swa", False) or getattr(model_config, "is_encoder_decoder", False):
-        raise cli.Refusal("--model-path", model, "hybrid sliding-window and encoder-decoder models are not supported",
-                          allowed)
-    hf_config = getattr(model_config, "hf_config", None)
-    if any(getattr(hf_config, name, None) for name in ("layers_block_type", "mamba_d_state", "linear_attn_config")):
-        raise cli.Refusal("--model-path", model, "hybrid Mamba / linear attention models are not supported", allowed)
+    features = upstream.unsupported_model_features(model_config)
+    if features:
+        raise cli.Refusal("--model-path", server_args.model_path, f"this model uses {' and '.join(features)}",
+                          "a model with multi-head or grouped-query attention only")
 
 
 # ---------------------------------------------------------------------------------------- pools
 def _plan_for(configurator, config: DiffKVConfig):
-    from sglang.srt.runtime_context import get_parallel
-
     from .integration.pool import PoolPlan
 
+    upstream.require_fields(configurator, "KVCacheConfigurator")
     model_config = configurator.model_config
-    parallel = get_parallel()
+    parallel = upstream.get_parallel()
     heads = model_config.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size)
     return PoolPlan(config, configurator.layer_info.num_effective_layers, heads, model_config.head_dim,
                     configurator.kv_cache_dtype)
@@ -220,15 +205,13 @@ def _build_mha_kv_pool(original, self, *, max_total_num_tokens: int, mha_pool_cl
     if config is None or self.is_draft_worker:
         return original(self, max_total_num_tokens=max_total_num_tokens, mha_pool_class=mha_pool_class,
                         quant_method=quant_method)
-    from sglang.srt.runtime_context import get_exec
-
     from .integration.pool import DiffKVKVPool
 
     return DiffKVKVPool(max_total_num_tokens, self.pool_page_size, _plan_for(self, config),
                         context_len=self.model_config.context_len, device=self.device,
                         layer_num=self.layer_info.num_effective_layers, start_layer=self.layer_info.start_layer,
                         end_layer=self.layer_info.end_layer,
-                        enable_memory_saver=get_exec().features.enable_memory_saver)
+                        enable_memory_saver=upstream.get_exec().features.enable_memory_saver)
 
 
 def _build_allocator(original, self, *, sizes, token_to_kv_pool, token_to_kv_pool_allocator=None, **kwargs):
@@ -246,7 +229,7 @@ def _build_allocator(original, self, *, sizes, token_to_kv_pool, token_to_kv_poo
 def _validate_request(original, self, obj, input_ids):
     """Refuse (a ValueError: SGLang answers 400) a generate request that would stop the scheduler, before SGLang's
     own checks of the tokenized request; see :mod:`.integration.requests`."""
-    if _selected_config() is not None and hasattr(obj, "return_logprob"):          # generate requests only
+    if _selected_config() is not None and isinstance(obj, upstream.GenerateReqInput):
         from .integration.requests import check_generate_request
 
         check_generate_request(input_ids, self.model_config.vocab_size, text=obj.text,
@@ -275,25 +258,27 @@ HOOKS = (
 
 
 def register() -> None:
-    """Install the DiffKV hooks (idempotent). Called by SGLang's plugin loader in every process."""
+    """Install the DiffKV hooks (idempotent). Called by SGLang's plugin loader in every process.
+
+    Raises:
+        upstream.UpstreamMismatch: a hook target the installed SGLang lacks (before anything is installed; SGLang's
+            loader logs it, and ``--kv-pool`` is then an unknown flag).
+    """
     global _registered
     if _registered:
         return
-    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
-    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-    from sglang.srt.server_args import add_attention_backend_choices
-
-    for target, hook in HOOKS:
-        HookRegistry.register(target, hook, HookType.AROUND)
-    register_resolution_hook("handle_attention_backend_compatibility")(_resolve)
-    add_attention_backend_choices(["diffkv"])
-    if "diffkv" not in ATTENTION_BACKENDS:
-        register_attention_backend("diffkv")(_make_backend)
+    if upstream.installed_sglang_version() != upstream.SUPPORTED_SGLANG:
+        logger.warning("diffkv-sglang is built and tested against SGLang %s; this is SGLang %s",
+                       upstream.SUPPORTED_SGLANG, upstream.installed_sglang_version())
+    upstream.register_around_hooks(HOOKS)
+    upstream.register_resolution_hook("handle_attention_backend_compatibility")(_resolve)
+    upstream.add_attention_backend_choices(["diffkv"])
+    if upstream.is_available("add_kv_pool_choices"):          # an SGLang with patches/ applied has --kv-pool
+        upstream.add_kv_pool_choices(["diffkv"])
+    if "diffkv" not in upstream.ATTENTION_BACKENDS:
+        upstream.register_attention_backend("diffkv")(_make_backend)
     _registered = True
     try:
-        from sglang.srt.entrypoints import engine
+        upstream.wrap_engine_server_args_class(_take_engine_kwargs)
     except ImportError as error:      # e.g. a broken optional dependency of the engine module
         logger.warning("diffkv: sglang.Engine(kv_pool=...) is unavailable (%s); the server flags still work", error)
-        return
-    engine.Engine.server_args_class = staticmethod(_engine_server_args_factory)

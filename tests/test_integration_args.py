@@ -94,11 +94,17 @@ def test_publish_round_trip(monkeypatch):
 
 
 def test_coexists_with_a_native_kv_pool_flag():
-    """An SGLang with patches/ applied already has --kv-pool; the plugin then only adds its choice."""
+    """An SGLang with patches/ applied already has --kv-pool, its choices the list SGLang's add_kv_pool_choices
+    extends (plugin.register() adds 'diffkv' there): the flag stays SGLang's, the --diffkv-* flags are added."""
+    kv_pool_choices = ["default"]
     parser = argparse.ArgumentParser()
-    parser.add_argument("--kv-pool", choices=["default"], default="default")
+    parser.add_argument("--kv-pool", choices=kv_pool_choices, default="default", help="SGLang's own pool flag")
     cli.add_cli_args(parser)
-    assert parser.parse_args(["--kv-pool", "diffkv", "--diffkv-window", "8"]).kv_pool == "diffkv"
+    kv_pool_choices.extend(["diffkv"])                          # what add_kv_pool_choices(["diffkv"]) does
+    ns = parser.parse_args(["--kv-pool", "diffkv", "--diffkv-window", "8"])
+    assert (ns.kv_pool, ns.diffkv_window) == ("diffkv", 8)
+    usage = parser.format_help()
+    assert "SGLang's own pool flag" in usage and "DiffKV-compressed pool" not in usage
 
 
 @pytest.mark.parametrize("flags, tier, allowed", [

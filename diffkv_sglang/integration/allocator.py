@@ -4,7 +4,9 @@ Logical pages come and go exactly as in SGLang's ``PagedTokenToKVPoolAllocator``
 logical, so SGLang's conservation checks hold). On top of it:
 
 * every page handed out is **staged** in the store (dense blocks in every layer), and every page SGLang
-  releases (``_release_page_ids``: frees, tree eviction, retraction, request end) releases its blocks;
+  releases (``_release_page_ids``: frees, tree eviction, retraction, request end) releases its blocks. That
+  private method is the one funnel of SGLang's releases; why no public method serves: the allocator's row in
+  :mod:`.upstream`, which checks that the base class still has every method overridden here;
 * the scheduler's capacity hooks also consult the arena: a prefill is admitted only if its prompt fits dense
   (plus the decode growth SGLang reserves, at the measured cost of a held token); a decode step only if every
   request could start a new dense page; otherwise the radix tree is evicted, and failing that SGLang retracts a
@@ -16,12 +18,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams
-from sglang.srt.mem_cache.prefill_budget import PrefillBudget
 
 from ..memory import ArenaOutOfMemory
 from .pool import DiffKVKVPool
+from .upstream import EvictParams, PagedTokenToKVPoolAllocator, PrefillBudget
 
 logger = logging.getLogger(__name__)
 
@@ -138,13 +138,12 @@ class DiffKVPagedAllocator(PagedTokenToKVPoolAllocator):
         self.store.release(pages)
         super()._release_page_ids(*page_ids)
         self._changed_since_check = True
-        self._kvcache.reporter.maybe_report()
+        self.get_kvcache().reporter.maybe_report()
 
     def clear(self):
         super().clear()
         self._changed_since_check = True
-        if hasattr(self, "_kvcache"):
-            self._kvcache.clear()
+        self.get_kvcache().clear()
 
     def verify_byte_accounting(self) -> list:
         """Idle diagnostic: the arena's invariants and 'no storage without a held page'; also refreshes the gauges,
@@ -153,7 +152,7 @@ class DiffKVPagedAllocator(PagedTokenToKVPoolAllocator):
         if not self._changed_since_check:
             return []
         self._changed_since_check = False
-        self._kvcache.reporter.refresh()
+        self.get_kvcache().reporter.refresh()
         problems = []
         try:
             self.store.arena.check_invariants()

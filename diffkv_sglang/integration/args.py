@@ -2,8 +2,8 @@
 
 ``--kv-pool diffkv`` selects the pool; ``--diffkv-config`` (JSON text or a path) gives a whole
 :class:`~diffkv_sglang.config.DiffKVConfig`; each ``--diffkv-<field>`` flag overrides one field of it. The
-resolved config travels to SGLang's subprocesses as JSON in the environment (``SGLANG_DIFFKV_CONFIG``) and on the
-server args record (``server_args._diffkv_config``), so every process builds the same config.
+resolved config travels to SGLang's subprocesses as JSON in the environment (``SGLANG_DIFFKV_POOL``,
+``SGLANG_DIFFKV_CONFIG``), so every process builds the same config.
 
 This module imports neither torch kernels nor sglang: it only knows argparse and the config.
 """
@@ -81,14 +81,18 @@ class Refusal(ValueError):
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--kv-pool`` and the ``--diffkv-*`` flags to SGLang's parser."""
+    """Add ``--kv-pool`` and the ``--diffkv-*`` flags to SGLang's parser.
+
+    An SGLang with ``patches/sglang-0.5.23-kv-pool.patch`` applied has its own ``--kv-pool``: argparse refuses the
+    second one (``ArgumentError``), and that flag stays SGLang's; ``plugin.register()`` has added ``diffkv`` to its
+    choices through SGLang's ``add_kv_pool_choices``.
+    """
     group = parser.add_argument_group("DiffKV compressed KV cache (diffkv-sglang)")
-    native = parser._option_string_actions.get("--kv-pool")        # an SGLang with patches/ applied has the flag
-    if native is None:
+    try:
         group.add_argument("--kv-pool", choices=POOL_CHOICES, default="default",
                            help="KV cache pool: SGLang's dense pool (default) or the DiffKV-compressed pool")
-    elif native.choices is not None and "diffkv" not in native.choices:
-        native.choices = [*native.choices, "diffkv"]
+    except argparse.ArgumentError:
+        pass                                                        # SGLang's own --kv-pool (see above)
     group.add_argument("--diffkv-config", default=None,
                        help="DiffKV config as a JSON object or the path of a JSON file (fields as in "
                             "diffkv_sglang.DiffKVConfig); --diffkv-* flags override its fields")

@@ -24,6 +24,7 @@ import logging
 import time
 
 from ..store import CompressedKVStore, StoreStats
+from . import upstream
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class StoreReporter:
         self.tp_rank = str(tp_rank)
         self._last_log = time.monotonic()
         self._last_gauge = 0.0
-        self._gauges = self._make_gauges() if _metrics_enabled() else None
+        self._gauges = self._make_gauges() if upstream.get_observability().enable_metrics else None
         logger.info("DiffKV pool ready on tp rank %s: %d layers x %d KV heads x head_dim %d, %s", self.tp_rank,
                     store.num_layers, store.num_kv_heads, store.head_dim, format_stats(store.stats()))
 
@@ -112,10 +113,3 @@ class StoreReporter:
         g["compactions"].labels(rank).set(stats.compactions)
         g["compacted_bytes"].labels(rank).set(stats.compacted_bytes)
 
-
-def _metrics_enabled() -> bool:
-    try:
-        from sglang.srt.runtime_context import get_observability
-        return bool(get_observability().enable_metrics)
-    except (ImportError, ValueError, AttributeError):
-        return False

@@ -17,13 +17,13 @@ import logging
 import math
 
 import torch
-from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
-from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig, MemoryPoolConfigurator
 
 from ..config import DiffKVConfig
-from ..format import BLOCK_ALIGN, META_SCALE_BYTES, LayerFormats
+from ..format import BLOCK_ALIGN, META_SCALE_BYTES, LayerFormats, descriptor_bytes_per_page
 from ..store import CompressedKVStore
+from . import upstream
 from .metrics import StoreReporter
+from .upstream import KVCache, MemoryPoolConfig, MemoryPoolConfigurator, unwrap_write_loc
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ class PoolPlan:
         self.num_layers, self.num_kv_heads, self.head_dim, self.dtype = num_layers, num_kv_heads, head_dim, dtype
         page = config.page_size
         blocks_per_page = num_layers * num_kv_heads
-        # descriptor rows: two int64 arena columns and int32 tier counts per block, one int8 state per page
-        self.descriptor_bytes_per_page = blocks_per_page * (16 + 4 * config.num_tiers) + 1
+        self.descriptor_bytes_per_page = descriptor_bytes_per_page(config.num_tiers, blocks_per_page)
         cheapest = sum(min(fmt.bytes_per_token(t) for t in range(fmt.num_tiers)) for fmt in self.formats.sealed)
         per_block_overhead = (META_SCALE_BYTES + BLOCK_ALIGN) * blocks_per_page
         self.planned_bytes_per_token = num_kv_heads * cheapest + per_block_overhead / page
@@ -102,8 +101,8 @@ class DiffKVKVPool(KVCache):
         self.store = CompressedKVStore(plan.config, layer_num, plan.num_kv_heads, plan.head_dim, self.num_pages,
                                        plan.arena_bytes(size, context_len), plan.dtype, device)
         self._stage_padding_page()
-        self.reporter = StoreReporter(self.store, tp_rank=_tp_rank())
-        self._finalize_allocation_log(size)
+        self.reporter = StoreReporter(self.store, tp_rank=int(upstream.get_parallel().tp_rank))
+        self._finalize_allocation_log(size)          # SGLang's pools end with it: the size log line and mem_usage
 
     def _stage_padding_page(self) -> None:
         self.store.stage(torch.tensor([PADDING_PAGE], device=self.store.device))
@@ -138,10 +137,3 @@ class DiffKVKVPool(KVCache):
         tables = (store.arena.block_offset, store.arena.block_nbytes, store.tier_counts, store.page_state)
         return store.arena.capacity_bytes + sum(t.numel() * t.element_size() for t in tables)
 
-
-def _tp_rank() -> int:
-    try:
-        from sglang.srt.runtime_context import get_parallel
-        return int(get_parallel().tp_rank)
-    except (ImportError, ValueError, AttributeError):
-        return 0
