@@ -26,13 +26,13 @@ from __future__ import annotations
 import logging
 
 import torch
-from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-from sglang.srt.runtime_context import get_parallel
 
+from . import upstream
 from ..attention import DecodeAttentionWrapper, ExtendAttentionWrapper
 from ..policy import sealable_pages
 from ..format import PageState
 from .pool import DiffKVKVPool
+from .upstream import AttentionBackend, get_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -136,15 +136,7 @@ class DiffKVAttnBackend(AttentionBackend):
     def _check_layer(self, layer) -> None:
         if layer.layer_id in self._checked_layers:
             return
-        problems = []
-        if getattr(layer, "is_cross_attention", False):
-            problems.append("cross attention")
-        if (getattr(layer, "sliding_window_size", None) or -1) > -1:
-            problems.append(f"sliding window {layer.sliding_window_size}")
-        if getattr(layer, "logit_cap", 0) and layer.logit_cap > 0:
-            problems.append(f"logit soft-capping {layer.logit_cap}")
-        if layer.qk_head_dim != layer.v_head_dim:
-            problems.append(f"qk_head_dim {layer.qk_head_dim} != v_head_dim {layer.v_head_dim}")
+        problems = upstream.unsupported_layer_features(layer)   # raises if the layer lacks an attribute of 0.5.23
         if problems:
             raise NotImplementedError(f"--kv-pool diffkv does not support layer {layer.layer_id}: {', '.join(problems)}")
         self._checked_layers.add(layer.layer_id)
