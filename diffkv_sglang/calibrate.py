@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, DiffKVConfig, TierSpec
+from .config import ConfigError, DiffKVConfig, TierSpec, build_config
 from .format import TierLayout
 from .policy import PRUNED, classify_with_config, relative_importance, window_importance, window_seen_counts
 from .quant import dequantize, meta_scale, quantize, rotate, unrotate
@@ -559,9 +559,7 @@ def _select_and_write(report: dict[str, Any], opts: Options, lists) -> dict[str,
 
 
 def _check_accepted(source) -> DiffKVConfig:
-    """Read the config back the way ``--diffkv-config`` does (no sglang import)."""
-    from .integration.args import build_config
-
+    """Read the config back the way ``--diffkv-config`` does (:func:`~diffkv_sglang.config.build_config`)."""
     return build_config(os.fspath(source) if isinstance(source, (str, os.PathLike)) else source.to_dict(), {})
 
 

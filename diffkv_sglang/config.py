@@ -361,6 +361,55 @@ class DiffKVConfig:
         return DiffKVConfig.from_dict(data)
 
 
+def _parse_groups(text: str, tiers: list[Any]) -> list[TierSpec]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if len(parts) != len(tiers):
+        raise ConfigError("groups", text, f"{len(tiers)} entries '<key groups>x<value groups>', one per tier")
+    out = []
+    for part, tier in zip(parts, tiers):
+        key, _, value = part.partition("x")
+        try:
+            key_groups, value_groups = int(key), int(value or key)
+        except ValueError:
+            raise ConfigError("groups", text, "entries like '1x1' or '2x4'") from None
+        base = TierSpec.parse(tier)
+        out.append(dataclasses.replace(base, key_groups=key_groups, value_groups=value_groups))
+    return out
+
+
+def build_config(config_source: str | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> DiffKVConfig:
+    """The DiffKV config from ``--diffkv-config`` plus the individual flag values (SGLang's ``--diffkv-*``
+    flags and ``sglang.Engine`` keywords, ``integration/args.py``; ``python -m diffkv_sglang.calibrate``).
+
+    Args:
+        config_source: JSON text, a path, a mapping or None (defaults).
+        overrides: ``{field: value}`` from ``--diffkv-*`` flags (None values are ignored). ``tiers``,
+            ``groups`` and ``thresholds`` may be comma-separated text.
+    Raises:
+        ConfigError: naming the flag (or the config field) at fault.
+    """
+    base = DiffKVConfig.parse(config_source).to_dict()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "tiers" in given and isinstance(given["tiers"], str):
+        given["tiers"] = [t.strip() for t in given["tiers"].split(",") if t.strip()]
+        if "thresholds" not in given and "alpha_high" not in given and len(given["tiers"]) != len(base["tiers"]):
+            base.pop("thresholds")                         # the old tier count's thresholds no longer apply
+    if "thresholds" in given and isinstance(given["thresholds"], str):
+        try:
+            given["thresholds"] = [float(x) for x in given["thresholds"].split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError("thresholds", given["thresholds"], "comma-separated numbers") from None
+    if "groups" in given:
+        tiers = given.get("tiers", base["tiers"])
+        given["tiers"] = [t.name for t in _parse_groups(given.pop("groups"), tiers)]
+    if "alpha_high" in given:
+        base.pop("thresholds", None)
+    if "alpha_low" in given:
+        base.pop("alpha_low", None)
+    base.update(given)
+    return DiffKVConfig.from_dict(base)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -12,6 +12,7 @@ exports the gauges):
 
     python -m sglang.launch_server --model-path M --kv-pool diffkv --enable-metrics --enable-cache-report
     python examples/multi_turn_chat.py --base-url http://127.0.0.1:30000
+    python examples/multi_turn_chat.py --base-url http://127.0.0.1:30000 --kv-only   # the KV memory lines only
 
 (On a CPU-only machine, see ``scripts/main_job.sh`` for the extra server flags; ``make demo`` does it all.)
 Against a server without the DiffKV pool or without ``--enable-metrics`` the chat still runs and the memory
@@ -150,8 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-url", default="http://127.0.0.1:30000", help="server root (without /v1)")
     parser.add_argument("--max-tokens", type=int, default=48, help="completion tokens per turn")
+    parser.add_argument("--kv-only", action="store_true",
+                        help="print the server's KV memory lines now (or why they are unavailable) and exit")
     args = parser.parse_args(argv)
     base_url = args.base_url.rstrip("/")
+    if args.kv_only:
+        gauges, why = read_diffkv_gauges(base_url)
+        print("\n".join(line.strip() for line in format_memory(gauges)) if gauges is not None else why)
+        return 0
 
     from openai import APIConnectionError, OpenAI
 

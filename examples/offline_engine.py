@@ -6,13 +6,13 @@ prompt, in two batches, so the second batch finds the shared prefix in the radix
 with its prompt, cached and completion tokens.
 
     python examples/offline_engine.py                            # converted SmolLM2 (`make model`), CUDA
-    PYTHONPATH=$PWD/tests/cpu_shims python examples/offline_engine.py --device cpu
+    PYTHONPATH=$PWD/diffkv_devtools/cpu_shims python examples/offline_engine.py --device cpu
 
 CPU: with ``--device cpu`` the script sets ``SGLANG_USE_CPU_ENGINE=1`` itself. On a CPU-only machine without
-SGLang's CPU kernels (``sgl-kernel`` CPU build), ``PYTHONPATH`` must also hold this repo's ``tests/cpu_shims``
-(as an absolute path), which stand in for ``sgl_kernel`` and ``torchvision``; those shims are test-only
-scaffolding, not part of the package. The engine starts worker processes, so everything runs under
-``if __name__ == "__main__":``.
+SGLang's CPU kernels (``sgl-kernel`` CPU build), ``PYTHONPATH`` must also hold this repo's
+``diffkv_devtools/cpu_shims`` (as an absolute path), which stand in for ``sgl_kernel`` and ``torchvision``; those
+shims are development scaffolding of this repository, not part of the package. The engine starts worker
+processes, so everything runs under ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"          # must be set before sglang is imported
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if importlib.util.find_spec("sgl_kernel") is None:
-            print("offline_engine: sgl_kernel is not importable; on a CPU-only machine put this repo's test "
-                  f"shims on PYTHONPATH:\n    PYTHONPATH={REPO / 'tests' / 'cpu_shims'} python {' '.join(sys.argv)}",
+            print("offline_engine: sgl_kernel is not importable; on a CPU-only machine put this repo's CPU "
+                  f"shims on PYTHONPATH:\n    PYTHONPATH={REPO / 'diffkv_devtools' / 'cpu_shims'} "
+                  f"python {' '.join(sys.argv)}",
                   file=sys.stderr)
             return 2
         # what SGLang's CPU engine needs here: no overlap scheduler, torch sampling

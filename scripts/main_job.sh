@@ -92,7 +92,7 @@ T0=$SECONDS
     cd "$WORKDIR"
     unset SGLANG_DIFFKV_POOL SGLANG_DIFFKV_CONFIG
     export SGLANG_USE_CPU_ENGINE=1 HF_HUB_OFFLINE=1
-    export PYTHONPATH="$ROOT/tests/cpu_shims${PYTHONPATH:+:$PYTHONPATH}"   # CPU stand-ins (test-only shims)
+    export PYTHONPATH="$ROOT/diffkv_devtools/cpu_shims${PYTHONPATH:+:$PYTHONPATH}"   # CPU stand-ins (dev-only shims)
     # a new session, so the server leads its own process group and stopping it reaches every SGLang
     # subprocess (under job control the subshell already leads its group and setsid() is refused)
     exec "$PY" -c 'import os, sys
@@ -148,14 +148,7 @@ T_FORK=$((SECONDS - T0))
 
 # the pool's gauges once both examples are done (the radix tree still holds their prefixes)
 sleep 1
-FINAL_KV="$("$PY" - "$BASE_URL" <<'PYEOF'
-import sys
-sys.path.insert(0, "examples")
-from multi_turn_chat import format_memory, read_diffkv_gauges
-gauges, why = read_diffkv_gauges(sys.argv[1])
-print("\n".join(line.strip() for line in format_memory(gauges)) if gauges else why)
-PYEOF
-)" || FINAL_KV="(could not read /metrics)"
+FINAL_KV="$("$PY" examples/multi_turn_chat.py --base-url "$BASE_URL" --kv-only)" || FINAL_KV="(could not read /metrics)"
 step "stopping the server"
 stop_server
 

@@ -12,9 +12,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# plain helper modules: end-to-end (server launcher, tiny model builder) and kernel-test support (error bounds)
-for support in ("e2e_support", "kernel_support"):
-    sys.path.insert(0, str(Path(__file__).parent / support))
+# kernel-test support (store builders, error bounds): plain modules used by the tests only. What the tests share
+# with benchmarks and the demo (server launcher, tiny model, gauges) is the diffkv_devtools package at the repo root.
+sys.path.insert(0, str(Path(__file__).parent / "kernel_support"))
 
 from kernel_stores import needs_interpreter  # noqa: E402
 
@@ -66,7 +66,7 @@ def reference_attention():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random Llama checkpoint (4 layers, 2 KV heads), built once per session for the server tests."""
-    from tiny_model import build_tiny_llama
+    from diffkv_devtools.tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny"))
 

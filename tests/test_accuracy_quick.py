@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from sglang_server import REPO
+from diffkv_devtools import REPO
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

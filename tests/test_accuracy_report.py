@@ -8,14 +8,16 @@ with the fact's log-probability, rows ordered by the mean sealed ratio, and ``-`
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 import sys
 
-from sglang_server import REPO
+from diffkv_devtools import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import accuracy  # noqa: E402
+_SPEC = importlib.util.spec_from_file_location("accuracy", REPO / "benchmarks" / "accuracy.py")
+accuracy = sys.modules["accuracy"] = importlib.util.module_from_spec(_SPEC)   # the benchmark script, from its file
+_SPEC.loader.exec_module(accuracy)
 
 MODEL = "tiny"
 

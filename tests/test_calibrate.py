@@ -60,7 +60,7 @@ SENSITIVE = 2
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     """A tiny Llama (fresh seed) whose layer 2 has huge outlier key channels, calibrated once."""
-    from tiny_model import CORPUS, build_tiny_llama
+    from diffkv_devtools.tiny_model import CORPUS, build_tiny_llama
     from transformers import AutoModelForCausalLM
 
     seed = random.randrange(2**31)

@@ -9,9 +9,10 @@ import random
 
 import pytest
 
-from e2e_common import DIFFKV, STORY, gauge, generate       # tests/e2e_support, put on sys.path by conftest
-from http_requests import copy_without_bos, error_message, healthy, send, vocab_size
-from sglang_server import SGLangServer
+from diffkv_devtools.e2e_common import DIFFKV, STORY, generate
+from diffkv_devtools.gauges import gauge
+from diffkv_devtools.http_requests import copy_without_bos, error_message, healthy, send, vocab_size
+from diffkv_devtools.sglang_server import SGLangServer
 
 pytestmark = pytest.mark.server
 EMPTY = "a prompt of at least one token (this one tokenizes to none)"

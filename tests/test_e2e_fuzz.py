@@ -15,10 +15,10 @@ import random
 
 import pytest
 
-from e2e_common import DIFFKV                                # tests/e2e_support, put on sys.path by conftest
-from http_requests import copy_without_bos, vocab_size
-from request_fuzz import flushed_arena, fuzz_cases, reference_outputs, run_fuzz
-from sglang_server import SGLangServer
+from diffkv_devtools.e2e_common import DIFFKV
+from diffkv_devtools.http_requests import copy_without_bos, vocab_size
+from diffkv_devtools.request_fuzz import flushed_arena, fuzz_cases, reference_outputs, run_fuzz
+from diffkv_devtools.sglang_server import SGLangServer
 
 pytestmark = pytest.mark.server
 

@@ -15,8 +15,9 @@ import urllib.request
 
 import pytest
 
-from sglang_server import SGLangServer, cpu_env      # tests/e2e_support, put on sys.path by conftest
-from e2e_common import DIFFKV, STORY, gauge, generate
+from diffkv_devtools.e2e_common import DIFFKV, STORY, generate
+from diffkv_devtools.gauges import gauge
+from diffkv_devtools.sglang_server import SGLangServer, cpu_env
 
 pytestmark = pytest.mark.server
 

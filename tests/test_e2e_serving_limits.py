@@ -15,9 +15,10 @@ import textwrap
 import pytest
 from transformers import AutoTokenizer
 
-from sglang_server import SGLangServer, cpu_env, run_cli      # tests/e2e_support, put on sys.path by conftest
-from e2e_common import DIFFKV, STORY, gauge, generate
-from teacher_forced import compare, greedy_continuation, score
+from diffkv_devtools.e2e_common import DIFFKV, STORY, generate
+from diffkv_devtools.gauges import gauge
+from diffkv_devtools.sglang_server import SGLangServer, cpu_env, run_cli
+from diffkv_devtools.teacher_forced import compare, greedy_continuation, score
 
 pytestmark = pytest.mark.server
 # float32 weights and activations: summing in another order moves a log-probability by ~1e-6; the margin also

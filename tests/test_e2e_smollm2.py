@@ -35,9 +35,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from e2e_common import gauge
-from sglang_server import REPO, SGLangServer
-from teacher_forced import Comparison, compare, greedy_continuation, score
+from diffkv_devtools import REPO
+from diffkv_devtools.gauges import gauge
+from diffkv_devtools.sglang_server import SGLangServer
+from diffkv_devtools.teacher_forced import Comparison, compare, greedy_continuation, score
 
 pytestmark = pytest.mark.server
 

@@ -34,8 +34,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from e2e_common import DIFFKV, STORY, gauge, generate      # tests/e2e_support, put on sys.path by conftest
-from sglang_server import SGLangServer
+from diffkv_devtools.e2e_common import DIFFKV, STORY, generate
+from diffkv_devtools.gauges import gauge
+from diffkv_devtools.sglang_server import SGLangServer
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)

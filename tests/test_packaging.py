@@ -4,8 +4,11 @@
     diffkv_sglang.kernels) imports sglang or sgl_kernel, except diffkv_sglang/plugin.py and
     anything under diffkv_sglang/integration/. Imports under ``if TYPE_CHECKING:`` are allowed
     (they never run). Files that do not exist yet are simply not scanned.
+    Nothing under diffkv_sglang/ (plugin and integration included) imports diffkv_devtools, the repo's
+    development support package, and ``diffkv_sglang.calibrate`` (a CLI of the core) imports neither the
+    SGLang glue (plugin.py, integration/) nor sglang.
 (b) The wheel (``pip wheel --no-deps --no-build-isolation``) ships diffkv_sglang/ and
-    diffkv_sglang/kernels/, and no top-level kernels/, nothing from tests/.
+    diffkv_sglang/kernels/, and no top-level kernels/, nothing from tests/ or diffkv_devtools/.
     (b) is marked ``slow`` (one wheel build, a few seconds); it is in the default run. Deselect with
     ``-m "not slow"``.
 """
@@ -39,13 +42,15 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def forbidden_imports(source: str, filename: str = "<src>") -> list[tuple[int, str]]:
-    """(line, module) for every import of a FORBIDDEN_ROOTS module outside ``if TYPE_CHECKING:``,
-    including lazy imports inside functions and ``importlib.import_module("...")``/``__import__``."""
+def forbidden_imports(source: str, filename: str = "<src>",
+                      roots: set[str] = FORBIDDEN_ROOTS) -> list[tuple[int, str]]:
+    """(line, module) for every import of a ``roots`` module (default FORBIDDEN_ROOTS) outside
+    ``if TYPE_CHECKING:``, including lazy imports inside functions and
+    ``importlib.import_module("...")``/``__import__``."""
     found: list[tuple[int, str]] = []
 
     def check(lineno: int, module: str | None) -> None:
-        if module and module.split(".")[0] in FORBIDDEN_ROOTS:
+        if module and module.split(".")[0] in roots:
             found.append((lineno, module))
 
     def visit(node: ast.AST) -> None:
@@ -143,6 +148,45 @@ def test_core_does_not_import_sglang():
     )
 
 
+def test_core_does_not_import_devtools():
+    offenders = [f"{path.relative_to(ROOT)}:{lineno}: imports {module}"
+                 for _, path in core_modules()
+                 for lineno, module in forbidden_imports(path.read_text(encoding="utf-8"), str(path),
+                                                         roots={"diffkv_devtools"})]
+    assert not offenders, "diffkv_devtools is never shipped; the package must not import it:\n  " + "\n  ".join(
+        offenders)
+
+
+def imported_modules(source: str, module: str) -> set[str]:
+    """Absolute names of what ``module`` (dotted) imports anywhere in ``source`` (lazy imports included), relative
+    imports resolved; ``from X import y`` gives both ``X`` and ``X.y``."""
+    package = module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            name = ".".join(part for part in (base, node.module) if part)
+            found.add(name)
+            found.update(f"{name}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_imported_modules_resolves_relative_imports():
+    src = "from .config import build_config\nfrom . import integration\nfrom .integration.args import x\nimport os\n"
+    assert imported_modules(src, "diffkv_sglang.calibrate") == {
+        "diffkv_sglang.config", "diffkv_sglang.config.build_config", "diffkv_sglang", "diffkv_sglang.integration",
+        "diffkv_sglang.integration.args", "diffkv_sglang.integration.args.x", "os"}
+
+
+def test_calibrate_depends_on_the_core_only():
+    glue = ("diffkv_sglang.integration", "diffkv_sglang.plugin", *FORBIDDEN_ROOTS)
+    found = imported_modules((PKG / "calibrate.py").read_text(encoding="utf-8"), "diffkv_sglang.calibrate")
+    offenders = sorted(m for m in found if any(m == g or m.startswith(g + ".") for g in glue))
+    assert not offenders, f"diffkv_sglang/calibrate.py imports the SGLang glue: {offenders}"
+
+
 def test_top_level_kernels_folder_is_not_a_package():
     # pyproject: kernels/ has no __init__.py on purpose, so a top-level `import kernels` (sglang,
     # transformers: the PyPI `kernels` package) never resolves to a regular package from this repo.
@@ -178,8 +222,8 @@ def test_wheel_contents(tmp_path):
     top = {n.split("/")[0] for n in names}
     dist_info = {t for t in top if t.endswith(".dist-info")}
     assert top - dist_info == {"diffkv_sglang"}, f"unexpected top-level entries: {sorted(top)}"
-    assert not [n for n in names if n.startswith(("kernels/", "tests/"))]
-    leaked = [n for n in names if any(s in n for s in ("cpu_shims", "e2e_support", "conftest"))]
+    assert not [n for n in names if n.startswith(("kernels/", "tests/", "diffkv_devtools/"))]
+    leaked = [n for n in names if any(s in n for s in ("cpu_shims", "e2e_support", "conftest", "diffkv_devtools"))]
     assert not leaked, f"test files in the wheel: {leaked}"
 
     if any(KERNELS.rglob("*.py")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from sglang_server import REPO
+from diffkv_devtools import REPO
 
 
 def readme_block(section: str) -> str:

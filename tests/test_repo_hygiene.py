@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from sglang_server import REPO
+from diffkv_devtools import REPO
 
 MACHINE_PATH = re.compile(r"(?:^|[^\w.-])/(?:work|opt|tmp|home|root|mnt|Users)/")
 EXEMPT = {

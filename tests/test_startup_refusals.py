@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from sglang_server import cpu_env      # tests/e2e_support, put on sys.path by conftest
+from diffkv_devtools.sglang_server import cpu_env
 
 pytestmark = pytest.mark.server
 

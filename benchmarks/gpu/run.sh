@@ -27,6 +27,7 @@ SITE=$SCRATCH/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$REPO"/.cache/gpu/wheels/*.whl \
   || { echo "run.sh: install failed (run benchmarks/gpu/prepare.sh and carry .cache/gpu/wheels)"; exit 1; }
 rm -rf "$SITE/diffkv_sglang" && ln -s "$REPO/diffkv_sglang" "$SITE/diffkv_sglang"   # the wheel's dist-info, this tree's code
+ln -s "$REPO/diffkv_devtools" "$SITE/diffkv_devtools"   # the tests' server launcher and gauges (never in the wheel)
 say "installed $(ls "$REPO"/.cache/gpu/wheels | wc -l) wheels into $SITE"
 export PYTHONPATH=$GPU/standin:$SITE PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TMPDIR=$SCRATCH/tmp
 export DIFFKV_GPU_TOKENIZER=$REPO/.cache/gpu/tokenizer DIFFKV_GPU_STANDIN_LOG=$OUTD/standin-calls.jsonl

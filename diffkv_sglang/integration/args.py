@@ -14,10 +14,9 @@ import argparse
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
-from ..config import ROTATIONS, PRUNE_SCOPES, ConfigError, DiffKVConfig, TierSpec
+from ..config import ROTATIONS, PRUNE_SCOPES, ConfigError, DiffKVConfig, build_config
 
 POOL_CHOICES = ("default", "diffkv")
 ENV_POOL = "SGLANG_DIFFKV_POOL"
@@ -99,54 +98,6 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     for flag in FLAGS:
         group.add_argument(flag.name, default=None, help=flag.help, choices=flag.choices,
                            type=flag.kind if flag.kind is not str else None)
-
-
-def _parse_groups(text: str, tiers: list[Any]) -> list[TierSpec]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if len(parts) != len(tiers):
-        raise ConfigError("groups", text, f"{len(tiers)} entries '<key groups>x<value groups>', one per tier")
-    out = []
-    for part, tier in zip(parts, tiers):
-        key, _, value = part.partition("x")
-        try:
-            key_groups, value_groups = int(key), int(value or key)
-        except ValueError:
-            raise ConfigError("groups", text, "entries like '1x1' or '2x4'") from None
-        base = TierSpec.parse(tier)
-        out.append(dataclasses.replace(base, key_groups=key_groups, value_groups=value_groups))
-    return out
-
-
-def build_config(config_source: str | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> DiffKVConfig:
-    """The DiffKV config from ``--diffkv-config`` plus the individual flag values.
-
-    Args:
-        config_source: JSON text, a path, a mapping or None (defaults).
-        overrides: ``{field: value}`` from ``--diffkv-*`` flags (None values are ignored). ``tiers``,
-            ``groups`` and ``thresholds`` may be comma-separated text.
-    Raises:
-        ConfigError: naming the flag (or the config field) at fault.
-    """
-    base = DiffKVConfig.parse(config_source).to_dict()
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if "tiers" in given and isinstance(given["tiers"], str):
-        given["tiers"] = [t.strip() for t in given["tiers"].split(",") if t.strip()]
-        if "thresholds" not in given and "alpha_high" not in given and len(given["tiers"]) != len(base["tiers"]):
-            base.pop("thresholds")                         # the old tier count's thresholds no longer apply
-    if "thresholds" in given and isinstance(given["thresholds"], str):
-        try:
-            given["thresholds"] = [float(x) for x in given["thresholds"].split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError("thresholds", given["thresholds"], "comma-separated numbers") from None
-    if "groups" in given:
-        tiers = given.get("tiers", base["tiers"])
-        given["tiers"] = [t.name for t in _parse_groups(given.pop("groups"), tiers)]
-    if "alpha_high" in given:
-        base.pop("thresholds", None)
-    if "alpha_low" in given:
-        base.pop("alpha_low", None)
-    base.update(given)
-    return DiffKVConfig.from_dict(base)
 
 
 def flag_error_message(error: ConfigError, from_flags: set[str]) -> str:

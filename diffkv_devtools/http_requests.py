@@ -1,5 +1,5 @@
 """Raw HTTP requests to a test server that report the status instead of raising, and a model copy whose tokenizer
-adds no BOS token (test-only scaffolding for the bad-request and fuzz tests).
+adds no BOS token (for the bad-request and fuzz tests and ``benchmarks/fuzz_serving.py``).
 
 SGLangServer.post raises on 4xx/5xx; these tests need the status and SGLang's error message of every answer,
 and a dropped connection (the server died) as a value, so a run can go on to count it.

@@ -23,7 +23,7 @@ class InterpolationMode(enum.Enum):
 def _unavailable(name: str) -> type:
     def __init__(self, *args, **kwargs):
         raise RuntimeError(
-            f"torchvision.{name} is unavailable: this is the CPU test stub (tests/cpu_shims)"
+            f"torchvision.{name} is unavailable: this is the CPU test stub (diffkv_devtools/cpu_shims)"
         )
 
     def __call__(self, *args, **kwargs):

@@ -1,6 +1,5 @@
 """A seeded, bounded fuzz run of SGLang's HTTP API (``/generate``, ``/v1/completions``, ``/v1/chat/completions``)
-against a running test server (test-only scaffolding, used by ``tests/test_e2e_fuzz.py`` and
-``benchmarks/fuzz_serving.py``).
+against a running test server (used by ``tests/test_e2e_fuzz.py`` and ``benchmarks/fuzz_serving.py``).
 
 :func:`fuzz_cases` draws malformed and edge-case requests from a seed: each starts from a valid request of one of
 the three endpoints and gets one to three mutations (empty, huge, negative, out-of-vocabulary, wrong-type or
@@ -20,8 +19,8 @@ import random
 import time
 from collections import Counter
 
-from e2e_common import gauge
-from http_requests import DROPPED, healthy, send, wait_until_idle
+from .gauges import gauge
+from .http_requests import DROPPED, healthy, send, wait_until_idle
 
 WORDS = ("once upon a time there was a small language model that lived on a CPU the quick brown fox jumps over "
          "the lazy dog keys and values are stored in a paged cache some tokens matter more than others").split()

@@ -1,11 +1,11 @@
-"""Start and stop the real SGLang server on CPU for end-to-end tests (test-only scaffolding).
+"""Start and stop the real SGLang server on CPU, for the end-to-end tests and the benchmarks.
 
     with SGLangServer(model_path, ["--kv-pool", "diffkv"]) as server:
         reply = server.post("/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 8}})
 
 The server runs ``python -m sglang.launch_server`` from a temporary directory (never the repo root, whose
-``kernels/`` folder must not shadow PyPI's ``kernels``), with ``SGLANG_USE_CPU_ENGINE=1`` and the CPU shims of
-``tests/cpu_shims`` on ``PYTHONPATH``, and is stopped with its whole process group.
+``kernels/`` folder must not shadow PyPI's ``kernels``), with ``SGLANG_USE_CPU_ENGINE=1`` and the CPU shims
+(:data:`diffkv_devtools.CPU_SHIMS`) on its ``PYTHONPATH``, and is stopped with its whole process group.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-SHIMS = REPO / "tests" / "cpu_shims"
+from . import CPU_SHIMS, gauges
+
 CPU_ARGS = ["--device", "cpu", "--disable-overlap-schedule", "--skip-server-warmup", "--sampling-backend", "pytorch",
             "--host", "127.0.0.1"]
 
@@ -35,12 +35,12 @@ def free_port() -> int:
 
 
 def cpu_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for SGLang on this CPU machine (test shims on PYTHONPATH, after a ``PYTHONPATH`` in
-    ``extra``, which is prepended rather than replacing them)."""
+    """Environment for an SGLang subprocess on this CPU machine (the CPU shims on PYTHONPATH, after a
+    ``PYTHONPATH`` in ``extra``, which is prepended rather than replacing them)."""
     extra = dict(extra or {})
     env = dict(os.environ)
     env["SGLANG_USE_CPU_ENGINE"] = "1"
-    paths = [extra.pop("PYTHONPATH", ""), str(SHIMS), env.get("PYTHONPATH", "")]
+    paths = [extra.pop("PYTHONPATH", ""), str(CPU_SHIMS), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["HF_HUB_OFFLINE"] = "1"
     env.pop("SGLANG_DIFFKV_POOL", None)
@@ -151,13 +151,8 @@ class SGLangServer:
             return r.read().decode()
 
     def metrics(self) -> dict[str, float]:
-        """``/metrics`` gauges whose name starts with ``sglang:diffkv_`` (label sets folded into the key)."""
-        out = {}
-        for line in self.get_text("/metrics").splitlines():
-            if line.startswith("sglang:diffkv_"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
+        """The pool's gauges on ``/metrics``, summed over TP ranks (:func:`diffkv_devtools.gauges.parse`)."""
+        return gauges.parse(self.get_text("/metrics"))
 
 
 def run_cli(args: list[str], timeout: float = 300.0) -> subprocess.CompletedProcess:

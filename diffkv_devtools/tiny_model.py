@@ -1,6 +1,6 @@
 """Build a tiny random Llama checkpoint for CPU end-to-end tests (no downloads).
 
-    python tests/e2e_support/tiny_model.py OUT_DIR        # or: build_tiny_llama(OUT_DIR)
+    python -m diffkv_devtools.tiny_model OUT_DIR        # or: build_tiny_llama(OUT_DIR)
 
 The result is a Hugging Face model directory that ``sglang.launch_server --model-path OUT_DIR``
 and ``transformers.AutoModelForCausalLM`` can load:

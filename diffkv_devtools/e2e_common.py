@@ -1,4 +1,5 @@
-"""Shared pieces of the end-to-end tests: the DiffKV flags they use, a prompt, request and gauge helpers."""
+"""Shared pieces of the end-to-end tests: the DiffKV flags they use, a prompt and a request helper (the gauges:
+:mod:`diffkv_devtools.gauges`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,3 @@ def generate(server, text: str, max_new_tokens: int = 24, **sampling) -> dict:
     params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True, **sampling}
     return server.post("/generate", {"text": text, "sampling_params": params})
 
-
-def gauge(server, name: str) -> float:
-    """Sum over label sets (e.g. TP ranks) of the ``sglang:diffkv_<name>`` gauge."""
-    values = [v for k, v in server.metrics().items() if k.startswith(f"sglang:diffkv_{name}")]
-    assert values, f"gauge sglang:diffkv_{name} missing"
-    return sum(values)
