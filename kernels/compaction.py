@@ -19,27 +19,31 @@ import torch
 import triton
 import triton.language as tl
 
+from diffkv_sglang.format import BLOCK_ALIGN
+
 __all__ = ["move_blocks", "move_blocks_reference", "COPY_CONFIG"]
 
-UNIT_BYTES = 16
+UNIT_BYTES = BLOCK_ALIGN          # blocks start and end on this boundary, so whole units move
 
 COPY_CONFIG = {"BLOCK_UNITS": 256, "num_warps": 8}
 """Units per tile (256 x 16 B = 4 KiB: one 16-byte access per thread and tile with 8 warps) and warps."""
 
 
 @triton.jit
-def _copy_units_kernel(src, dst, src_units, dst_units, num_units, BLOCK_UNITS: tl.constexpr):
-    """Copy segment ``i`` (one program each): ``num_units[i]`` 16-byte units from unit ``src_units[i]`` of
-    ``src`` to unit ``dst_units[i]`` of ``dst``; ``src``/``dst`` are int32 views, ``*_units`` int64 ``[n]``."""
+def _copy_units_kernel(src, dst, src_units, dst_units, num_units, BLOCK_UNITS: tl.constexpr,
+                       UNIT_WORDS: tl.constexpr):
+    """Copy segment ``i`` (one program each): ``num_units[i]`` units of ``UNIT_WORDS`` int32 words from unit
+    ``src_units[i]`` of ``src`` to unit ``dst_units[i]`` of ``dst``; ``src``/``dst`` are int32 views, ``*_units``
+    int64 ``[n]``."""
     i = tl.program_id(0)
-    src_word = tl.multiple_of(tl.load(src_units + i) * 4, 4)
-    dst_word = tl.multiple_of(tl.load(dst_units + i) * 4, 4)
+    src_word = tl.multiple_of(tl.load(src_units + i) * UNIT_WORDS, UNIT_WORDS)
+    dst_word = tl.multiple_of(tl.load(dst_units + i) * UNIT_WORDS, UNIT_WORDS)
     count = tl.load(num_units + i)
     unit = tl.arange(0, BLOCK_UNITS)
-    word = tl.arange(0, 4)
+    word = tl.arange(0, UNIT_WORDS)
     for start in range(0, count, BLOCK_UNITS):
         u = start + unit
-        offsets = u[:, None] * 4 + word[None, :]
+        offsets = u[:, None] * UNIT_WORDS + word[None, :]
         mask = (u < count)[:, None]
         tl.store(dst + dst_word + offsets, tl.load(src + src_word + offsets, mask=mask), mask=mask)
 
@@ -54,7 +58,8 @@ def _copy_segments(src: torch.Tensor, dst: torch.Tensor, src_bytes: torch.Tensor
                    nbytes: torch.Tensor) -> None:
     _copy_units_kernel[(nbytes.shape[0],)](
         src.view(torch.int32), dst.view(torch.int32), src_bytes // UNIT_BYTES, dst_bytes // UNIT_BYTES,
-        nbytes // UNIT_BYTES, BLOCK_UNITS=COPY_CONFIG["BLOCK_UNITS"], num_warps=COPY_CONFIG["num_warps"])
+        nbytes // UNIT_BYTES, BLOCK_UNITS=COPY_CONFIG["BLOCK_UNITS"], UNIT_WORDS=UNIT_BYTES // 4,
+        num_warps=COPY_CONFIG["num_warps"])
 
 
 def move_blocks(data: torch.Tensor, old_offsets: torch.Tensor, new_offsets: torch.Tensor, nbytes: torch.Tensor,
