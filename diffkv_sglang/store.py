@@ -209,7 +209,8 @@ class CompressedKVStore:
         self.page_state[pages] = PageState.STAGED
 
     def write_tokens(self, layer: int, locs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store new tokens of ``layer`` into their staged pages.
+        """Store new tokens of ``layer`` into their staged pages (one kernel launch with kernels; row copies
+        through an overlapping-row view otherwise).
 
         Args:
             locs: ``[m]`` int logical token slots (their pages must be STAGED).
@@ -217,6 +218,14 @@ class CompressedKVStore:
         """
         if locs.numel() == 0:
             return
+        if self.kernels:
+            from .kernels.write_tokens import write_tokens
+
+            def rows(x):
+                x = x.reshape(locs.numel(), self.num_kv_heads, self.head_dim)
+                return x if x.stride(-1) == 1 else x.contiguous()
+
+            return write_tokens(self.view, layer, locs.to(self.device), rows(keys), rows(values))
         locs = locs.to(self.device, torch.int64)
         pages, in_page = locs // self.page_size, locs % self.page_size
         staged = self.formats.staged

@@ -67,10 +67,10 @@ def test_the_probe_sees_syncs():
 
 @pytest.mark.triton
 def test_decode_plan_and_writes_never_sync(monkeypatch, seeded):
-    monkeypatch.setenv(KERNELS_ENV, "triton")
     config = DiffKVConfig.from_dict({"page_size": 16, "window": 32, **PRUNING})
     heads, gqa, dim, layers = 2, 2, 32, 2
     cpu_store, table, lens = build(config, heads, dim, [70, 33, 150], layers=layers, staged_pages=2)
+    monkeypatch.setenv(KERNELS_ENV, "triton")                  # the copy runs the kernels (natively on CUDA)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     store, table, lens = cpu_store.to(device), table.to(device), lens.to(device)
     assert store.kernels
