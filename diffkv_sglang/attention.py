@@ -250,6 +250,11 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
         self._batch_size = 0
         self._code_plan = None if store.kernels else CodeDecodePlan(store)
 
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """``(max_batch, max_pages)`` the kernel plan holds now (it grows in ``plan`` for a larger batch)."""
+        return self._capacity
+
     def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float | None = None,
              check: bool = True) -> None:
         """Build per-batch metadata.

@@ -3,7 +3,8 @@
 The contract is the torch path of :meth:`diffkv_sglang.store.CompressedKVStore.write_tokens` (the reference): token
 slot ``s`` is in-page row ``s % P`` of page ``s // P``, whose staged block for (``layer``, KV head ``h``) starts at
 ``block_offset[(page * L + layer) * H + h]``; keys go to row ``s % P`` of its key rows, values to the same row of
-its value rows (:class:`diffkv_sglang.format.StagedBlockFormat`), cast to the model dtype. Every other byte is left
+its value rows (:class:`diffkv_sglang.format.StagedBlockFormat`), cast to the model dtype (by torch, before the
+launch, when they are in another). Every other byte is left
 alone. Grid ``(m,)``: a program reads its token's ``H`` descriptors and copies ``H`` key rows and ``H`` value rows,
 so a decode step's write is one launch (SGLang's own ``set_kv_buffer`` is two index puts).
 
@@ -39,12 +40,12 @@ def _write_tokens_kernel(KV, BLOCK_OFFSET, LOCS, K, V, stride_kt, stride_kh, str
     row = (block // ELEMENT_BYTES + (loc % P) * D)[:, None] + d[None, :]
     keys = tl.load(K + i * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     values = tl.load(V + i * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    tl.store(KV + row, keys.to(KV.dtype.element_ty), mask=mask)
-    tl.store(KV + row + VALUES_START, values.to(KV.dtype.element_ty), mask=mask)
+    tl.store(KV + row, keys, mask=mask)
+    tl.store(KV + row + VALUES_START, values, mask=mask)
 
 
 def write_tokens(kv: BlockView, layer: int, locs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Store ``keys``, ``values`` ``[m, H, D]`` (any float dtype; head_dim contiguous) of the token slots ``locs``
+    """Store ``keys``, ``values`` ``[m, H, D]`` (cast to the model dtype; head_dim contiguous) of the token slots ``locs``
     ``[m]`` (int, on the arena's device, in STAGED pages) into ``layer``'s staged blocks."""
     heads, dim = kv.num_kv_heads, kv.head_dim
     m = locs.numel()
@@ -54,6 +55,8 @@ def write_tokens(kv: BlockView, layer: int, locs: torch.Tensor, keys: torch.Tens
                              f"{tuple(x.shape)} on {x.device}")
     if m == 0:
         return
+    # cast in torch (round to nearest even everywhere; Triton's interpreter truncates): a no-op for a model's K/V
+    keys, values = (x if x.dtype == kv.dtype else x.to(kv.dtype) for x in (keys, values))
     staged = kv.formats.staged
     _write_tokens_kernel[(m,)](
         kv.typed(kv.dtype), kv.block_offset, locs, keys, values, keys.stride(0), keys.stride(1), values.stride(0),

@@ -137,8 +137,8 @@ def test_decode_wrapper_kernels_match_torch(monkeypatch, seeded):
             torch.testing.assert_close(score, ref_score, rtol=math.expm1(2 * float(logit_err.max())) + 1e-5,
                                        atol=1e-7)
             assert torch.equal(seen, ref_seen)
-    plan = wrappers["triton"]._kernel_plan
-    assert plan.max_batch >= 4 and plan.max_pages >= 3
+    max_batch, max_pages = wrappers["triton"].capacity
+    assert max_batch >= 4 and max_pages >= 3
 
 
 @pytest.mark.triton
