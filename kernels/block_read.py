@@ -157,7 +157,7 @@ def tier_count(n0, n1, n2, n3, t: tl.constexpr):
 
 @triton.jit
 def describe_block(page, ok, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS: tl.constexpr,
-              NUM_KV_HEADS: tl.constexpr, T: tl.constexpr):
+                   NUM_KV_HEADS: tl.constexpr, T: tl.constexpr):
     """Descriptor of ``page`` in (layer, head ``h``): ``(state, block offset, n0, n1, n2, n3)``, state -1 unless
     ``ok``, tier counts 0 unless sealed. The loads are independent of each other (no chain)."""
     state = tl.load(PAGE_STATE + page, mask=ok, other=-1).to(tl.int32)
@@ -207,7 +207,8 @@ def sealed_format_constants(fmt: BlockFormat) -> dict:
     specs = [layout.spec for layout in fmt.tiers]
     for spec in specs:
         if spec.key_bits not in SUPPORTED_BITS or spec.value_bits not in SUPPORTED_BITS:
-            raise ValueError(f"the kernels read {SUPPORTED_BITS}-bit codes; tier {spec.name} has {spec.key_bits}/{spec.value_bits}")
+            raise ValueError(f"the kernels read {SUPPORTED_BITS}-bit codes; tier {spec.name} has "
+                             f"{spec.key_bits}/{spec.value_bits}")
     row_bytes = [layout.row_bytes(kind) for layout in fmt.tiers for kind in (KEYS, VALUES, KEY_META, VALUE_META)]
     packed = [n for spec in specs for n in (fmt.head_dim * spec.key_bits // 8, fmt.head_dim * spec.value_bits // 8,
                                             META_BYTES * spec.key_groups, META_BYTES * spec.value_groups)]

@@ -314,7 +314,7 @@ def _attend_sealed(m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, U8, base, n0
         prod, k_meta = _tier_keys(prod, k_meta, tiles3, q_hi, q_lo, has3, KEY_BITS[3], BLOCK_N, D, PARTS)
         v_meta = v_meta | tiles3[3]
     if KG == 1:
-        k_scale = tl.where(live, half_to_float(k_meta), 0.0)                      # no NaN from rows past the request
+        k_scale = tl.where(live, half_to_float(k_meta), 0.0)               # no NaN from rows past the request
         k_zero = tl.where(live, half_to_float(k_meta >> 16), 0.0)
         s = prod * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
     else:
@@ -473,9 +473,9 @@ def _decode_split_kernel(
         w_hi = page_hi * CHUNKS
         # pipeline prologue: item w_lo's descriptor and tiles, item w_lo + 1's descriptor, item w_lo + 2's page
         desc = describe_block(_page_id(table, w_lo, w_hi, CHUNKS), w_lo < w_hi, layer, h, PAGE_STATE, BLOCK_OFFSET,
-                         TIER_COUNTS, NUM_LAYERS, NUM_KV_HEADS, T)
+                              TIER_COUNTS, NUM_LAYERS, NUM_KV_HEADS, T)
         desc_1 = describe_block(_page_id(table, w_lo + 1, w_hi, CHUNKS), w_lo + 1 < w_hi, layer, h, PAGE_STATE,
-                           BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS, NUM_KV_HEADS, T)
+                                BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS, NUM_KV_HEADS, T)
         page_2 = _page_id(table, w_lo + 2, w_hi, CHUNKS)
         item = _fetch_item(U32, desc, (w_lo % CHUNKS) * BLOCK_N, T, KEY_BITS, VALUE_BITS, KEY_GROUPS, VALUE_GROUPS,
                            KG, VG, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC, META_SCALE_SEC, CODE_ALIGN, D,
@@ -486,8 +486,8 @@ def _decode_split_kernel(
             item_1 = _fetch_item(U32, desc_1, ((w + 1) % CHUNKS) * BLOCK_N, T, KEY_BITS, VALUE_BITS, KEY_GROUPS,
                                  VALUE_GROUPS, KG, VG, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC,
                                  META_SCALE_SEC, CODE_ALIGN, D, BLOCK_N)
-            desc_2 = describe_block(page_2, w + 2 < w_hi, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS,
-                               NUM_KV_HEADS, T)
+            desc_2 = describe_block(page_2, w + 2 < w_hi, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS,
+                                    NUM_LAYERS, NUM_KV_HEADS, T)
             page_2 = _page_id(table, w + 3, w_hi, CHUNKS)
             state, base, n0, n1, n2, n3 = desc
             row0 = (w % CHUNKS) * BLOCK_N

@@ -97,13 +97,13 @@ def _dense_read_kernel(U8, U32, KV, PAGES, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS
                        KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr, INDEX_SEC: tl.constexpr,
                        META_SCALE_SEC: tl.constexpr, KEY_ROT: tl.constexpr, VALUE_ROT: tl.constexpr,
                        CODE_ALIGN: tl.constexpr):
-    """One (page, KV head) block of ``PAGES`` into its ``[P, D]`` rows of the outputs (``U8``, ``U32``, ``STAGED``:
+    """One (page, KV head) block of ``PAGES`` into its ``[P, D]`` rows of the outputs (``U8``, ``U32``, ``KV``:
     the arena as bytes, int32 words and the model dtype)."""
     i = tl.program_id(0)
     h = tl.program_id(1)
     page = tl.load(PAGES + i).to(tl.int64)
-    state, base, n0, n1, n2, n3 = describe_block(page, True, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, NUM_LAYERS,
-                                            H, T)
+    state, base, n0, n1, n2, n3 = describe_block(page, True, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS,
+                                                 NUM_LAYERS, H, T)
     out_row = (i.to(tl.int64) * H + h) * P
     slot = tl.arange(0, BLOCK_P)
     in_page = slot < P

@@ -45,8 +45,8 @@ def _write_tokens_kernel(KV, BLOCK_OFFSET, LOCS, K, V, stride_kt, stride_kh, str
 
 
 def write_tokens(kv: BlockView, layer: int, locs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Store ``keys``, ``values`` ``[m, H, D]`` (cast to the model dtype; head_dim contiguous) of the token slots ``locs``
-    ``[m]`` (int, on the arena's device, in STAGED pages) into ``layer``'s staged blocks."""
+    """Store ``keys``, ``values`` ``[m, H, D]`` (cast to the model dtype; head_dim contiguous) of the token slots
+    ``locs`` ``[m]`` (int, on the arena's device, in STAGED pages) into ``layer``'s staged blocks."""
     heads, dim = kv.num_kv_heads, kv.head_dim
     m = locs.numel()
     for name, x in (("keys", keys), ("values", values)):
