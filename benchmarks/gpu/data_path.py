@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import statistics
 import warnings
 
@@ -197,7 +198,8 @@ def main() -> None:
         return
     import diffkv_sglang
 
-    result = {"label": args.label, "package": diffkv_sglang.__file__, "gpu": torch.cuda.get_device_name(),
+    package = os.path.relpath(os.path.dirname(diffkv_sglang.__file__))       # never a machine path in results
+    result = {"label": args.label, "package": package, "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "shape": "Llama-3-8B (32 layers, 8 KV heads, head_dim 128, 32 q heads)"}
     for part in (measure_seal, measure_writes, lambda: measure_plan(64, 1024), lambda: measure_plan(256, 512)):
         result.update(part())
