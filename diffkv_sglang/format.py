@@ -321,7 +321,8 @@ class BlockView:
 
     Attributes:
         data: ``[capacity]`` uint8 arena bytes.
-        block_offset: ``[num_pages * num_layers * num_kv_heads]`` int64 byte offset of each block (-1: none).
+        block_offset: ``[num_pages * num_layers * num_kv_heads + spare]`` int64 byte offset of each block (-1:
+            none); the rows after the pages' are the store's spare slots (a chunk's blocks while it seals).
         page_state: ``[num_pages]`` int8 :class:`PageState` codes.
         tier_counts: ``[num_pages, num_layers, num_kv_heads, num_tiers]`` int32 tokens per tier of sealed blocks.
         formats: the staged format and every layer's sealed format.
