@@ -109,8 +109,11 @@ def _check_table(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: in
 class _PagedAttentionBase:
     """Shared plan/run machinery; subclasses define the queries."""
 
-    def __init__(self, store: CompressedKVStore):
-        self.store = store
+    def __init__(self, store: CompressedKVStore, num_q_heads: int):
+        if num_q_heads < 1 or num_q_heads % store.num_kv_heads:
+            raise ValueError(f"num_q_heads={num_q_heads} must be a positive multiple of num_kv_heads="
+                             f"{store.num_kv_heads}")
+        self.store, self.num_q_heads = store, num_q_heads
         self._plan: PagedBatchPlan | None = None
         self._targets = None            # (plan, b, t, slots) of the staged tokens whose statistics run() sets
         self._layout: _QueryLayout | None = None     # of the planned batch, built by its first run()
@@ -238,11 +241,7 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
 
     def __init__(self, store: CompressedKVStore, num_q_heads: int, max_batch: int = 1, max_pages: int = 1,
                  max_staged_pages: int | None = None):
-        super().__init__(store)
-        if num_q_heads < 1 or num_q_heads % store.num_kv_heads:
-            raise ValueError(f"num_q_heads={num_q_heads} must be a positive multiple of num_kv_heads="
-                             f"{store.num_kv_heads}")
-        self.num_q_heads = num_q_heads
+        super().__init__(store, num_q_heads)
         self._kernel_plan = None                     # DecodePlan, built by the first plan()
         self._capacity = (max(1, max_batch), max(1, min(max_pages, store.num_pages)))
         self._max_staged_pages = max_staged_pages
@@ -342,11 +341,7 @@ class ExtendAttentionWrapper(_PagedAttentionBase):
     """
 
     def __init__(self, store: CompressedKVStore, num_q_heads: int):
-        super().__init__(store)
-        if num_q_heads < 1 or num_q_heads % store.num_kv_heads:
-            raise ValueError(f"num_q_heads={num_q_heads} must be a positive multiple of num_kv_heads="
-                             f"{store.num_kv_heads}")
-        self.num_q_heads = num_q_heads
+        super().__init__(store, num_q_heads)
         self._kernel_plan = None                     # ExtendPlan, built by the first plan() with kernels
         self._kv_pages = None                        # [nnz] int64 the batch's valid pages, in CSR order
 

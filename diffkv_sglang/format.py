@@ -255,8 +255,9 @@ class StagedBlockFormat:
     page_size: int
     dtype: torch.dtype
 
-    @property
+    @functools.cached_property
     def element_bytes(self) -> int:
+        """Bytes per model-dtype element (cached: the token write reads it per layer call)."""
         return torch.empty((), dtype=self.dtype).element_size()
 
     @property
