@@ -658,8 +658,8 @@ class DecodePlan:
         max_staged_pages: capacity of the staged-logit scratch, in staged pages per request. ``None`` sizes it
             in each :meth:`plan` from the batch (one host sync); give a number for CUDA graphs (``plan`` then
             raises if a request has more, unless ``check=False``).
-        num_splits: split-K factor; ``None`` picks ``ceil(target / (batch * H))`` capped by
-            ``ceil(max_pages / min_pages_per_split)`` and MAX_SPLITS (target: 4 programs per SM on CUDA).
+        num_splits: split-K factor; ``None`` picks ``ceil(target / (batch * H))`` capped by MAX_SPLITS (target:
+            ``programs_per_sm`` or ``wide_programs_per_sm`` programs per SM); it depends on the batch size only.
         sm_scale: softmax scale (default ``1 / sqrt(head_dim)``).
         config: launch parameters (default :func:`default_config`).
         record_importance: accumulate staged-token importance (the reference always does).
@@ -715,14 +715,17 @@ class DecodePlan:
         self.batch, self.num_splits = 0, 1
 
     def _splits_for(self, batch: int) -> int:
+        """Split-K factor of a ``batch``-request plan: a function of the batch size and the device only, never of
+        the plan's capacities, so a request's splits (hence its float32 summation order) are the same in the
+        growing eager wrapper and in a fixed-capacity CUDA-graph wrapper at the same batch size. Splits past a
+        short request's last page exit at once."""
         if self._fixed_splits is not None:
             return self._fixed_splits
-        most = triton.cdiv(self.max_pages, self.config.min_pages_per_split)
         pairs = batch * self.kv.num_kv_heads
         per_sm = (self.config.programs_per_sm if pairs <= NARROW_PAIRS_PER_SM * self._sms
                   else self.config.wide_programs_per_sm)
         wanted = triton.cdiv(per_sm * self._sms, pairs)
-        return max(1, min(wanted, most, MAX_SPLITS))
+        return max(1, min(wanted, MAX_SPLITS))
 
     def _alloc_staged(self, cap: int) -> None:
         kv, device = self.kv, self.kv.device

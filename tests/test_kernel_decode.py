@@ -286,3 +286,22 @@ def test_decode_step_through_the_wrapper_is_capturable(monkeypatch, seeded):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     for (score, seen), (ref_score, ref_seen) in zip(results["graph"][1], results["eager"][1]):
         assert torch.equal(score, ref_score) and torch.equal(seen, ref_seen)
+
+def test_capacity_does_not_change_the_arithmetic(seeded):
+    """A plan's capacities (the growing eager wrapper's against a CUDA graph's fixed ones) leave a request's splits,
+    hence its float32 summation order, unchanged: the same batch gives bit-identical outputs and importance."""
+    page, heads, dim = 16, 2, 32
+    store, table, lens = build(DiffKVConfig.from_dict({"page_size": page}), heads, dim, [70, 37, 130], layers=1,
+                               staged_pages=2)
+    outs = []
+    for max_batch, max_pages in ((3, table.shape[1]), (16, 4 * table.shape[1])):
+        copy = store.to(DEVICE)
+        plan = DecodePlan(copy.view, heads * 2, max_batch=max_batch, max_pages=max_pages, max_staged_pages=4)
+        plan.plan(table.to(DEVICE), lens.to(DEVICE))
+        q = torch.randn(3, heads * 2, dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+        staged = table[store.page_state[table] == PageState.STAGED].to(DEVICE)
+        outs.append((plan.num_splits, plan.run(q, 0).cpu(), *(x.cpu() for x in copy.staged_importance(0, staged))))
+    (splits_a, *a), (splits_b, *b) = outs
+    assert splits_a == splits_b
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
