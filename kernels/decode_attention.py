@@ -778,16 +778,8 @@ class DecodePlan:
         """Attention of ``q`` ``[B, Hq, D]`` over the planned batch in ``layer``; returns ``out`` ``[B, Hq, D]``
         (``q.dtype``; allocated only when not given) and accumulates staged-token importance. ``sm_scale``
         overrides the plan's softmax scale for this call (a kernel argument, not a compile-time constant)."""
+        out = self.check_run(q, out)
         kv, batch, heads, dim = self.kv, self.batch, self.kv.num_kv_heads, self.kv.head_dim
-        if batch == 0:
-            raise RuntimeError("call plan() with a non-empty batch before run()")
-        if q.shape != (batch, self.num_q_heads, dim) or q.stride(-1) != 1 or q.device != self._u8.device:
-            raise ValueError(f"q {tuple(q.shape)} on {q.device}: expected ({batch}, {self.num_q_heads}, {dim}), "
-                             f"last dim contiguous, on {kv.device}")
-        if out is None:
-            out = torch.empty_like(q)
-        elif out.shape != q.shape or out.stride(-1) != 1:
-            raise ValueError(f"out {tuple(out.shape)}: expected {tuple(q.shape)} with a contiguous last dim")
         fmt = kv.formats[layer]
         consts = sealed_format_constants(fmt)
         q_rot = q
@@ -795,12 +787,8 @@ class DecodePlan:
             self._q32[:batch].copy_(q)
             q_rot = self._q_rot[:batch]
             torch.mm(self._q32[:batch].view(-1, dim), self._had, out=q_rot.view(-1, dim))
-        value_rot = consts["VALUE_ROT"]
-        target = self._o_rot[:batch] if value_rot else out
         staged, cfg = kv.formats.staged, self.config
         group_block = triton.next_power_of_2(self.group)
-        common = dict(NUM_LAYERS=kv.num_layers, NUM_KV_HEADS=heads, G=self.group, D=dim, P=kv.page_size,
-                      MIN_PAGES=cfg.min_pages_per_split)
         parts = 2 if q.dtype == torch.float32 else 1
         _decode_split_kernel[(batch, heads, self.num_splits)](
             q, q.stride(0), q.stride(1), q_rot, q_rot.stride(0), q_rot.stride(1),
@@ -813,17 +801,48 @@ class DecodePlan:
             KG=max(consts["KEY_GROUPS"]), VG=max(consts["VALUE_GROUPS"]),
             KV_ELEMENT_BYTES=staged.element_bytes, KV_VALUES_START=staged.values_start // staged.element_bytes,
             PARTS=parts, STAGED_IEEE=parts == 2 or kv.dtype == torch.float32, UNROLL=cfg.unroll,
-            num_warps=cfg.num_warps, **common, **consts,
+            num_warps=cfg.num_warps, **self._shape_constants(), **consts,
             **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
+        return self.merge(out, layer, self.num_splits)
+
+    def _shape_constants(self) -> dict:
+        """The compile-time shape arguments both kernels share."""
+        kv = self.kv
+        return dict(NUM_LAYERS=kv.num_layers, NUM_KV_HEADS=kv.num_kv_heads, G=self.group, D=kv.head_dim,
+                    P=kv.page_size, MIN_PAGES=self.config.min_pages_per_split)
+
+    def check_run(self, q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Check ``q`` ``[B, Hq, D]`` against the planned batch; returns ``out`` ``[B, Hq, D]`` (``q.dtype``, allocated
+        only when not given)."""
+        batch, dim = self.batch, self.kv.head_dim
+        if batch == 0:
+            raise RuntimeError("call plan() with a non-empty batch before run()")
+        if q.shape != (batch, self.num_q_heads, dim) or q.stride(-1) != 1 or q.device != self._u8.device:
+            raise ValueError(f"q {tuple(q.shape)} on {q.device}: expected ({batch}, {self.num_q_heads}, {dim}), "
+                             f"last dim contiguous, on {self.kv.device}")
+        if out is None:
+            return torch.empty_like(q)
+        if out.shape != q.shape or out.stride(-1) != 1:
+            raise ValueError(f"out {tuple(out.shape)}: expected {tuple(q.shape)} with a contiguous last dim")
+        return out
+
+    def merge(self, out: torch.Tensor, layer: int, num_splits: int) -> torch.Tensor:
+        """Combine the ``num_splits`` splits a split kernel wrote to the workspace into ``out`` ``[B, Hq, D]`` (undoing
+        value rotation) and record staged-token importance; returns ``out``. The split kernel must have used this
+        plan's split ranges for ``num_splits`` (see ``_decode_split_kernel``)."""
+        kv, batch, heads, dim = self.kv, self.batch, self.kv.num_kv_heads, self.kv.head_dim
+        value_rot = kv.formats[layer].value_rotation == "hadamard"         # sealed_format_constants' VALUE_ROT
+        target = self._o_rot[:batch] if value_rot else out
+        staged = kv.formats.staged
         _decode_merge_kernel[(batch, heads)](
             target, target.stride(0), target.stride(1), self._o_st if value_rot else target,
             self._part_m, self._part_l, self._part_acc, self._logits,
             self.page_table, self.max_pages, self.staged_pos, self.seq_lens,
             kv.page_state, kv.block_offset, self._f32,
-            layer, self.num_splits, self.staged_cap,
-            BLOCK_G=group_block, BLOCK_P=triton.next_power_of_2(kv.page_size), SCORE_START=staged.score_start,
-            SEEN_START=staged.seen_start, VALUE_ROT=value_rot, RECORD=self.record_importance, num_warps=4,
-            **common)
+            layer, num_splits, self.staged_cap,
+            BLOCK_G=triton.next_power_of_2(self.group), BLOCK_P=triton.next_power_of_2(kv.page_size),
+            SCORE_START=staged.score_start, SEEN_START=staged.seen_start, VALUE_ROT=value_rot,
+            RECORD=self.record_importance, num_warps=4, **self._shape_constants())
         if value_rot:
             fin = self._o_fin[:batch].view(-1, dim)
             torch.addmm(self._o_st[:batch].view(-1, dim), self._o_rot[:batch].view(-1, dim), self._had, out=fin)

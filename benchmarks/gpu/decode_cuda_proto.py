@@ -1,0 +1,294 @@
+"""GPU check and benchmark of the CUDA sealed-page decode prototype (issue 12, item 1), in one process::
+
+    PYTHONPATH=. python benchmarks/gpu/decode_cuda_proto.py --out $OUT/decode-cuda-proto.json   # ~3-4 min, H100
+
+1. Copy bandwidth (``kernels_gpu.copy_gbps``), then the JIT build of ``kernels/cuda/sealed_decode.cu`` (timed) and
+   the kernel's registers, spills, resident CTAs per SM and shared memory.
+2. Checks: the CUDA kernel (and the Triton decode, as a control) against the torch reference
+   (``DecodeAttentionWrapper`` on a CPU copy of the store) with the error bound of ``tests/test_kernel_decode.py``
+   (``tests/kernel_support/decode_bound.py``, bfloat16 query: ``u = 2^-11``), on all-high pools with 10% pruned
+   tokens and requests whose last sealed page is only partly valid; plus the largest CUDA / Triton difference.
+3. Timings, CUDA-graph replay over disjoint copies of the data (``kernels_gpu.graph_us``), Llama-3-8B (32 / 8
+   heads, head_dim 128) and SmolLM2 (9 / 3, 64) shapes, bfloat16, one layer, default tiers with every token in the
+   high tier and every page sealed, batch 16 / 64, context 4k / 16k: the Triton decode (``DecodePlan.run``), the
+   CUDA prototype (default split target and a small sweep of CTAs per SM), a streaming read of the same blocks
+   through the same page table (a Triton kernel below: descriptors, then each block's bytes; best of two split
+   counts) and dense SDPA (``kernels_gpu.dense_sdpa_us``). ``bw_*`` = bytes read (``Pool.bytes_read``) / time /
+   copy bandwidth; ``cuda_vs_dense_bytes`` = CUDA time / (dense time x byte ratio), the issue's target <= 1.25.
+
+The JSON is written after every phase (a time-out keeps what was measured); failed checks and errors are printed
+in capitals and recorded under ``errors``; the exit status is 1 if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, os.path.join(REPO, "tests", "kernel_support"))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from decode_bound import error_bound  # noqa: E402
+from kernels_gpu import MODELS, Pool, copy_gbps, dense_sdpa_us, free_cache, graph_us, l2_copies, log  # noqa: E402
+
+from diffkv_sglang.attention import DecodeAttentionWrapper  # noqa: E402
+from diffkv_sglang.config import DiffKVConfig  # noqa: E402
+from diffkv_sglang.kernels.cuda_decode import (DEFAULT_SPLIT_TARGET, CudaSealedDecode, block_layout,  # noqa: E402
+                                               load_extension)
+from diffkv_sglang.kernels.decode_attention import DecodePlan  # noqa: E402
+
+BATCHES = (16, 64)
+CONTEXTS = (4096, 16384)
+ALL_HIGH = (1.0, 0.0, 0.0)               # Pool mix: tier shares, then the pruned share
+CHECK_MIX = (0.9, 0.0, 0.1)
+CHECKS = {                                # name: (q heads, kv heads, head_dim, seq_lens)
+    "llama-3-8b shape, gqa 4": (32, 8, 128, [4096 + 13, 1000, 1, 2048]),
+    "smollm2 shape, gqa 3": (9, 3, 64, [16384 - 5, 333, 2900]),
+    "gqa 8": (32, 4, 128, [3000, 65, 1]),
+    "gqa 7": (28, 4, 128, [1500, 4100]),
+}
+CTA_SWEEP = (2, DEFAULT_SPLIT_TARGET, 8)  # CudaSealedDecode(ctas_per_sm=...) timed per case
+STREAM_PROGRAMS_PER_SM = (4, 16)
+U = 2 ** -11                              # float16 rounding of the bfloat16 query's products
+
+
+@triton.jit
+def _stream_blocks_kernel(U32, BLOCK_OFFSET, TIER_COUNTS, PAGE_TABLE, stride_pt, SEQ_LENS, SINK, num_splits,
+                          bytes_per_row, fixed_bytes, NUM_TIERS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                          P: tl.constexpr, WORDS: tl.constexpr, UNROLL: tl.constexpr):
+    """Read the blocks of one split of one (request, KV head) of a one-layer all-high store the way a decode kernel
+    must (page id, descriptor, then the block's bytes as int32 words, UNROLL blocks in flight) and xor them into
+    SINK ``[B * H * num_splits]`` int32 so that nothing is optimised away. Grid (B, H, num_splits)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    num_pages = tl.cdiv(tl.load(SEQ_LENS + b), P)
+    per_split = tl.cdiv(num_pages, num_splits)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, num_pages)
+    words = tl.arange(0, WORDS)
+    total = tl.zeros([WORDS], tl.int32)
+    for j in range(lo, hi, UNROLL):
+        for u in tl.static_range(UNROLL):
+            ok = j + u < hi
+            page = tl.load(PAGE_TABLE + b * stride_pt + j + u, mask=ok, other=0).to(tl.int64)
+            slot = page * NUM_KV_HEADS + h
+            offset = tl.load(BLOCK_OFFSET + slot, mask=ok, other=0)
+            rows = tl.load(TIER_COUNTS + slot * NUM_TIERS, mask=ok, other=0)
+            nbytes = tl.where(ok & (rows > 0), (rows * bytes_per_row + fixed_bytes + 15) // 16 * 16, 0)
+            total ^= tl.load(U32 + tl.multiple_of(offset // 4, 4) + words, mask=words < nbytes // 4, other=0)
+    tl.store(SINK + (b * NUM_KV_HEADS + h) * num_splits + split, tl.xor_sum(total, 0))
+
+
+def stream_blocks(kv, table: torch.Tensor, seq_lens: torch.Tensor, num_splits: int, sink: torch.Tensor) -> None:
+    """Launch :func:`_stream_blocks_kernel` on a one-layer ``BlockView`` over the batch of ``table`` ``[B, n]`` int32
+    / ``seq_lens`` ``[B]`` int32."""
+    fmt = kv.formats[0]
+    layout = block_layout(fmt)
+    batch, heads = table.shape[0], kv.num_kv_heads
+    _stream_blocks_kernel[(batch, heads, num_splits)](
+        kv.typed(torch.int32), kv.block_offset, kv.tier_counts, table, table.stride(0), seq_lens, sink, num_splits,
+        layout[12], layout[13], NUM_TIERS=fmt.num_tiers, NUM_KV_HEADS=heads, P=kv.page_size,
+        WORDS=triton.next_power_of_2(fmt.max_block_nbytes // 4), UNROLL=4, num_warps=4)
+
+
+def sealed_table(pool: Pool, seq_lens: list[int], copy: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page table ``[B, max_pages]`` int32 giving each request its own sealed pages (no staged tail; copy ``k``
+    takes the pages after those of copies 0..k-1) and ``seq_lens`` int32."""
+    page, device = pool.store.page_size, pool.store.device
+    pages = [math.ceil(n / page) for n in seq_lens]
+    table = torch.zeros(len(seq_lens), max(pages), dtype=torch.int32, device=device)
+    start = copy * sum(pages)
+    if start + sum(pages) > pool.sealed.numel():
+        raise ValueError("pool too small for this batch")
+    for b, n in enumerate(pages):
+        table[b, :n] = pool.sealed[start:start + n]
+        start += n
+    return table, torch.tensor(seq_lens, dtype=torch.int32, device=device)
+
+
+def check(name: str, q_heads: int, heads: int, dim: int, seq_lens: list[int], device) -> dict:
+    """CUDA prototype and Triton decode against the torch reference with the derived bound (module docstring)."""
+    config = DiffKVConfig()
+    pages = sum(math.ceil(n / config.page_size) for n in seq_lens)
+    pool = Pool(config, heads, dim, pages, 0, CHECK_MIX, "cpu", seed=1)
+    table, lens = sealed_table(pool, seq_lens)
+    q = torch.randn(len(seq_lens), q_heads, dim).to(torch.bfloat16)
+    reference = DecodeAttentionWrapper(pool.store, q_heads)
+    reference.plan(table, lens)
+    ref = reference.run(q.float(), 0)
+    store = pool.store.to(device)
+    plan = DecodePlan(store.view, q_heads, max_batch=len(seq_lens), max_pages=table.shape[1])
+    plan.plan(table.to(device), lens.to(device))
+    sealed = CudaSealedDecode(plan)
+    outputs = {}
+    for path, launch in (("cuda", sealed.run), ("triton", plan.run)):
+        for workspace in (plan._part_m, plan._part_l, plan._part_acc):
+            workspace.fill_(float("nan"))
+        out = torch.full(q.shape, float("nan"), device=device)
+        launch(q.to(device), 0, out=out)
+        outputs[path] = out.cpu()
+    bound, _ = error_bound(pool.store, table, lens, 0, q.float(), plan.sm_scale, U, ref)
+    row = {"name": name, "seq_lens": seq_lens, "cuda_splits": sealed.num_splits(len(seq_lens))}
+    for path, out in outputs.items():
+        row[f"{path}_finite"] = bool(torch.isfinite(out).all())
+        row[f"{path}_max_err_over_bound"] = float(((out - ref).double().abs() / bound).max())
+    scale = float(outputs["triton"].abs().max())
+    row["cuda_vs_triton_max_rel_diff"] = float((outputs["cuda"] - outputs["triton"]).abs().max()) / scale
+    row["ok"] = all(row[f"{p}_finite"] and row[f"{p}_max_err_over_bound"] <= 1 for p in outputs)
+    log(f"check {name}: error / bound cuda {row['cuda_max_err_over_bound']:.3f}, triton "
+        f"{row['triton_max_err_over_bound']:.3f}, cuda vs triton {row['cuda_vs_triton_max_rel_diff']:.1e} -> "
+        f"{'ok' if row['ok'] else 'CHECK FAILED'}")
+    return row
+
+
+def time_case(pool: Pool, model: str, batch: int, context: int, q_heads: int, copy: float, dense: dict) -> dict:
+    """Triton decode, CUDA prototype (CTA sweep), streaming read and dense SDPA on one (batch, context)."""
+    store = pool.store
+    device, dim, heads = store.device, store.head_dim, store.num_kv_heads
+    table, lens = sealed_table(pool, [context] * batch)
+    nbytes = pool.bytes_read(table, lens, q_heads)
+    copies = l2_copies(nbytes, device, pool.sealed.numel() // table.numel())
+    cases = []
+    for k in range(copies):
+        plan = DecodePlan(store.view, q_heads, max_batch=batch, max_pages=table.shape[1])
+        table_k, lens_k = sealed_table(pool, [context] * batch, k)
+        plan.plan(table_k, lens_k)
+        q = torch.randn(batch, q_heads, dim, device=device, dtype=torch.bfloat16)
+        sweep = {ctas: CudaSealedDecode(plan, ctas_per_sm=ctas) for ctas in CTA_SWEEP}
+        sweep[CTA_SWEEP[0]].check_pages(0)
+        cases.append((plan, sweep, q, torch.empty_like(q), table_k, lens_k))
+    row = {"model": model, "batch": batch, "context": context, "head_dim": dim, "q_heads": q_heads, "kv_heads": heads,
+           "bytes_read": nbytes, "dense_bytes": 2 * batch * heads * context * dim * 2, "l2_copies": copies,
+           "dense_sdpa_us": dense["us"], "dense_sdpa_backend": dense["backend"]}
+    row["triton_us"] = graph_us([lambda c=c: c[0].run(c[2], 0, out=c[3]) for c in cases], device)
+    row["triton_splits"] = cases[0][0].num_splits
+    row["cuda_sweep_us"] = {ctas: graph_us([lambda c=c, s=ctas: c[1][s].run(c[2], 0, out=c[3], check=False)
+                                            for c in cases], device) for ctas in CTA_SWEEP}
+    row["cuda_sweep_splits"] = {ctas: cases[0][1][ctas].num_splits(batch) for ctas in CTA_SWEEP}
+    row["cuda_us"] = row["cuda_sweep_us"][DEFAULT_SPLIT_TARGET]
+    row["cuda_best_us"] = min(row["cuda_sweep_us"].values())
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    stream = {}
+    for per_sm in STREAM_PROGRAMS_PER_SM:
+        splits = max(1, math.ceil(per_sm * sms / (batch * heads)))
+        sink = torch.empty(batch * heads * splits, dtype=torch.int32, device=device)
+        stream[splits] = graph_us([lambda c=c, s=splits, o=sink: stream_blocks(store.view, c[4], c[5], s, o)
+                                   for c in cases], device)
+    row["stream_splits"], row["stream_us"] = min(stream.items(), key=lambda kv: kv[1])
+    for key in ("triton", "cuda", "cuda_best", "stream", "dense_sdpa"):
+        us = row[f"{key}_us"]
+        row[f"bw_{key}"] = (row["dense_bytes"] if key == "dense_sdpa" else nbytes) / us / (copy * 1e3) if us else None
+    row["cuda_speedup_vs_triton"] = row["triton_us"] / row["cuda_us"]
+    row["cuda_vs_dense_bytes"] = (row["cuda_us"] / (dense["us"] * nbytes / row["dense_bytes"])
+                                  if dense["us"] else None)
+    log(f"  {model:<11} batch {batch:>3} context {context:>5}: triton {row['triton_us']:8.1f} us "
+        f"(bw {row['bw_triton']:.2f}), cuda {row['cuda_us']:8.1f} us (bw {row['bw_cuda']:.2f}; best "
+        f"{row['cuda_best_us']:.1f}), stream {row['stream_us']:8.1f} us (bw {row['bw_stream']:.2f}), dense "
+        f"{dense['us'] or float('nan'):8.1f} us, cuda/(dense x bytes) {row['cuda_vs_dense_bytes'] or float('nan'):.2f}")
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "decode-cuda-proto.json"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    result = {"device": torch.cuda.get_device_name(device), "command": " ".join(["python", *sys.argv]),
+              "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
+              "errors": []}
+
+    def save() -> None:
+        result["seconds"] = time.perf_counter() - started
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+
+    def attempt(what: str, fn):
+        try:
+            return fn()
+        except Exception as exc:              # noqa: BLE001  (recorded, printed, and the run goes on)
+            log(f"ERROR in {what}: {type(exc).__name__}: {exc}")
+            result["errors"].append({"where": what, "error": f"{type(exc).__name__}: {exc}",
+                                     "traceback": traceback.format_exc()[-3000:]})
+            save()
+            return None
+
+    log(f"device {result['device']}, torch {torch.__version__}, triton {triton.__version__}")
+    result["copy_gbps"] = copy_gbps(device, 1 << 30)
+    log(f"copy bandwidth {result['copy_gbps']:.0f} GB/s")
+    t0 = time.perf_counter()
+    built = attempt("JIT build", load_extension) is not None
+    result["build_seconds"] = time.perf_counter() - t0
+    log(f"CUDA extension {'built/loaded' if built else 'NOT BUILT'} in {result['build_seconds']:.0f} s")
+    save()
+
+    result["checks"] = [row for name, (q_heads, heads, dim, lens) in CHECKS.items()
+                        if (row := attempt(f"check {name}", lambda: check(name, q_heads, heads, dim, lens, device)))]
+    failed = [row["name"] for row in result["checks"] if not row["ok"]]
+    save()
+
+    result["kernel_info"], result["decode"] = {}, []
+    config = DiffKVConfig()
+    for model, (q_heads, heads, dim) in MODELS.items():
+        dense = {(b, c): dense_sdpa_us(b, c, q_heads, heads, dim, device) for b in BATCHES for c in CONTEXTS}
+        free_cache(device)
+        t0 = time.perf_counter()
+        pool = Pool(config, heads, dim, max(BATCHES) * math.ceil(max(CONTEXTS) / config.page_size), 0, ALL_HIGH,
+                    device)
+        log(f"{model}: pool {pool.arena_bytes / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f} s")
+        if built:
+            plan = DecodePlan(pool.store.view, q_heads, max_batch=1, max_pages=1)
+            info = attempt(f"kernel info {model}", lambda: CudaSealedDecode(plan).kernel_info(0))
+            result["kernel_info"][model] = info
+            log(f"  kernel: {info}")
+        for batch in BATCHES:
+            for context in CONTEXTS:
+                row = attempt(f"timing {model} batch {batch} context {context}",
+                              lambda: time_case(pool, model, batch, context, q_heads, result["copy_gbps"],
+                                                dense[(batch, context)]))
+                if row:
+                    result["decode"].append(row)
+                save()
+        del pool
+        free_cache(device)
+
+    rows = result["decode"]
+    if rows:
+        result["summary"] = {key: statistics.median(r[key] for r in rows if r[key] is not None)
+                             for key in ("bw_triton", "bw_cuda", "bw_cuda_best", "bw_stream", "bw_dense_sdpa",
+                                         "cuda_speedup_vs_triton", "cuda_vs_dense_bytes")}
+        log("\n" + f"{'model':<11} {'batch':>5} {'ctx':>6} {'MB':>7} {'triton':>8} {'cuda':>8} {'stream':>8} "
+            f"{'dense':>8}   bw: {'triton':>6} {'cuda':>6} {'stream':>6}")
+        for r in rows:
+            log(f"{r['model']:<11} {r['batch']:>5} {r['context']:>6} {r['bytes_read'] / 1e6:>7.1f} "
+                f"{r['triton_us']:>8.1f} {r['cuda_us']:>8.1f} {r['stream_us']:>8.1f} "
+                f"{r['dense_sdpa_us'] or float('nan'):>8.1f}        {r['bw_triton']:>6.2f} {r['bw_cuda']:>6.2f} "
+                f"{r['bw_stream']:>6.2f}")
+        log("summary (medians): " + json.dumps(result["summary"]))
+    save()
+    if failed:
+        log(f"CHECKS FAILED: {', '.join(failed)}")
+    if result["errors"]:
+        log(f"ERRORS in: {', '.join(e['where'] for e in result['errors'])}")
+    log(f"wrote {args.out} in {result['seconds']:.0f} s")
+    return 1 if failed or result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
