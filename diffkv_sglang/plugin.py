@@ -149,7 +149,7 @@ def _resolve(server_args, previous):
         wants_graphs = cuda_graph_enabled()
     except ValueError:
         raise cli.Refusal(CUDA_GRAPH_ENV, os.environ[CUDA_GRAPH_ENV], "it switches SGLang's decode CUDA graphs",
-                          "0 (off, the default) or 1 (on)") from None
+                          "0 (off) or 1 (on, the default)") from None
     decode_graphs = wants_graphs and str(cfg.device or "cuda").startswith("cuda")
     disabled = upstream.Backend.DISABLED
     graphs = upstream.with_phase(cfg.cuda_graph_config, upstream.Phase.PREFILL, backend=disabled)
@@ -158,9 +158,9 @@ def _resolve(server_args, previous):
     upstream.declare_resolution(server_args, "diffkv", attention_backend="diffkv", page_size=config.page_size,
                                 cuda_graph_config=graphs)
     logger.info("DiffKV pool selected: %s", config.to_dict())
-    decode_state = (f"as SGLang configures them ({CUDA_GRAPH_ENV}=1)" if decode_graphs
+    decode_state = ("as SGLang configures them" if decode_graphs
                     else f"off (device {cfg.device})" if wants_graphs
-                    else f"off (set {CUDA_GRAPH_ENV}=1 to let SGLang capture them)")
+                    else f"off ({CUDA_GRAPH_ENV}=0)")
     logger.warning("--kv-pool diffkv: the attention backend is 'diffkv'; prefill CUDA graphs are off; decode CUDA "
                    "graphs are %s", decode_state)
 

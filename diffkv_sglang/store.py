@@ -10,7 +10,8 @@ A page's life::
                          +------------- release() ------------+
 
 * ``stage(pages)`` gives the pages dense blocks (model dtype K/V plus importance statistics) in every layer.
-* ``write_tokens(layer, locs, k, v)`` stores new tokens; ``add_importance(...)`` accumulates attention.
+* ``write_tokens(layer, locs, k, v)`` stores new tokens (``token_rows(locs)`` plans a batch's writes once);
+  ``add_importance(...)`` accumulates attention.
 * ``seal(pages, context_lens)`` classifies each token per (layer, head) with :mod:`policy`, writes one compressed
   block per (page, layer, head) with :mod:`quant` (or the seal kernel, byte for byte the same, when
   ``store.kernels``), and frees the dense blocks. The compressed blocks are allocated in spare slots while the
@@ -155,6 +156,10 @@ class CompressedKVStore:
         return copy
 
     def _make_view(self) -> BlockView:
+        """The kernels' view of the blocks; also refreshes the overlapping-row views :meth:`write_tokens` puts
+        key and value rows through (row ``i`` starts at model-dtype element ``i``, or ``values_start`` later)."""
+        rows = self._rows(self.dtype, self.head_dim)
+        self._token_rows_views = rows, rows[self.formats.staged.values_start // self.formats.staged.element_bytes:]
         return BlockView(self.arena.data, self.arena.block_offset, self.page_state, self.tier_counts, self.formats,
                          self.num_kv_heads)
 
@@ -180,7 +185,7 @@ class CompressedKVStore:
         ``[capacity / itemsize - width + 1, width]``. Indexing rows by element offsets reads or writes whole rows
         with one int64 index per row (not per element)."""
         flat = self.arena.data.view(dtype)
-        return flat.as_strided((flat.numel() - width + 1, width), (1, 1))
+        return flat.as_strided((max(flat.numel() - width + 1, 0), width), (1, 1))
 
     def _check_state(self, pages: torch.Tensor, allowed: tuple[PageState, ...], action: str) -> None:
         state = self.page_state[pages]
@@ -208,31 +213,39 @@ class CompressedKVStore:
         statistics[(offsets + staged.score_start) // 4] = 0.0
         self.page_state[pages] = PageState.STAGED
 
-    def write_tokens(self, layer: int, locs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store new tokens of ``layer`` into their staged pages (one kernel launch with kernels; row copies
-        through an overlapping-row view otherwise).
+    def token_rows(self, locs: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Where new tokens go: int64 element offsets (in model-dtype units) of the key rows of the token slots
+        ``locs`` ``[m]`` (their pages STAGED): ``[L, m, H]`` for every layer, or ``[m, H]`` for ``layer``. A
+        token's value row starts ``formats.staged.values_start / element_bytes`` elements after its key row.
+
+        One gather, no host sync: plan it once per batch (after sealing and compaction, which move blocks) and
+        pass it to :meth:`write_tokens` of every layer."""
+        locs = locs.to(self.device, torch.int64)
+        pages, in_page = locs // self.page_size, locs % self.page_size
+        if layer is None:
+            offsets = self.arena.block_offset[:self._num_page_slots].view(self.num_pages, self.num_layers,
+                                                                          self.num_kv_heads)[pages]     # [m, L, H]
+            rows = offsets // self.formats.staged.element_bytes + (in_page * self.head_dim)[:, None, None]
+            return rows.transpose(0, 1).contiguous()
+        return self._staged_elements(layer, pages) + (in_page * self.head_dim)[:, None]
+
+    def write_tokens(self, layer: int, locs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     rows: torch.Tensor | None = None) -> None:
+        """Store new tokens of ``layer`` into their staged pages: two row-wise index puts, like SGLang's own
+        ``set_kv_buffer``, through overlapping-row views of the arena (one int64 index per row).
 
         Args:
             locs: ``[m]`` int logical token slots (their pages must be STAGED).
-            keys, values: ``[m, H, D]`` (cast to the store dtype).
+            keys, values: ``[m, H, D]`` (any shape that flattens to it; cast to the store dtype).
+            rows: ``[L, m, H]`` from :meth:`token_rows` of the same ``locs`` (a batch's plan, shared by its layers);
+                computed for this layer when not given.
         """
         if locs.numel() == 0:
             return
-        if self.kernels:
-            from .kernels.write_tokens import write_tokens
-
-            def rows(x):
-                x = x.reshape(locs.numel(), self.num_kv_heads, self.head_dim)
-                return x if x.stride(-1) == 1 else x.contiguous()
-
-            return write_tokens(self.view, layer, locs.to(self.device), rows(keys), rows(values))
-        locs = locs.to(self.device, torch.int64)
-        pages, in_page = locs // self.page_size, locs % self.page_size
-        staged = self.formats.staged
-        rows = (self._staged_elements(layer, pages) + (in_page * self.head_dim)[:, None]).reshape(-1)   # [m * H]
-        dense = self._rows(self.dtype, self.head_dim)
-        dense[rows] = keys.to(self.dtype).reshape(-1, self.head_dim)
-        dense[rows + staged.values_start // staged.element_bytes] = values.to(self.dtype).reshape(-1, self.head_dim)
+        rows = (self.token_rows(locs, layer) if rows is None else rows[layer]).reshape(-1)             # [m * H]
+        key_rows, value_rows = self._token_rows_views
+        key_rows.index_put_((rows,), keys.reshape(-1, self.head_dim).to(self.dtype))
+        value_rows.index_put_((rows,), values.reshape(-1, self.head_dim).to(self.dtype))
 
     def add_importance(self, layer: int, locs: torch.Tensor, score: torch.Tensor, seen: torch.Tensor,
                        accumulate: bool = True) -> None:

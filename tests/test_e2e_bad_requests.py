@@ -78,5 +78,5 @@ def test_requests_that_stopped_the_scheduler_are_refused(served):
                                         "top_logprobs_num": vocab, "sampling_params": {"max_new_tokens": 2}})
     assert bounds[0] == 200, bounds                        # the limits themselves are served
     assert not server.unexpected_errors(), server.unexpected_errors()
-    assert "Cache flushed" in server.post_text("/flush_cache")
+    assert "Cache flushed" in server.post_text("/flush_cache?timeout=30")
     assert gauge(server, "sealed_pages") == 0 and gauge(server, "staged_pages") == 1

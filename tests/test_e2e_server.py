@@ -100,7 +100,7 @@ def test_frontend_fork_shares_prefix(server):
 
 def test_flush_returns_every_byte(server):
     generate(server, STORY * 2, max_new_tokens=8)
-    assert "Cache flushed" in server.post_text("/flush_cache")
+    assert "Cache flushed" in server.post_text("/flush_cache?timeout=30")
     padding_page = gauge(server, "used_bytes")
     assert gauge(server, "sealed_pages") == 0 and gauge(server, "staged_pages") == 1     # only the padding page
     assert padding_page > 0

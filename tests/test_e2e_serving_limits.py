@@ -48,7 +48,7 @@ def test_memory_pressure_evicts_and_never_crashes(tiny_model):
         retracted = _counter(small, "sglang:num_retracted_requests_total")
         print(f"evicted tokens: {evicted:.0f}, retracted requests: {retracted:.0f}")
         assert evicted > 0
-        assert "Cache flushed" in small.post_text("/flush_cache")
+        assert "Cache flushed" in small.post_text("/flush_cache?timeout=30")
         assert gauge(small, "sealed_pages") == 0 and gauge(small, "staged_pages") == 1
 
 
@@ -168,15 +168,19 @@ print("GRAPHS", graphs.decode.backend, graphs.prefill.backend)
 
 
 @pytest.mark.parametrize("env, device, decode", [
-    ("0", "cuda", "disabled"),            # the default: decode graphs off
-    ("1", "cuda", "full"),                # opt-in: SGLang's own decode setting stays
-    ("1", "cpu", "disabled"),             # never on a CPU device
+    (None, "cuda", "full"),               # the default: SGLang's own decode setting stays
+    ("1", "cuda", "full"),
+    ("0", "cuda", "disabled"),            # the off switch
+    (None, "cpu", "disabled"),            # never on a CPU device
 ])
-def test_decode_cuda_graphs_are_opt_in(tiny_model, env, device, decode):
-    """SGLang's own resolution (run in a subprocess; resolution needs no GPU) keeps prefill graphs off and decode
-    graphs off unless DIFFKV_CUDA_GRAPH=1 on a CUDA device."""
+def test_decode_cuda_graphs_are_on_by_default_on_cuda(tiny_model, env, device, decode):
+    """SGLang's own resolution (run in a subprocess; resolution needs no GPU) keeps prefill graphs off, and decode
+    graphs as SGLang configures them on a CUDA device unless DIFFKV_CUDA_GRAPH=0."""
     argv = ["--model-path", str(tiny_model), "--device", device, "--kv-pool", "diffkv"]
-    done = subprocess.run([sys.executable, "-c", RESOLVE_GRAPHS, *argv], env=cpu_env({"DIFFKV_CUDA_GRAPH": env}),
+    environment = cpu_env({} if env is None else {"DIFFKV_CUDA_GRAPH": env})
+    if env is None:
+        environment.pop("DIFFKV_CUDA_GRAPH", None)
+    done = subprocess.run([sys.executable, "-c", RESOLVE_GRAPHS, *argv], env=environment,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"GRAPHS {decode} disabled" in done.stdout
@@ -188,4 +192,4 @@ def test_bad_cuda_graph_switch_fails_at_start_up(tiny_model):
                            "cpu", "--kv-pool", "diffkv", "--port", "1"], env=cpu_env({"DIFFKV_CUDA_GRAPH": "yes"}),
                           capture_output=True, text=True, timeout=300)
     assert refusal_lines(done) == [f"{ERROR}environment variable DIFFKV_CUDA_GRAPH: invalid value 'yes'{REFUSED}(it "
-                                   "switches SGLang's decode CUDA graphs); allowed: 0 (off, the default) or 1 (on)"]
+                                   "switches SGLang's decode CUDA graphs); allowed: 0 (off) or 1 (on, the default)"]

@@ -50,6 +50,29 @@ def test_staged_round_trip_is_exact(seeded):
     assert store.page_state[pages].tolist() == [PageState.STAGED] * 3
 
 
+def test_planned_rows_write_what_per_layer_writes_do(seeded):
+    """A batch's rows planned once for every layer (``token_rows(locs)``, what the backend passes each layer's
+    write) put every byte where per-layer writes put it, and nothing else changes: a partial write over a
+    poisoned arena, scattered slots in three pages, a float32 input cast like the model's bf16."""
+    planned, per_layer = make_store(), make_store()
+    per_layer.arena.data.copy_(planned.arena.data)
+    pages = torch.tensor([6, 2, 9])
+    for store in (planned, per_layer):
+        store.stage(pages)
+    locs = torch.tensor([6 * P + 3, 2 * P, 9 * P + P - 1, 2 * P + 5, 6 * P + 4])
+    rows = planned.token_rows(locs)
+    assert rows.shape == (L, locs.numel(), H) and rows.dtype == torch.int64
+    for layer in range(L):
+        assert torch.equal(rows[layer], planned.token_rows(locs, layer))
+        k, v = torch.randn(locs.numel(), H * D), torch.randn(locs.numel(), H, D)
+        planned.write_tokens(layer, locs, k, v, rows=rows)
+        per_layer.write_tokens(layer, locs, k, v)
+    assert torch.equal(planned.arena.data, per_layer.arena.data)
+    keys, values, _ = planned.read_pages(L - 1, torch.tensor([9]))
+    assert torch.equal(values[0, :, P - 1], v[2].to(torch.bfloat16).float())
+    assert torch.equal(keys[0, :, P - 1], k[2].reshape(H, D).to(torch.bfloat16).float())
+
+
 def test_seal_without_pruning_at_8_bits_is_close(seeded):
     store = make_store(DiffKVConfig.from_dict({"tiers": ["k8v8"], "alpha_low": 0, "page_size": P}))
     pages = torch.tensor([2, 5])

@@ -4,9 +4,10 @@ Llama-3-8B shape (32 layers, 8 KV heads, head_dim 128, 32 query heads, bfloat16)
 for the ``diffkv_sglang`` on ``sys.path`` (run it once per version, e.g. with ``PYTHONPATH`` at an older tree):
 
 * ``seal``: a 64-page chunk (time, peak temporary device memory over the store's own, the chunk's staged bytes);
-* ``write_tokens``: one layer's write of a decode step (batch 64 and 256) and of a 4k prefill, against SGLang's
-  own ``MHATokenToKVPool.set_kv_buffer`` for the same bytes (``k_buffer[layer][loc] = k``: a row-wise index put,
-  reproduced here since SGLang does not run on that machine);
+* ``write_tokens``: one layer's write of a decode step (batch 64 and 256) and of a 4k prefill as the backend runs
+  it (rows planned once per batch where the store plans them), eagerly and (decode) replayed from a CUDA graph,
+  against SGLang's own ``MHATokenToKVPool.set_kv_buffer`` for the same bytes (``k_buffer[layer][loc] = k``: a
+  row-wise index put, reproduced here since this script runs without SGLang);
 * ``plan``: the backend's per-step planning at batch 64 (1024-token requests) and 256 (512), mostly sealed, and the
   host syncs of a whole decode step outside sealing (backend planning, ``write_tokens`` and ``run`` of every
   layer), counted with ``torch.cuda.set_sync_debug_mode("warn")``.
@@ -91,7 +92,24 @@ def measure_seal(chunk: int = 64) -> dict:
             "seal_compression": store.stats().sealed_compression_ratio}
 
 
+def _graph_us(fn, repeat: int = 20) -> float | str:
+    """Median GPU time of ``fn`` replayed from a captured CUDA graph (no host launch overhead), or why it could not
+    be captured (a version that syncs with the host)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as exc:
+        return f"not capturable: {str(exc).splitlines()[0]}"
+    return _median_us(graph.replay, repeat)
+
+
 def measure_writes() -> dict:
+    """One layer's write as the backend runs it: with a batch plan (``token_rows``, once per batch, shared by the
+    layers) where the store has one, plus the plan's own time; eagerly and, for the decode steps SGLang replays,
+    32 layers' writes from a CUDA graph (per layer), both against SGLang-style ``set_kv_buffer``."""
     out = {}
     for name, tokens in (("decode64", 64), ("decode256", 256), ("prefill4k", 4096)):
         page = 32
@@ -104,16 +122,28 @@ def measure_writes() -> dict:
         else:
             locs = (pages[:, None] * page + torch.arange(page, device="cuda")).reshape(-1)
         k = torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        out[f"write_tokens_us_{name}"] = _median_us(lambda: store.write_tokens(3, locs, k, k))
+        planned = "rows" in inspect.signature(store.write_tokens).parameters
+        rows = store.token_rows(locs) if planned else None
+        write = (lambda layer: store.write_tokens(layer, locs, k, k, rows=rows)) if planned else \
+            (lambda layer: store.write_tokens(layer, locs, k, k))
+        out[f"write_tokens_us_{name}"] = _median_us(lambda: write(3))
+        if planned:
+            out[f"token_rows_us_{name}"] = _median_us(lambda: store.token_rows(locs))
+        if name.startswith("decode"):
+            graphed = _graph_us(lambda: [write(layer) for layer in range(LAYERS)])
+            out[f"write_tokens_graph_us_{name}"] = graphed / LAYERS if isinstance(graphed, float) else graphed
         del store
-        k_buffer = torch.zeros((num_pages + 1) * page, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        k_buffer = torch.zeros(LAYERS, (num_pages + 1) * page, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         v_buffer = torch.zeros_like(k_buffer)
 
-        def set_kv_buffer():
-            k_buffer[locs] = k
-            v_buffer[locs] = k
+        def set_kv_buffer(layer):
+            k_buffer[layer][locs] = k
+            v_buffer[layer][locs] = k
 
-        out[f"sglang_set_kv_buffer_us_{name}"] = _median_us(set_kv_buffer)
+        out[f"sglang_set_kv_buffer_us_{name}"] = _median_us(lambda: set_kv_buffer(3))
+        if name.startswith("decode"):
+            graphed = _graph_us(lambda: [set_kv_buffer(layer) for layer in range(LAYERS)])
+            out[f"sglang_set_kv_buffer_graph_us_{name}"] = graphed / LAYERS if isinstance(graphed, float) else graphed
         del k_buffer, v_buffer
         torch.cuda.empty_cache()
     return out
@@ -152,8 +182,10 @@ class _Step:
             self.wrapper.plan(indptr, self.table[valid], self.lens)
 
     def layers(self):
+        planned = "rows" in inspect.signature(self.store.write_tokens).parameters
+        rows = {"rows": self.store.token_rows(self.locs)} if planned else {}
         for layer in range(LAYERS):
-            self.store.write_tokens(layer, self.locs, self.k, self.k)
+            self.store.write_tokens(layer, self.locs, self.k, self.k, **rows)
             self.wrapper.run(self.q, layer, out=self.out)
 
 

@@ -38,7 +38,7 @@ def parse_args():
     p.add_argument("--model-dir", required=True)
     p.add_argument("--config", required=True, choices=sorted(CONFIGS))
     p.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
-    p.add_argument("--cuda-graph", action="store_true", help="SGLang decode CUDA graphs (DIFFKV_CUDA_GRAPH=1 for diffkv)")
+    p.add_argument("--cuda-graph", action="store_true", help="SGLang decode CUDA graphs (else disable_cuda_graph)")
     p.add_argument("--cuda-graph-max-bs", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--mem-fraction", type=float, default=0.16)
@@ -62,8 +62,6 @@ def engine_kwargs(args) -> dict:
 
 def main() -> int:
     args = parse_args()
-    if args.cuda_graph and args.config.startswith("diffkv"):
-        os.environ["DIFFKV_CUDA_GRAPH"] = "1"
     import sglang
 
     input_len, output_len = WORKLOADS[args.workload]

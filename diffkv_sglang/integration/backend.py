@@ -8,15 +8,18 @@ Per forward (``init_forward_metadata``):
   staged through a chunked prefill and are sealed at the request's first decode step, with the importance of
   the prompt's last observation window; pages a finished request left staged in the radix tree are sealed
   when a later request decodes over them;
-* the wrappers are planned once; ``forward_extend`` / ``forward_decode`` write the new tokens and run one layer.
+* the wrappers are planned once, and so are the new tokens' rows in every layer (``store.token_rows``, after
+  sealing and compaction, which move blocks); ``forward_extend`` / ``forward_decode`` write the new tokens (two
+  row-wise index puts) and run one layer.
 
 All of it is host-side preparation (``init_forward_metadata_out_graph``), so SGLang's decode CUDA graphs can
 replay the forward itself: ``init_cuda_graph_state`` adds a decode wrapper of fixed capacities (SGLang's largest
 captured batch, a full-context page table, and the staged pages a decoding request can have once its old pages
-are sealed: ``window / page_size + 2``) that every batch a graph can replay plans into, so the captured buffers
-never move (larger batches run eagerly through the growing wrapper); padded lanes (request row 0, length 1)
-attend over and write to the pool's padding page. Prefill (extend) batches stay eager. The plugin enables decode
-graphs only when ``DIFFKV_CUDA_GRAPH=1`` (:mod:`diffkv_sglang.backend_select`).
+are sealed: ``window / page_size + 2``) that every batch a graph can replay plans into, and a fixed buffer for
+the new tokens' rows, so the captured buffers never move (larger batches run eagerly through the growing
+wrapper); padded lanes (request row 0, length 1)
+attend over and write to the pool's padding page. Prefill (extend) batches stay eager. Decode graphs are on by
+default on CUDA; ``DIFFKV_CUDA_GRAPH=0`` turns them off (:mod:`diffkv_sglang.backend_select`).
 
 The backend holds no algorithm: classification, quantization and attention live in the core.
 """
@@ -60,6 +63,8 @@ class DiffKVAttnBackend(AttentionBackend):
         self.graph_decode_wrapper: DecodeAttentionWrapper | None = None  # fixed capacities (init_cuda_graph_state)
         self._graph_max_bs = 0
         self._decode_planned = self.decode_wrapper                        # the wrapper the last decode plan filled
+        self._graph_token_rows: torch.Tensor | None = None      # [L, max_bs, H] (init_cuda_graph_state)
+        self._token_rows: torch.Tensor | None = None            # [L, tokens, H]: the forward's new tokens' rows
         self.extend_wrapper = ExtendAttentionWrapper(self.store, self.num_q_heads)
         self._checked_layers: set[int] = set()
 
@@ -110,11 +115,17 @@ class DiffKVAttnBackend(AttentionBackend):
             graphed = self.graph_decode_wrapper is not None and seq_lens.numel() <= self._graph_max_bs
             self._decode_planned = self.graph_decode_wrapper if graphed else self.decode_wrapper
             self._decode_planned.plan(pages, seq_lens, check=False)      # the table covers seq_lens by construction
+            rows = self.store.token_rows(forward_batch.out_cache_loc)
+            if graphed:                                  # the rows a captured graph reads, at a fixed address
+                self._graph_token_rows[:, :rows.shape[1]].copy_(rows)
+                rows = self._graph_token_rows[:, :rows.shape[1]]
+            self._token_rows = rows
         elif mode.is_extend():
             extend_lens = forward_batch.extend_seq_lens.to(torch.int64)
             qo_indptr = torch.zeros(extend_lens.numel() + 1, dtype=torch.int64, device=extend_lens.device)
             qo_indptr[1:] = torch.cumsum(extend_lens, 0)
             self.extend_wrapper.plan(qo_indptr, pages, seq_lens)
+            self._token_rows = self.store.token_rows(forward_batch.out_cache_loc)
         else:
             raise NotImplementedError(f"the diffkv backend does not support forward mode {mode}")
         self.pool.reporter.maybe_report()
@@ -128,6 +139,8 @@ class DiffKVAttnBackend(AttentionBackend):
         self.graph_decode_wrapper = DecodeAttentionWrapper(self.store, self.num_q_heads, max_batch=max_bs,
                                                            max_pages=max_pages, max_staged_pages=self.max_staged_pages)
         self._graph_max_bs = max_bs
+        self._graph_token_rows = torch.zeros(self.store.num_layers, max_bs, self.store.num_kv_heads, dtype=torch.int64,
+                                             device=self.store.device)
 
     def get_cuda_graph_seq_len_fill_value(self):
         return 1
@@ -143,10 +156,11 @@ class DiffKVAttnBackend(AttentionBackend):
 
     def _run(self, wrapper, q, k, v, layer, forward_batch, save_kv_cache):
         self._check_layer(layer)
+        local_layer = layer.layer_id - self.pool.start_layer
         if save_kv_cache and k is not None and v is not None:
-            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+            self.store.write_tokens(local_layer, forward_batch.out_cache_loc, k, v, rows=self._token_rows)
         q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        out = wrapper.run(q, layer.layer_id - self.pool.start_layer, sm_scale=layer.scaling)
+        out = wrapper.run(q, local_layer, sm_scale=layer.scaling)
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):

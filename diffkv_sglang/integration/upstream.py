@@ -183,7 +183,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("sglang.srt.arg_groups.overrides:declare_resolution", "plugin",
              "declares attention_backend, page_size and cuda_graph_config with source 'diffkv'", PUBLIC),
     Internal("sglang.srt.model_executor.cuda_graph_config:with_phase", "plugin",
-             "switches the prefill (and, unless DIFFKV_CUDA_GRAPH=1 on CUDA, decode) CUDA graphs off", PUBLIC),
+             "switches the prefill (and, with DIFFKV_CUDA_GRAPH=0 or off CUDA, decode) CUDA graphs off", PUBLIC),
     Internal("sglang.srt.model_executor.cuda_graph_config:Phase", "plugin", "CUDA graph phases", READ_ONLY,
              members=("PREFILL", "DECODE")),
     Internal("sglang.srt.model_executor.cuda_graph_config:Backend", "plugin", "CUDA graph backends", READ_ONLY,

@@ -15,9 +15,9 @@ if _LAYER is not None:
 
     _write_tokens = CompressedKVStore.write_tokens
 
-    def _write_tokens_zeroing(self, layer, locs, keys, values):
+    def _write_tokens_zeroing(self, layer, locs, keys, values, **kwargs):
         if layer == int(_LAYER):
             values = values.new_zeros(values.shape)
-        return _write_tokens(self, layer, locs, keys, values)
+        return _write_tokens(self, layer, locs, keys, values, **kwargs)
 
     CompressedKVStore.write_tokens = _write_tokens_zeroing
