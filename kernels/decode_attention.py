@@ -400,7 +400,10 @@ def _attend_staged(m_i, l_i, acc, z_acc, acc_st, unit, q, KV, base, row0, valid,
 
 
 # ----------------------------------------------------------------------------------------------- kernels
-@triton.jit
+# Runtime integers that vary between calls are not specialized on (Triton would compile one variant for a value of
+# 1, one for multiples of 16 and one for the rest): the page-table stride grows with an eager wrapper's capacity,
+# and each new class stalled a serving H100 for a 7 s compile (benchmarks/results/serving-h100.json).
+@triton.jit(do_not_specialize=["stride_pt", "layer", "staged_cap"])
 def _decode_split_kernel(
         Q, stride_qb, stride_qh, Q_ROT, stride_rb, stride_rh,
         U8, U32, KV,
@@ -514,7 +517,7 @@ def _decode_split_kernel(
             tl.store(acc_ptr + G * D, acc_st, mask=g_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pt", "layer", "num_splits", "staged_cap"])
 def _decode_merge_kernel(
         OUT, stride_ob, stride_oh, OUT_ST,
         PART_M, PART_L, PART_ACC, LOGITS,
