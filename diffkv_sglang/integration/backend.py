@@ -17,9 +17,9 @@ replay the forward itself: ``init_cuda_graph_state`` adds a decode wrapper of fi
 captured batch, a full-context page table, and the staged pages a decoding request can have once its old pages
 are sealed: ``window / page_size + 2``) that every batch a graph can replay plans into, and a fixed buffer for
 the new tokens' rows, so the captured buffers never move (larger batches run eagerly through the growing
-wrapper); padded lanes (request row 0, length 1)
-attend over and write to the pool's padding page. Prefill (extend) batches stay eager. Decode graphs are on by
-default on CUDA; ``DIFFKV_CUDA_GRAPH=0`` turns them off (:mod:`diffkv_sglang.backend_select`).
+wrapper); padded lanes (request row 0, length 1) attend over and write to the pool's padding page. Prefill
+(extend) batches stay eager. Decode graphs are on by default on CUDA; ``DIFFKV_CUDA_GRAPH=0`` turns them off
+(:mod:`diffkv_sglang.backend_select`).
 
 The backend holds no algorithm: classification, quantization and attention live in the core.
 """
