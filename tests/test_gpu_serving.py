@@ -63,7 +63,6 @@ GPU_ARGS = ["--host", "127.0.0.1", "--sampling-backend", "pytorch", "--grammar-b
             "--skip-server-warmup", "--chunked-prefill-size", "256", "--schedule-conservativeness", "0.05",
             "--mem-fraction-static", "0.5", "--cuda-graph-max-bs-decode", "16"]
 MAX_TOTAL_TOKENS = 4096
-NEAR_TIE = 0.02          # nats: top-2 gap under which two correct runs may pick different greedy tokens
 LOGPROB_TOL = 0.02       # nats: the least tolerance of a graph-vs-eager log-probability (module docstring)
 AMPLIFICATION = 2 ** (8 - DiffKVConfig().tiers[0].value_bits)      # a bf16 rounding -> a quantization step
 SCRIPTS: dict[tuple[str, str, bool], dict[str, list[dict]]] = {}    # (model, pool, graph) -> part -> outputs
