@@ -4,6 +4,7 @@ inside a device call: the sgl_kernel stand-in's arithmetic, the wheel slimming, 
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 import zipfile
@@ -73,3 +74,29 @@ def test_shape_configs(tmp_path, name, layers, heads, kv_heads, head_dim):
     assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (
         layers, heads, kv_heads, head_dim)
     assert config.vocab_size == 49152          # the carried tokenizer's (SmolLM2-135M-Instruct)
+
+
+def test_serving_plot_and_table_group_rows_by_file_and_workload(tmp_path):
+    """Panels never mix files or workloads, failed rows are left out, ratios are to the panel's dense bf16 row."""
+    plot_serving = _script("plot_serving")
+    rng = random.Random()
+    dense, diffkv = rng.uniform(500, 3000), rng.uniform(500, 3000)
+
+    def row(config, workload, tok_s, ok=True):
+        return {"config": config, "workload": workload, "cuda_graph": True, "output_tok_s": tok_s, "ok": ok,
+                "mem_fraction_static": 0.3}
+
+    a, b = tmp_path / "serving-a.json", tmp_path / "serving-b.json"
+    a.write_text(json.dumps({"versions": {"gpu": "G1"}, "rows": [
+        row("dense-bf16", "short-chat", dense), row("diffkv-default", "short-chat", diffkv),
+        row("diffkv-k4v2", "short-chat", None, ok=False), row("diffkv-default", "long-gen", diffkv)]}))
+    b.write_text(json.dumps({"versions": {"gpu": "G2"}, "rows": [row("dense-bf16", "short-chat", 2 * dense)]}))
+    groups = plot_serving.panels([a, b])
+    assert [(title.split(":")[0], [r["config"] for r in rows]) for title, rows in groups] == [
+        ("serving-a.json", ["dense-bf16", "diffkv-default"]), ("serving-a.json", ["diffkv-default"]),
+        ("serving-b.json", ["dense-bf16"])]
+    table = plot_serving.markdown([a, b])
+    assert f"| {diffkv / dense:.2f}x |" in table and table.count("| 1.00x |") == 2
+    png = tmp_path / "serving.png"
+    plot_serving.plot([a, b], png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
