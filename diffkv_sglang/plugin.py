@@ -38,7 +38,7 @@ import logging
 import os
 import sys
 
-from .backend_select import CUDA_GRAPH_ENV, cuda_graph_enabled
+from .backend_select import CUDA_GRAPH_ENV, KERNELS_ENV, MODES, cuda_graph_enabled, kernel_mode
 from .config import ConfigError, DiffKVConfig
 from .integration import args as cli
 from .integration import upstream
@@ -150,7 +150,14 @@ def _resolve(server_args, previous):
     except ValueError:
         raise cli.Refusal(CUDA_GRAPH_ENV, os.environ[CUDA_GRAPH_ENV], "it switches SGLang's decode CUDA graphs",
                           "0 (off) or 1 (on, the default)") from None
-    decode_graphs = wants_graphs and str(cfg.device or "cuda").startswith("cuda")
+    try:
+        kernels = kernel_mode()
+    except ValueError:
+        raise cli.Refusal(KERNELS_ENV, os.environ[KERNELS_ENV], "it picks the DiffKV kernels",
+                          " or ".join(MODES)) from None
+    on_cuda = str(cfg.device or "cuda").startswith("cuda")
+    no_kernels = _why_no_kernels(server_args, kernels) if on_cuda else None
+    decode_graphs = wants_graphs and on_cuda and no_kernels is None
     disabled = upstream.Backend.DISABLED
     graphs = upstream.with_phase(cfg.cuda_graph_config, upstream.Phase.PREFILL, backend=disabled)
     if not decode_graphs:
@@ -159,14 +166,27 @@ def _resolve(server_args, previous):
                                 cuda_graph_config=graphs)
     logger.info("DiffKV pool selected: %s", config.to_dict())
     decode_state = ("as SGLang configures them" if decode_graphs
-                    else f"off (device {cfg.device})" if wants_graphs
-                    else f"off ({CUDA_GRAPH_ENV}=0)")
+                    else f"off ({CUDA_GRAPH_ENV}=0)" if not wants_graphs
+                    else f"off (device {cfg.device})" if not on_cuda
+                    else f"off ({no_kernels}: captured graphs need the DiffKV kernels)")
     logger.warning("--kv-pool diffkv: the attention backend is 'diffkv'; prefill CUDA graphs are off; decode CUDA "
                    "graphs are %s", decode_state)
 
 
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
+
+
+def _why_no_kernels(server_args, mode: str) -> str | None:
+    """Why a CUDA store would run the torch reference instead of the kernels (``backend_select.use_kernels``), or
+    None when it runs the kernels."""
+    if mode == "torch":
+        return f"{KERNELS_ENV}=torch"
+    model_config = upstream.model_config_of(server_args)
+    head_dim = getattr(model_config, "head_dim", None)
+    if head_dim is not None and head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two"
+    return None
 
 
 def _refuse_unsupported_model(server_args) -> None:

@@ -8,6 +8,8 @@ Kept apart from test_e2e_server.py so that module's long-lived server is stopped
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,7 @@ from diffkv_devtools.e2e_common import DIFFKV, STORY, generate
 from diffkv_devtools.gauges import gauge
 from diffkv_devtools.sglang_server import SGLangServer, cpu_env, run_cli
 from diffkv_devtools.teacher_forced import compare, greedy_continuation, score
+from diffkv_sglang.backend_select import MODES
 
 pytestmark = pytest.mark.server
 # float32 weights and activations: summing in another order moves a log-probability by ~1e-6; the margin also
@@ -167,24 +170,42 @@ print("GRAPHS", graphs.decode.backend, graphs.prefill.backend)
 """
 
 
-@pytest.mark.parametrize("env, device, decode", [
-    (None, "cuda", "full"),               # the default: SGLang's own decode setting stays
-    ("1", "cuda", "full"),
-    ("0", "cuda", "disabled"),            # the off switch
-    (None, "cpu", "disabled"),            # never on a CPU device
+@pytest.mark.parametrize("env, device, decode, why", [
+    ({}, "cuda", "full", ""),                                 # the default: SGLang's own decode setting stays
+    ({"DIFFKV_CUDA_GRAPH": "1"}, "cuda", "full", ""),
+    ({"DIFFKV_CUDA_GRAPH": "0"}, "cuda", "disabled", "DIFFKV_CUDA_GRAPH=0"),         # the off switch
+    ({}, "cpu", "disabled", "device cpu"),                    # never on a CPU device
+    ({"DIFFKV_KERNELS": "torch"}, "cuda", "disabled", "DIFFKV_KERNELS=torch"),      # graphs need the kernels
+    ({}, "cuda", "disabled", "head_dim 48 is not a power of two"),                # ... which need a power of two
 ])
-def test_decode_cuda_graphs_are_on_by_default_on_cuda(tiny_model, env, device, decode):
-    """SGLang's own resolution (run in a subprocess; resolution needs no GPU) keeps prefill graphs off, and decode
-    graphs as SGLang configures them on a CUDA device unless DIFFKV_CUDA_GRAPH=0."""
-    argv = ["--model-path", str(tiny_model), "--device", device, "--kv-pool", "diffkv"]
-    environment = cpu_env({} if env is None else {"DIFFKV_CUDA_GRAPH": env})
-    if env is None:
-        environment.pop("DIFFKV_CUDA_GRAPH", None)
+def test_decode_cuda_graphs_are_on_by_default_on_cuda(tiny_model, tmp_path, env, device, decode, why):
+    """SGLang's own resolution (run in a subprocess; resolution needs no GPU, and reads only the model's config)
+    keeps prefill graphs off, and decode graphs as SGLang configures them on a CUDA device unless
+    DIFFKV_CUDA_GRAPH=0 or the store would run the torch reference (whose steps cannot be captured)."""
+    model = tiny_model
+    if why.startswith("head_dim"):                     # the tiny model's config with head_dim 48
+        model = tmp_path / "head-dim-48"
+        shutil.copytree(tiny_model, model)
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "head_dim": 48}))
+    argv = ["--model-path", str(model), "--device", device, "--kv-pool", "diffkv"]
+    environment = cpu_env(env)
+    for name in {"DIFFKV_CUDA_GRAPH", "DIFFKV_KERNELS"} - set(env):
+        environment.pop(name, None)
     done = subprocess.run([sys.executable, "-c", RESOLVE_GRAPHS, *argv], env=environment,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"GRAPHS {decode} disabled" in done.stdout
-    assert "decode CUDA graphs are " + ("as SGLang configures them" if decode == "full" else "off") in done.stderr
+    assert "decode CUDA graphs are " + ("as SGLang configures them" if decode == "full" else f"off ({why}") \
+        in done.stderr
+
+
+def test_bad_kernel_switch_fails_at_start_up(tiny_model):
+    done = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_model), "--device",
+                           "cpu", "--kv-pool", "diffkv", "--port", "1"], env=cpu_env({"DIFFKV_KERNELS": "fast"}),
+                          capture_output=True, text=True, timeout=300)
+    assert refusal_lines(done) == [f"{ERROR}environment variable DIFFKV_KERNELS: invalid value 'fast'{REFUSED}(it "
+                                   "picks the DiffKV kernels); allowed: " + " or ".join(MODES)]
 
 
 def test_bad_cuda_graph_switch_fails_at_start_up(tiny_model):
