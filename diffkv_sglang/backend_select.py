@@ -7,7 +7,14 @@ One switch, the environment variable ``DIFFKV_KERNELS``, read here and nowhere e
 ``torch``  the torch reference everywhere (debugging, comparisons)
 ``triton`` the Triton kernels everywhere; off CUDA they run in Triton's interpreter (``TRITON_INTERPRET=1``,
            set here when no kernel module is imported yet), which is how the CPU tests exercise them
+``cuda``   (opt-in) as ``auto``, and decode attention on CUDA runs the CUDA split kernel
+           (:mod:`diffkv_sglang.kernels.cuda_decode`, compiled on first use) for every layer whose format it
+           reads, the Triton split kernel for the others (or for all, with one warning, if it cannot be built);
+           the Triton merge kernel finishes either way
 =========  =========================================================================================
+
+``auto`` stays on the Triton decode kernel on CUDA until a GPU run has verified the CUDA kernel on every page kind
+(mixed tiers, staged pages; it was verified on all-high sealed pages only).
 
 :class:`~diffkv_sglang.store.CompressedKVStore` decides once, when it is built (``store.kernels``), and its
 arena (compaction moves) and :class:`~diffkv_sglang.attention.DecodeAttentionWrapper` follow that decision; the
@@ -30,8 +37,9 @@ __all__ = ["CUDA_GRAPH_ENV", "KERNELS_ENV", "MODES", "cuda_graph_enabled", "kern
 
 KERNELS_ENV = "DIFFKV_KERNELS"
 CUDA_GRAPH_ENV = "DIFFKV_CUDA_GRAPH"
-MODES = ("auto", "torch", "triton")
+MODES = ("auto", "torch", "triton", "cuda")
 _KERNEL_MODULES = tuple(f"diffkv_sglang.kernels.{name}" for name in ("seal", "compaction", "decode_attention"))
+_DECODE_MODULE = "diffkv_sglang.kernels.decode_attention"
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +53,17 @@ def kernel_mode() -> str:
 
 
 def use_kernels(device: torch.device | str, head_dim: int | None = None) -> bool:
-    """Whether data on ``device`` (with this ``head_dim``, when given) is processed by the Triton kernels.
+    """Whether data on ``device`` (with this ``head_dim``, when given) is processed by the kernels.
 
     Off CUDA, a True answer also turns on Triton's interpreter for the kernel modules (they are imported lazily,
-    after this call). Raises ValueError for an unknown mode or, with ``triton``, an unsupported ``head_dim``;
-    RuntimeError if the interpreter is needed but the kernel modules were already compiled for a GPU.
+    after this call). On CUDA it also picks the decode split kernel of the plans built next (``cuda`` or
+    ``triton``, :func:`diffkv_sglang.kernels.decode_attention.set_default_split_kernel`). Raises ValueError for an
+    unknown mode or, with ``triton``, an unsupported ``head_dim``; RuntimeError if the interpreter is needed but the
+    kernel modules were already compiled for a GPU.
     """
     mode = kernel_mode()
     device = torch.device(device)
-    if mode == "torch" or (mode == "auto" and device.type != "cuda"):
+    if mode == "torch" or (mode in ("auto", "cuda") and device.type != "cuda"):
         return False
     if head_dim is not None and head_dim & (head_dim - 1):
         reason = f"the Triton kernels need a power-of-two head_dim, got {head_dim}"
@@ -67,6 +77,10 @@ def use_kernels(device: torch.device | str, head_dim: int | None = None) -> bool
             raise RuntimeError(f"{KERNELS_ENV}=triton on {device}: the kernels need Triton's interpreter, but "
                                f"{', '.join(loaded)} was imported without it (set TRITON_INTERPRET=1 first)")
         os.environ["TRITON_INTERPRET"] = "1"
+    if device.type == "cuda" and (mode == "cuda" or _DECODE_MODULE in sys.modules):
+        from .kernels.decode_attention import set_default_split_kernel
+
+        set_default_split_kernel("cuda" if mode == "cuda" else "triton")
     return True
 
 

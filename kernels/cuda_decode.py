@@ -1,27 +1,30 @@
-"""CUDA split kernel for decode over sealed pages (issue 12, item 1: the prototype), run in place of the Triton
-``_decode_split_kernel``; :meth:`DecodePlan.merge` (the Triton merge kernel) finishes.
+"""CUDA split kernel for decode attention (issue 12), run in place of the Triton ``_decode_split_kernel`` by
+:meth:`DecodePlan.run` for the layers whose format it reads; :meth:`DecodePlan.merge` (the Triton merge kernel)
+finishes, staged-token importance included.
 
 The kernel (``cuda/sealed_decode.cu``; layouts, fragment mappings and arithmetic are described at its top) copies
-whole blocks into a shared-memory ring with 1-D bulk copies, computes with ``mma.sync`` m16n8k16 (block rows as M,
-the query heads of a KV head as N = 8) and writes the plan's split workspace. It handles one case only, and
-:class:`CudaSealedDecode` refuses every other with a ValueError naming what is unsupported:
+whole sealed blocks into a shared-memory ring with 1-D bulk copies, computes with ``mma.sync`` m16n8k16 (block rows
+as M, the query heads of a KV head as N = 8), reads staged blocks from global memory and writes the plan's split
+workspace and staged-logit scratch exactly as the Triton split kernel does. It reads every page a serving batch
+meets with the default tiers: sealed blocks with tier-0 (k8v4) and tier-1 (k4v2) rows in any proportion (either
+may be empty; pruned tokens are absent rows), staged blocks, empty pages, partly valid last pages.
+:func:`check_format` refuses (ValueError naming what) the rest, from the layer format on the host:
 
-* every planned page of the layer is SEALED and all its kept tokens are in tier 0 (pruned tokens are fine);
-* tier 0 is ``k8v4`` with one quantization group for keys and for values, no Hadamard rotation;
-* ``head_dim`` 64 or 128, 1 to 8 query heads per KV head, a bfloat16 or float16 query.
+* tiers other than ``(k8v4,)`` or ``(k8v4, k4v2)`` (2-bit keys, quantization groups, more than 2 tiers);
+* Hadamard rotation; ``head_dim`` other than 64 or 128; more than 8 query heads per KV head;
+* a model dtype (staged blocks, query) other than bfloat16 or float16 (:func:`check_dtype`).
 
 Build: compiled on first use on CUDA (never at import, never on CPU) with ``torch.utils.cpp_extension.load``
 (nvcc and ninja) for sm_90a plus compute_90 PTX, into ``$DIFFKV_CUDA_CACHE``, else
 ``$XDG_CACHE_HOME/diffkv_sglang/cuda`` (``~/.cache/...``), one folder per source hash and torch / CUDA version; a
-log line says when it builds. Without ninja, :func:`load_extension` raises a RuntimeError that says so.
+log line says when it builds. :func:`load_extension` raises RuntimeError without CUDA or ninja;
+:func:`split_for` (what :class:`DecodePlan` calls) logs one warning instead and the plan runs Triton.
 
-Example::
+Example (what ``DIFFKV_KERNELS=cuda`` does through :class:`DecodePlan`)::
 
-    plan = DecodePlan(store.view, num_q_heads=32, max_batch=64, max_pages=512)
-    sealed = CudaSealedDecode(plan)
+    plan = DecodePlan(store.view, num_q_heads=32, max_batch=64, max_pages=512, split_kernel="cuda")
     plan.plan(page_table, seq_lens)
-    sealed.check_pages(layer)              # host sync: every planned page sealed, all tokens in the high tier
-    out = sealed.run(q, layer)             # q [B, Hq, D] bf16 -> [B, Hq, D]; launches only (CUDA-graph capturable)
+    out = plan.run(q, layer)               # q [B, Hq, D] bf16 -> [B, Hq, D]: CUDA split + Triton merge
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ import torch
 
 from diffkv_sglang.config import TierSpec
 from diffkv_sglang.format import (BLOCK_ALIGN, INDEX, KEY_META, KEYS, META_BYTES, VALUE_META, VALUES, BlockFormat,
-                                  PageState)
-from diffkv_sglang.kernels.decode_attention import MAX_SPLITS, DecodePlan
+                                  BlockView, PageState, StagedBlockFormat)
+from diffkv_sglang.kernels.block_read import sealed_format_constants
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +52,14 @@ CUDA_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90
               "-lineinfo")
 CACHE_ENV = "DIFFKV_CUDA_CACHE"
 
-SUPPORTED_TIER = TierSpec(8, 4)
+SUPPORTED_TIERS = (TierSpec(8, 4), TierSpec(4, 2))   # tier 0, tier 1 as the kernel decodes them
+MODEL_DTYPES = (torch.bfloat16, torch.float16)
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8                   # the products' N: query heads per KV head
 WARPS = 4                       # warps per CTA (sealed_decode.cu kWarps)
 MAX_STAGES = 8                  # ring slots per warp (sealed_decode.cu kMaxStages)
 MIN_STAGES = 2
-TILE_ROWS = 16
 CTAS_PER_SM = 2                 # the shared-memory budget keeps two CTAs resident per multiprocessor
-DEFAULT_SPLIT_TARGET = 4        # split-K aims at this many CTAs per multiprocessor (about two waves)
-MIN_PAGES_PER_WARP = 2          # splits never leave a warp fewer pages than this (per request of max_pages)
 DEFAULT_SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_CTA = 1024
 
@@ -105,50 +106,87 @@ def load_extension():
     return module
 
 
+def split_for(kv: BlockView, group: int) -> CudaDecodeSplit | None:
+    """The CUDA split kernel for a store's blocks (``group`` query heads per KV head), built on the first call; or
+    None, after one warning, when it cannot be built (no nvcc / ninja) or cannot read the store's model dtype.
+    Layer formats it refuses are warned about once each (those layers run the Triton split kernel)."""
+    try:
+        split = CudaDecodeSplit(kv, group, load_extension())
+    except Exception as exc:          # noqa: BLE001  (any build failure: the plan runs Triton)
+        _warn_unavailable(f"{type(exc).__name__}: {exc}")
+        return None
+    for reason in split.refused.values():
+        _warn_unavailable(reason)
+    return split
+
+
+@functools.cache
+def _warn_unavailable(reason: str) -> None:
+    logger.warning("diffkv_sglang: the CUDA decode kernel is not used (%s); the Triton split kernel runs instead",
+                   reason)
+
+
 def check_format(fmt: BlockFormat, group: int) -> None:
     """Raise ValueError naming what the kernel does not read in this layer format (``group``: query heads per KV
     head)."""
-    spec = fmt.tiers[0].spec
-    if spec != SUPPORTED_TIER:
-        raise ValueError(f"CUDA decode prototype: tier 0 is {spec.name}; it reads {SUPPORTED_TIER.name} (one "
-                         f"group) only")
+    tiers = tuple(layout.spec for layout in fmt.tiers)
+    if tiers != SUPPORTED_TIERS[:len(tiers)]:
+        raise ValueError(f"CUDA decode kernel: tiers {','.join(t.name for t in tiers)}; it reads "
+                         f"{SUPPORTED_TIERS[0].name} or {','.join(t.name for t in SUPPORTED_TIERS)} (one group, "
+                         f"no 2-bit keys, at most {len(SUPPORTED_TIERS)} tiers)")
     if fmt.key_rotation != "none" or fmt.value_rotation != "none":
-        raise ValueError(f"CUDA decode prototype: Hadamard rotation (keys {fmt.key_rotation}, values "
+        raise ValueError(f"CUDA decode kernel: Hadamard rotation (keys {fmt.key_rotation}, values "
                          f"{fmt.value_rotation}) is not supported")
     if fmt.head_dim not in HEAD_DIMS:
-        raise ValueError(f"CUDA decode prototype: head_dim {fmt.head_dim} is not supported (only {HEAD_DIMS})")
+        raise ValueError(f"CUDA decode kernel: head_dim {fmt.head_dim} is not supported (only {HEAD_DIMS})")
     if not 1 <= group <= MAX_GROUP:
-        raise ValueError(f"CUDA decode prototype: {group} query heads per KV head; it supports 1 to {MAX_GROUP}")
+        raise ValueError(f"CUDA decode kernel: {group} query heads per KV head; it supports 1 to {MAX_GROUP}")
     dim = fmt.head_dim
-    expected = {KEYS: dim, VALUES: dim // 2, KEY_META: META_BYTES, VALUE_META: META_BYTES, INDEX: 1}
-    if any(fmt.row_bytes(kind, 0) != nbytes for kind, nbytes in expected.items()):
-        raise ValueError(f"CUDA decode prototype: {fmt} rows are not the packed k8v4 rows the kernel reads")
+    for t, spec in enumerate(tiers):
+        expected = {KEYS: dim * spec.key_bits // 8, VALUES: dim * spec.value_bits // 8, KEY_META: META_BYTES,
+                    VALUE_META: META_BYTES, INDEX: 1}
+        if any(fmt.row_bytes(kind, t) != nbytes for kind, nbytes in expected.items()):
+            raise ValueError(f"CUDA decode kernel: {fmt} rows are not the packed rows the kernel reads")
 
 
-def block_layout(fmt: BlockFormat) -> tuple[int, ...]:
-    """A tier-0-only block of ``fmt`` as the binding's 15 ``layout`` numbers: ``(per_row, start)`` of the key,
-    value, key meta, value meta, meta scale and index sections (start = per_row * rows + start, from
-    :meth:`BlockFormat.section_coefficients`), then bytes per row, the bytes of an empty block and the block
-    alignment. Raises ValueError if a code section could start off a 16-byte boundary or meta off 4 bytes."""
-    coeffs, const = fmt.section_coefficients()
-    high_only = torch.zeros(fmt.num_tiers, dtype=torch.int64)
-    high_only[0] = 1
-    lines = [(coeffs[kind][0][0], const[kind]) for kind in (KEYS, VALUES, KEY_META, VALUE_META)]
-    lines.append((int(fmt.meta_scale_start(high_only)), 0))
-    lines.append((coeffs[INDEX][0][0], const[INDEX]))
-    aligns = (16, 16, 4, 4, 4, 1)
-    if any(per_row % align or start % align for (per_row, start), align in zip(lines, aligns)):
-        raise ValueError(f"CUDA decode prototype: {fmt} sections {lines} are not aligned for the kernel's loads")
+def check_dtype(dtype: torch.dtype) -> None:
+    """Raise ValueError unless ``dtype`` (the model's: staged blocks and the query) is bfloat16 or float16."""
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"CUDA decode kernel: model dtype {dtype}; it reads bfloat16 or float16 staged blocks and "
+                         f"queries")
+
+
+def block_layout(fmt: BlockFormat, staged: StagedBlockFormat) -> tuple[int, ...]:
+    """A layer's blocks as the binding's ``layout`` numbers (sealed_decode_binding.cpp): per section kind (KEYS ..
+    INDEX) and tier 0, 1, ``(c0, c1, const)`` with ``start = n0 * c0 + n1 * c1 + const`` (the coefficients of
+    :func:`~diffkv_sglang.kernels.block_read.sealed_format_constants`, which the Triton kernels take too); the
+    meta scales' two coefficients; bytes per row of tier 0, 1; the bytes of an empty block; the block alignment;
+    the byte offset of a staged block's values; the STAGED and SEALED page-state codes. Raises ValueError if a code
+    section could start off a 16-byte boundary or meta off 4 bytes."""
+    consts = sealed_format_constants(fmt)
+    tiers = len(SUPPORTED_TIERS)
+    names = ("KEY_SEC", "VALUE_SEC", "KEY_META_SEC", "VALUE_META_SEC", "INDEX_SEC")
+    aligns = (16, 16, 4, 4, 1)
+    lines = []
+    for name, align in zip(names, aligns):
+        for t in range(tiers):
+            line = (*consts[name][5 * t:5 * t + tiers], consts[name][5 * t + 4])
+            if any(n % align for n in line):
+                raise ValueError(f"CUDA decode kernel: {fmt} section {name} {line} is not aligned for its loads")
+            lines += line
+    meta_scales = consts["META_SCALE_SEC"][:tiers]
+    if any(n % 4 for n in meta_scales):
+        raise ValueError(f"CUDA decode kernel: {fmt} meta scales {meta_scales} are not 4-byte aligned")
+    per_row = [fmt.bytes_per_token(t) if t < fmt.num_tiers else 0 for t in range(tiers)]
     empty = int(fmt.data_nbytes(torch.zeros(fmt.num_tiers, dtype=torch.int64)))
-    return (*(n for line in lines for n in line), fmt.bytes_per_token(0), empty, BLOCK_ALIGN)
+    return (*lines, *meta_scales, *per_row, empty, BLOCK_ALIGN, staged.values_start, int(PageState.STAGED),
+            int(PageState.SEALED))
 
 
 def ring_slot_bytes(fmt: BlockFormat) -> int:
-    """Bytes of one ring slot: a tier-0 block of the page size rounded up to whole 16-row tiles (the kernel reads
-    every row of a tile, so rows past a block's own stay inside its slot)."""
-    counts = torch.zeros(fmt.num_tiers, dtype=torch.int64)
-    counts[0] = math.ceil(fmt.page_size / TILE_ROWS) * TILE_ROWS
-    return int(fmt.block_nbytes(counts))
+    """Bytes of one ring slot: the largest sealed block of ``fmt`` (every token in the most expensive tier; the
+    kernel clamps its reads to a tier's rows, so nothing past a block is read)."""
+    return fmt.max_block_nbytes
 
 
 def ring_stages(slot_bytes: int, smem_per_sm: int) -> int:
@@ -157,93 +195,59 @@ def ring_stages(slot_bytes: int, smem_per_sm: int) -> int:
     budget = smem_per_sm // CTAS_PER_SM - SMEM_RESERVED_PER_CTA - WARPS * MAX_STAGES * 8
     stages = min(MAX_STAGES, budget // (WARPS * slot_bytes))
     if stages < MIN_STAGES:
-        raise ValueError(f"CUDA decode prototype: blocks of {slot_bytes} bytes leave fewer than {MIN_STAGES} ring "
+        raise ValueError(f"CUDA decode kernel: blocks of {slot_bytes} bytes leave fewer than {MIN_STAGES} ring "
                          f"slots per warp in {smem_per_sm} bytes of shared memory; use a smaller page size")
     return stages
 
 
-class CudaSealedDecode:
-    """The CUDA split kernel over a :class:`DecodePlan`'s sealed all-high pages; the plan's merge finishes.
+class CudaDecodeSplit:
+    """The CUDA split kernel over one store's blocks, for the layers whose format it reads.
 
     Args:
-        plan: the Triton decode plan: its page table, lengths and split workspace are used; ``plan.plan`` fills them.
-        ctas_per_sm: split-K aims at this many CTAs per multiprocessor (two are resident at a time).
-        num_splits: a fixed split count instead (capped by the plan's workspace).
+        kv: the store's blocks (on CUDA; bfloat16 or float16 model).
+        group: query heads per KV head.
+        module: the built extension (:func:`load_extension`).
 
-    See the module docstring for the example and the supported case.
+    Raises ValueError for a store off CUDA or another model dtype. Layers whose format :func:`check_format`
+    refuses are reported by :meth:`supports` (False), with the reason in ``refused[format]``.
     """
 
-    def __init__(self, plan: DecodePlan, ctas_per_sm: int = DEFAULT_SPLIT_TARGET, num_splits: int | None = None):
-        kv = plan.kv
+    def __init__(self, kv: BlockView, group: int, module):
         if kv.device.type != "cuda":
-            raise ValueError(f"CUDA decode prototype: the store is on {kv.device}; it needs a CUDA store")
-        for layer in range(kv.num_layers):
-            check_format(kv.formats[layer], plan.group)
-        self.plan, self.ctas_per_sm, self.fixed_splits = plan, ctas_per_sm, num_splits
+            raise ValueError(f"CUDA decode kernel: the store is on {kv.device}; it needs a CUDA store")
+        check_dtype(kv.dtype)
+        self.kv, self.group, self.module = kv, group, module
         props = torch.cuda.get_device_properties(kv.device)
-        self._sms = props.multi_processor_count
         smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 0) or DEFAULT_SMEM_PER_SM
         self._launch = {}                # layer format -> (layout, ring stages, slot bytes)
-        for fmt in kv.formats.sealed:
-            slot = ring_slot_bytes(fmt)
-            self._launch[fmt] = (block_layout(fmt), ring_stages(slot, smem_per_sm), slot)
+        self.refused = {}                # layer format -> why the kernel does not read it
+        for fmt in dict.fromkeys(kv.formats.sealed):
+            try:
+                check_format(fmt, group)
+                slot = ring_slot_bytes(fmt)
+                self._launch[fmt] = (list(block_layout(fmt, kv.formats.staged)), ring_stages(slot, smem_per_sm), slot)
+            except ValueError as exc:
+                self.refused[fmt] = str(exc)
 
-    def num_splits(self, batch: int) -> int:
-        """Split count for ``batch`` requests: about ``ctas_per_sm`` CTAs per multiprocessor, at least
-        MIN_PAGES_PER_WARP pages per warp of a ``max_pages`` request, within the plan's workspace rows."""
-        plan = self.plan
-        pairs = batch * plan.kv.num_kv_heads
-        capacity = plan._part_m.shape[0] // pairs
-        if self.fixed_splits is not None:
-            return max(1, min(self.fixed_splits, capacity))
-        wanted = math.ceil(self.ctas_per_sm * self._sms / pairs)
-        most = math.ceil(plan.max_pages / (WARPS * MIN_PAGES_PER_WARP))
-        return max(1, min(wanted, most, capacity, MAX_SPLITS))
+    def supports(self, layer: int, q: torch.Tensor) -> bool:
+        """Whether the kernel reads ``layer`` for this query (a host check of the format and dtypes, no sync)."""
+        return self.kv.formats[layer] in self._launch and q.dtype == self.kv.dtype
 
-    def check_pages(self, layer: int) -> None:
-        """Raise ValueError unless every page of the planned batch is sealed with all its kept tokens of ``layer``
-        in tier 0 (one host sync)."""
-        plan, kv = self.plan, self.plan.kv
-        batch, page = plan.batch, kv.page_size
-        pages_needed = (plan.seq_lens[:batch].long() + page - 1) // page
-        in_request = torch.arange(plan.max_pages, device=kv.device)[None, :] < pages_needed[:, None]
-        pages = plan.page_table[:batch][in_request].long()
-        not_sealed = (kv.page_state[pages] != PageState.SEALED).sum()
-        lower_tiers = kv.tier_counts[pages, layer, :, 1:].sum()
-        not_sealed, lower_tiers = torch.stack([not_sealed, lower_tiers.to(not_sealed.dtype)]).tolist()
-        if not_sealed:
-            raise ValueError(f"CUDA decode prototype: {not_sealed} planned pages are staged or empty; it reads "
-                             f"sealed pages only")
-        if lower_tiers:
-            raise ValueError(f"CUDA decode prototype: {lower_tiers} tokens of layer {layer} are in tiers other than "
-                             f"the high tier; it reads all-high pages only")
-
-    def run(self, q: torch.Tensor, layer: int, out: torch.Tensor | None = None, sm_scale: float | None = None,
-            check: bool = True) -> torch.Tensor:
-        """Attention of ``q`` ``[B, Hq, D]`` (bfloat16 or float16) over the planned batch in ``layer``; returns
-        ``out`` ``[B, Hq, D]`` (allocated only when not given). ``check``: :meth:`check_pages` first (a host sync;
-        pass False inside CUDA-graph capture after checking once)."""
-        plan, kv = self.plan, self.plan.kv
-        out = plan.check_run(q, out)
-        if q.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"CUDA decode prototype: q is {q.dtype}; it takes bfloat16 or float16")
+    def split(self, plan, q: torch.Tensor, layer: int, sm_scale: float) -> None:
+        """Launch the split kernel for ``plan``'s batch (a :class:`DecodePlan`: its page table, staged ranks,
+        lengths, ``num_splits`` and workspaces) on ``q`` ``[B, Hq, D]``; ``plan.merge`` finishes. Launches only."""
+        kv = self.kv
         layout, stages, slot = self._launch[kv.formats[layer]]
-        if check:
-            self.check_pages(layer)
-        splits = self.num_splits(plan.batch)
-        scale = plan.sm_scale if sm_scale is None else sm_scale
-        load_extension().split(
-            q, kv.data, kv.block_offset, kv.tier_counts, plan.page_table, plan.seq_lens,
-            plan._part_m, plan._part_l, plan._part_acc, kv.num_kv_heads, layer, kv.num_layers, kv.page_size,
-            splits, plan.config.min_pages_per_split, scale * math.log2(math.e), list(layout), stages, slot,
-            torch.cuda.current_stream(q.device).cuda_stream)
-        return plan.merge(out, layer, splits)
+        self.module.split(
+            q, kv.data, kv.block_offset, kv.page_state, kv.tier_counts, plan.page_table, plan.staged_rank,
+            plan.seq_lens, plan._part_m, plan._part_l, plan._part_acc, plan._logits, plan.staged_cap,
+            kv.num_kv_heads, layer, kv.num_layers, kv.page_size, plan.num_splits, plan.config.min_pages_per_split,
+            sm_scale * math.log2(math.e), layout, stages, slot, torch.cuda.current_stream(q.device).cuda_stream)
 
-    def kernel_info(self, layer: int, q_dtype: torch.dtype = torch.bfloat16) -> dict:
+    def kernel_info(self, layer: int) -> dict:
         """Registers and spill bytes per thread, resident CTAs per multiprocessor, dynamic shared memory, ring
-        stages and slot bytes of the kernel for ``layer`` (builds the extension)."""
-        _, stages, slot = self._launch[self.plan.kv.formats[layer]]
-        module = load_extension()
-        smem = module.smem_bytes(self.plan.kv.head_dim, stages, slot)
-        info = dict(module.kernel_info(self.plan.kv.head_dim, q_dtype == torch.bfloat16, smem))
+        stages and slot bytes of the kernel for ``layer``."""
+        _, stages, slot = self._launch[self.kv.formats[layer]]
+        smem = self.module.smem_bytes(self.kv.head_dim, stages, slot)
+        info = dict(self.module.kernel_info(self.kv.head_dim, self.kv.dtype == torch.bfloat16, smem))
         return {**info, "smem_bytes": smem, "stages": stages, "slot_bytes": slot}

@@ -643,6 +643,17 @@ TUNE_CONFIGS = (
 )
 MAX_SPLITS = 64
 NARROW_PAIRS_PER_SM = 2
+SPLIT_KERNELS = ("triton", "cuda")      # DecodePlan's split_kernel: this module's, or kernels/cuda_decode.py's
+_default_split_kernel = "triton"
+
+
+def set_default_split_kernel(name: str) -> None:
+    """The split kernel of plans built from now on without ``split_kernel`` (one of SPLIT_KERNELS);
+    :func:`diffkv_sglang.backend_select.use_kernels` sets it from ``DIFFKV_KERNELS`` when a CUDA store is built."""
+    global _default_split_kernel
+    if name not in SPLIT_KERNELS:
+        raise ValueError(f"split kernel {name!r}; allowed: {', '.join(SPLIT_KERNELS)}")
+    _default_split_kernel = name
 
 
 def default_config(head_dim: int) -> DecodeConfig:
@@ -666,6 +677,10 @@ class DecodePlan:
         sm_scale: softmax scale (default ``1 / sqrt(head_dim)``).
         config: launch parameters (default :func:`default_config`).
         record_importance: accumulate staged-token importance (the reference always does).
+        split_kernel: ``"triton"`` or ``"cuda"`` (default: :func:`set_default_split_kernel`'s). With ``"cuda"`` on
+            a CUDA store, ``run`` launches the CUDA split kernel (:mod:`.cuda_decode`, built here on first use) for
+            the layers whose format it reads and this kernel for the others (same workspace, same merge); if it
+            cannot be built, every layer runs this one (one warning).
 
     Example::
 
@@ -680,7 +695,8 @@ class DecodePlan:
 
     def __init__(self, kv: BlockView, num_q_heads: int, max_batch: int, max_pages: int, *,
                  max_staged_pages: int | None = None, num_splits: int | None = None, sm_scale: float | None = None,
-                 config: DecodeConfig | None = None, record_importance: bool = True):
+                 config: DecodeConfig | None = None, record_importance: bool = True,
+                 split_kernel: str | None = None):
         heads, dim = kv.num_kv_heads, kv.head_dim
         if num_q_heads % heads:
             raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={heads}")
@@ -716,6 +732,14 @@ class DecodePlan:
         self._q32, self._q_rot = (vec(), vec()) if key_rot else (None, None)
         self._o_rot, self._o_st, self._o_fin = (vec(), vec(), vec()) if value_rot else (None, None, None)
         self.batch, self.num_splits = 0, 1
+        self.split_kernel = split_kernel or _default_split_kernel
+        if self.split_kernel not in SPLIT_KERNELS:
+            raise ValueError(f"split_kernel={self.split_kernel!r}; allowed: {', '.join(SPLIT_KERNELS)}")
+        self._cuda = None
+        if self.split_kernel == "cuda" and device.type == "cuda":
+            from diffkv_sglang.kernels.cuda_decode import split_for
+
+            self._cuda = split_for(kv, self.group)
 
     def _splits_for(self, batch: int) -> int:
         """Split-K factor of a ``batch``-request plan: a function of the batch size and the device only, never of
@@ -782,6 +806,10 @@ class DecodePlan:
         (``q.dtype``; allocated only when not given) and accumulates staged-token importance. ``sm_scale``
         overrides the plan's softmax scale for this call (a kernel argument, not a compile-time constant)."""
         out = self.check_run(q, out)
+        scale = self.sm_scale if sm_scale is None else sm_scale
+        if self._cuda is not None and self._cuda.supports(layer, q):
+            self._cuda.split(self, q, layer, scale)
+            return self.merge(out, layer, self.num_splits)
         kv, batch, heads, dim = self.kv, self.batch, self.kv.num_kv_heads, self.kv.head_dim
         fmt = kv.formats[layer]
         consts = sealed_format_constants(fmt)
@@ -799,7 +827,7 @@ class DecodePlan:
             kv.block_offset, kv.page_state, kv.tier_counts,
             self.page_table, self.staged_rank, self.max_pages, self.seq_lens,
             self._part_m, self._part_l, self._part_acc, self._logits,
-            layer, self.staged_cap, (self.sm_scale if sm_scale is None else sm_scale) * math.log2(math.e),
+            layer, self.staged_cap, scale * math.log2(math.e),
             BLOCK_G=max(16, group_block), BLOCK_N=self.block_n, CHUNKS=triton.cdiv(kv.page_size, self.block_n),
             KG=max(consts["KEY_GROUPS"]), VG=max(consts["VALUE_GROUPS"]),
             KV_ELEMENT_BYTES=staged.element_bytes, KV_VALUES_START=staged.values_start // staged.element_bytes,

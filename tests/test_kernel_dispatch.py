@@ -42,8 +42,8 @@ def test_mode_parsing(monkeypatch, caplog):
     assert use_kernels("cpu", 64)
     with pytest.raises(ValueError, match="power-of-two"):
         use_kernels("cpu", 80)
-    monkeypatch.setenv(KERNELS_ENV, "cuda")
-    with pytest.raises(ValueError, match="auto, torch, triton"):
+    monkeypatch.setenv(KERNELS_ENV, "tpu")
+    with pytest.raises(ValueError, match="auto, torch, triton, cuda"):
         kernel_mode()
 
 

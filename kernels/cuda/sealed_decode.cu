@@ -1,24 +1,33 @@
-// Split-K decode attention over the SEALED pages of one layer whose tokens are all in the high tier (K8V4, one
-// quantization group, no rotation): the CUDA prototype of issue 12, item 1. It writes the split workspace of
-// kernels/decode_attention.py (PART_M, PART_L, PART_ACC: same rows, same split ranges as _decode_split_kernel),
-// and the Triton _decode_merge_kernel finishes. The launcher (kernels/cuda_decode.py) refuses every other case.
+// Split-K decode attention over one layer's pages as a serving batch meets them (issue 12): SEALED blocks whose
+// kept tokens are in tier 0 (K8V4) and / or tier 1 (K4V2), one quantization group, no rotation; STAGED blocks
+// (the page's keys and values in the model dtype); EMPTY pages and all-pruned blocks contribute nothing. It
+// writes the split workspace of kernels/decode_attention.py (PART_M, PART_L, PART_ACC and the staged tokens'
+// LOGITS: same rows, same split ranges, same indexing as _decode_split_kernel) and the Triton _decode_merge_kernel
+// finishes (output, staged-token importance). The launcher (kernels/cuda_decode.py) refuses other formats.
 //
 // Grid (num_splits, num_kv_heads, batch); one CTA of 4 warps per (request b, KV head h, split). The split's pages
 // are dealt to the warps round robin (warp w takes pages w, w + 4, ...); each warp is independent until the end:
-//   * its own shared-memory ring of `stages` slots: lane 0 copies whole blocks into it with one 1-D bulk copy
-//     each (cp.async.bulk, completion counted in bytes on one mbarrier per slot), `stages` blocks ahead;
-//   * descriptors (page id -> block offset, row count) are loaded a lane per page, 32 pages at a time, one batch
-//     ahead, and handed to lane 0 / the whole warp with shuffles;
-//   * per block, 16-row tiles: keys as the M=16 side of mma.sync m16n8k16 with the G <= 8 query heads as N=8
-//     (swap-AB), codes turned into float16 operands in registers (prmt / lop3), scale and zero point applied on
-//     the accumulators, online softmax (base 2) per head, then values: O^T[D x 8] += V^T[D x 16] P^T[16 x 8];
+//   * its own shared-memory ring of `stages` slots: lane 0 copies whole sealed blocks into it with one 1-D bulk
+//     copy each (cp.async.bulk, completion counted in bytes on one mbarrier per slot), `stages` blocks ahead;
+//   * descriptors (page id -> page state, block offset, tier counts) are loaded a lane per page, 32 pages at a
+//     time, one batch ahead, and handed to lane 0 / the whole warp with shuffles;
+//   * per sealed block, per tier, 16-row tiles of that tier's rows (its sections are contiguous row arrays, so a
+//     tier's tile is gathered from the block in shared memory at the tier's section starts; rows are clamped to
+//     the tier's last row, so nothing past the block is read): keys as the M=16 side of mma.sync m16n8k16 with
+//     the G <= 8 query heads as N=8 (swap-AB), codes turned into float16 operands in registers (prmt / lop3),
+//     scale and zero point applied on the accumulators, online softmax (base 2) per head, then values:
+//     O^T[D x 8] += V^T[D x 16] P^T[16 x 8];
+//   * a staged block is read from global memory (the last 1-3 pages of a request): the same tiles and products
+//     with model-dtype operands (bfloat16 / float16 mma), its base-2 logits stored to LOGITS at the page's staged
+//     rank for the merge kernel's importance recording;
 //   * at the end the 4 warps' (max, sum, output) are merged through shared memory into one workspace row.
 // Arithmetic follows _decode_split_kernel (decode_attention.py's module docstring): the query enters float16
-// scaled by a power of two so that max |q| of the group lies in [2^14, 2^15); logits are
+// scaled by a power of two so that max |q| of the group lies in [2^14, 2^15); sealed logits are
 // key_ms * scale * (s * (q~ . c) + z * sum(q~)); value weights p * s * 2^16 enter float16 and the output is kept
-// in units of (the last block's value meta scale) * 2^-16, with the zero points' share summed per head.
+// in units of (the last block's value meta scale) * 2^-16, with the zero points' share summed per head. Staged
+// tokens: q and k in the model dtype (exact products), p rounded to it, their values added in those units.
 //
-// Fragment layouts relied on (PTX ISA, mma.m16n8k16 with .f16 inputs; lane = 4 * g + t, g = lane / 4, t = lane % 4):
+// Fragment layouts relied on (PTX ISA, mma.m16n8k16 with 16-bit inputs; lane = 4 * g + t, g = lane / 4, t = lane % 4):
 //   A (16 x 16, row major), 4 registers of 2 halves: a[0] = (row g,   cols 2t, 2t+1), a[1] = (row g+8, cols 2t, 2t+1),
 //                                                    a[2] = (row g,   cols 2t+8, 2t+9), a[3] = (row g+8, cols 2t+8, 2t+9)
 //   B (16 x 8, "col"), 2 registers: b[0] = (rows 2t, 2t+1, col g), b[1] = (rows 2t+8, 2t+9, col g)
@@ -28,17 +37,20 @@
 //   of its transpose.
 // Free choices (a product is unchanged by permuting its K index in both operands, and its M rows are named by us):
 //   * keys: K index k of 16-dimension chunk c is dimension key_dim(c, t, k) (key_dim below): lane (g, t) reads its
-//     4 codes of a chunk as one 32-bit word, 16 contiguous bytes for 4 chunks; the query is laid out the same way.
+//     4 dimensions of a chunk as one 32-bit word of 8-bit codes (16 contiguous bytes for 4 chunks), two bytes of
+//     4-bit codes (8 bytes for 4 chunks) or 8 bytes of model-dtype keys; the query is laid out the same way.
 //   * tile rows: row m of a 16-row tile (M of the key product, K of the value product) is the tile's row
-//     tile_row(m) of the block (a permutation chosen to spread shared-memory banks, see tile_row).
+//     tile_row(m) of the tier (a permutation chosen to spread shared-memory banks, see tile_row).
 //   * values: M row g of value chunk c is dimension (D / 8) * g + 2c, M row g + 8 is the next one; lane (g, t)
-//     reads its D / 8 dimensions of a token as one 32- or 64-bit word and the output columns come out in pairs.
+//     reads its D / 8 dimensions of a token as one 16- to 64-bit word of codes (or 16-byte words of a staged
+//     block) and the output columns come out in pairs.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "sealed_decode.h"
 
@@ -145,24 +157,12 @@ __device__ __forceinline__ float fast_exp2(float x) {   // 2^x; 2^-inf = 0 (what
 
 // ------------------------------------------------------------------------------------------- code unpacking
 // The float16 bits 0x6400 | x are 1024 + x for 0 <= x < 1024, so a code byte or nibble placed under 0x64 (0x6400)
-// becomes an exact float16 after subtracting 1024 (or, for a nibble 4 bits up, after x / 16 - 64).
+// becomes an exact float16 after subtracting 1024 (or, for a field k bits up, after x / 2^k - 1024 / 2^k).
 constexpr uint32_t kF16Bias = 0x64006400u;          // (1024, 1024)
-constexpr uint32_t kF16Sixteenth = 0x2c002c00u;     // (1/16, 1/16)
-constexpr uint32_t kF16MinusSixtyFour = 0xd400d400u;  // (-64, -64)
 
 // Bytes 0, 1 (selector 0x4140) or 2, 3 (0x4342) of a word of 8-bit codes as float16 (low half: the lower byte).
 __device__ __forceinline__ uint32_t byte_codes(uint32_t word, uint32_t selector) {
   return sub_f16x2(__byte_perm(word, 0x64646464u, selector), kF16Bias);
-}
-
-// Low nibbles of bytes 0 and 2 of `pair` as float16 (low half from byte 0).
-__device__ __forceinline__ uint32_t low_nibbles(uint32_t pair) {
-  return sub_f16x2(mask_or(pair, 0x000f000fu, kF16Bias), kF16Bias);
-}
-
-// High nibbles of bytes 0 and 2 of `pair` as float16 (low half from byte 0).
-__device__ __forceinline__ uint32_t high_nibbles(uint32_t pair) {
-  return fma_f16x2(mask_or(pair, 0x00f000f0u, kF16Bias), kF16Sixteenth, kF16MinusSixtyFour);
 }
 
 __device__ __forceinline__ uint32_t pack_f16x2(float low, float high) {
@@ -193,6 +193,87 @@ __device__ __forceinline__ int tile_row(int m) {
 // Key dimension of K index k (0, 1: lanes' columns 2t, 2t+1; 2, 3: columns 2t+8, 2t+9) in chunk c for lane t:
 // lane t holds bytes 16t .. 16t+15 of each 64-dimension half, 4 per chunk.
 __device__ __forceinline__ int key_dim(int c, int t, int k) { return (c / 4) * 64 + 16 * t + 4 * (c % 4) + k; }
+
+
+// ------------------------------------------------------------------------------------------- tiers, codes
+// The 4-bit (low, high) nibbles of byte `B` (0..3) of `word` as two float16 (low half: the low nibble): the byte
+// is put under both halves, the low nibble masked into one and the high one (x16) into the other, then
+// (1024 + lo, 1024 + 16 hi) * (1, 1/16) - (1024, 64).
+__device__ __forceinline__ uint32_t nibble_pair(uint32_t word, uint32_t B) {
+  const uint32_t spread = __byte_perm(word, 0u, 0x4040u | B | (B << 8));
+  return fma_f16x2(mask_or(spread, 0x00f0000fu, kF16Bias), 0x2c003c00u, 0xd400e400u);
+}
+
+// Key codes of K indices 2 * k2, 2 * k2 + 1 of chunk i (0..3) of a 64-dimension half, from the lane's words of
+// that half (KB = 8: four words, one per chunk; KB = 4: two words, two bytes per chunk), as a float16 pair.
+template <int KB>
+__device__ __forceinline__ uint32_t key_codes(const uint32_t* words, int i, int k2) {
+  if constexpr (KB == 8) {
+    return byte_codes(words[i], k2 ? 0x4342u : 0x4140u);
+  } else {
+    return nibble_pair(words[i / 2], 2 * (i % 2) + k2);
+  }
+}
+
+// Field 0 (bits 0 .. VB-1) and field 1 (bits VB .. 2 VB - 1) of both 16-bit halves of `pair` as float16.
+template <int VB>
+__device__ __forceinline__ uint32_t value_field0(uint32_t pair) {
+  constexpr uint32_t mask = ((1u << VB) - 1) * 0x00010001u;
+  return sub_f16x2(mask_or(pair, mask, kF16Bias), kF16Bias);
+}
+
+template <int VB>
+__device__ __forceinline__ uint32_t value_field1(uint32_t pair) {
+  constexpr uint32_t mask = ((1u << VB) - 1) * 0x00010001u << VB;
+  // (1024 + 2^VB x) * 2^-VB - 1024 * 2^-VB: VB = 4: (1/16, -64); VB = 2: (1/4, -256)
+  constexpr uint32_t scale = VB == 4 ? 0x2c002c00u : 0x34003400u;
+  constexpr uint32_t offset = VB == 4 ? 0xd400d400u : 0xdc00dc00u;
+  return fma_f16x2(mask_or(pair, mask, kF16Bias), scale, offset);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float low, float high) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 packed = __floats2bfloat162_rn(low, high);
+    return *reinterpret_cast<const uint32_t*>(&packed);
+  } else {
+    return pack_f16x2(low, high);
+  }
+}
+
+// d += a b, m16n8k16 with bfloat16 or float16 inputs (the model dtype of staged blocks), float32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_model(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    mma_16816(d, a0, a1, a2, a3, b0, b1);
+  }
+}
+
+// One tier's rows of a sealed block in shared memory: its sections' starts and its row count.
+struct TierRows {
+  const uint8_t* keys;
+  const uint8_t* values;
+  const uint8_t* key_meta;
+  const uint8_t* value_meta;
+  const uint8_t* index;
+  int n;
+};
+
+template <int T>
+__device__ __forceinline__ TierRows tier_rows(const uint8_t* block, int n0, int n1, const SealedDecodeArgs& a) {
+  const auto at = [&](int kind) {
+    const SectionLine& s = a.sections[kind][T];
+    return block + s.per_row[0] * n0 + s.per_row[1] * n1 + s.start;
+  };
+  return TierRows{at(0), at(1), at(2), at(3), at(4), T == 0 ? n0 : n1};
+}
 
 // ----------------------------------------------------------------------------------------------- block math
 template <int D>
@@ -248,168 +329,278 @@ __device__ QueryOperands load_query(const SealedDecodeArgs& a, int b, int h, int
   return ops;
 }
 
-// Base-2 logits of one 16-row tile (rows `base` .. of a block in shared memory) in the C layout: s[0], s[1] for
-// tile row tile_row(g) (heads 2t, 2t+1), s[2], s[3] for tile_row(g) + 8; -inf for rows past the block's n rows or,
-// on a request's last page, tokens at or past `valid`.
-template <int D>
-__device__ __forceinline__ void key_logits(const uint8_t* block, int n, int base, int row_g, int valid,
-                                           bool check_index, const SealedDecodeArgs& a, float key_scale,
-                                           const uint32_t (&q_frag)[D / 16][2], const QueryOperands& query, int t,
-                                           float (&s)[4], bool (&live)[2]) {
-  const int row_a = base + row_g, row_b = row_a + 8;
-  const uint8_t* keys = block + a.keys.per_row * n + a.keys.start;
+// Base-2 logits of one 16-row tile (rows `base` .. of tier `r`, KB-bit keys) in the C layout: s[0], s[1] for tier
+// row base + tile_row(g) (heads 2t, 2t+1), s[2], s[3] for 8 rows further; -inf for rows past the tier's rows or,
+// on a request's last page, tokens at or past `valid`. Reads clamp rows to the tier's last one.
+template <int D, int KB>
+__device__ __forceinline__ void key_logits(const TierRows& r, int base, int row_g, int valid, bool check_index,
+                                           float key_scale, const uint32_t (&q_frag)[D / 16][2],
+                                           const QueryOperands& query, int t, float (&s)[4], bool (&live)[2]) {
+  constexpr int kRowBytes = D * KB / 8;
+  const int rows[2] = {base + row_g, base + row_g + 8};
+  const int row_a = min(rows[0], r.n - 1), row_b = min(rows[1], r.n - 1);
   float dot[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
   for (int half = 0; half < D / 64; ++half) {
-    const uint4 word_a = *reinterpret_cast<const uint4*>(keys + row_a * D + 64 * half + 16 * t);
-    const uint4 word_b = *reinterpret_cast<const uint4*>(keys + row_b * D + 64 * half + 16 * t);
-    const uint32_t codes_a[4] = {word_a.x, word_a.y, word_a.z, word_a.w};
-    const uint32_t codes_b[4] = {word_b.x, word_b.y, word_b.z, word_b.w};
+    uint32_t codes_a[KB / 2], codes_b[KB / 2];    // the lane's 16 dimensions of the half: 16 or 8 bytes
+    const uint8_t* at_a = r.keys + row_a * kRowBytes + half * (8 * KB) + t * (2 * KB);
+    const uint8_t* at_b = r.keys + row_b * kRowBytes + half * (8 * KB) + t * (2 * KB);
+    if constexpr (KB == 8) {
+      const uint4 wa = *reinterpret_cast<const uint4*>(at_a), wb = *reinterpret_cast<const uint4*>(at_b);
+      codes_a[0] = wa.x, codes_a[1] = wa.y, codes_a[2] = wa.z, codes_a[3] = wa.w;
+      codes_b[0] = wb.x, codes_b[1] = wb.y, codes_b[2] = wb.z, codes_b[3] = wb.w;
+    } else {
+      const uint2 wa = *reinterpret_cast<const uint2*>(at_a), wb = *reinterpret_cast<const uint2*>(at_b);
+      codes_a[0] = wa.x, codes_a[1] = wa.y;
+      codes_b[0] = wb.x, codes_b[1] = wb.y;
+    }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int c = 4 * half + i;
-      mma_16816(dot, byte_codes(codes_a[i], 0x4140), byte_codes(codes_b[i], 0x4140), byte_codes(codes_a[i], 0x4342),
-                byte_codes(codes_b[i], 0x4342), q_frag[c][0], q_frag[c][1]);
+      mma_16816(dot, key_codes<KB>(codes_a, i, 0), key_codes<KB>(codes_b, i, 0), key_codes<KB>(codes_a, i, 1),
+                key_codes<KB>(codes_b, i, 1), q_frag[c][0], q_frag[c][1]);
     }
   }
-  const uint8_t* key_meta = block + a.key_meta.per_row * n + a.key_meta.start;
-  const uint8_t* index = block + a.index.per_row * n + a.index.start;
-  const int rows[2] = {row_a, row_b};
+  const int read[2] = {row_a, row_b};
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    live[r] = rows[r] < n && (!check_index || index[rows[r]] < valid);
-    const uint32_t meta = *reinterpret_cast<const uint32_t*>(key_meta + 4 * rows[r]);
+  for (int k = 0; k < 2; ++k) {
+    live[k] = rows[k] < r.n && (!check_index || r.index[read[k]] < valid);
+    const uint32_t meta = *reinterpret_cast<const uint32_t*>(r.key_meta + 4 * read[k]);
     const float scale = low_half(meta) * key_scale, zero = high_half(meta) * key_scale;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      s[2 * r + j] = live[r] ? fmaf(scale, dot[2 * r + j], zero * query.sum[j]) : -INFINITY;
+      s[2 * k + j] = live[k] ? fmaf(scale, dot[2 * k + j], zero * query.sum[j]) : -INFINITY;
     }
   }
 }
 
-// Value codes of tile rows `row` (one token) as D / 64 words: bytes of dims (D / 8) g .. (D / 8) (g + 1) - 1.
-template <int D>
-__device__ __forceinline__ void load_value_words(const uint8_t* values, int row, int g, uint32_t (&words)[D / 64]) {
-  const uint8_t* at = values + row * (D / 2) + (D / 16) * g;
-  if constexpr (D == 128) {
+// Value codes (VB bits) of tier row `row` as words: the lane's dimensions (D / 8) g .. (D / 8) (g + 1) - 1, i.e.
+// D * VB / 64 bytes (8, 4 or 2).
+template <int D, int VB>
+__device__ __forceinline__ void load_value_words(const uint8_t* values, int row, int g,
+                                                 uint32_t (&words)[(D * VB + 255) / 256]) {
+  constexpr int kSlice = D * VB / 64;
+  const uint8_t* at = values + row * (D * VB / 8) + kSlice * g;
+  if constexpr (kSlice == 8) {
     const uint2 pair = *reinterpret_cast<const uint2*>(at);
     words[0] = pair.x;
     words[1] = pair.y;
-  } else {
+  } else if constexpr (kSlice == 4) {
     words[0] = *reinterpret_cast<const uint32_t*>(at);
+  } else {
+    words[0] = *reinterpret_cast<const uint16_t*>(at);
   }
 }
 
-// O^T += V^T P^T for one tile: p[4] are the tile's probabilities in the C layout of key_logits (rows row_g,
-// row_g + 8; heads 2t, 2t+1), already 0 on dead rows.
-template <int D>
-__device__ __forceinline__ void accumulate_values(const uint8_t* block, int n, int base, int row_g, bool (&live)[2],
-                                                  const SealedDecodeArgs& a, const float (&p)[4], int g, int t,
-                                                  WarpState<D>& st) {
-  const uint8_t* values = block + a.values.per_row * n + a.values.start;
-  const uint8_t* value_meta = block + a.value_meta.per_row * n + a.value_meta.start;
-  const int rows[2] = {base + row_g, base + row_g + 8};
+// O^T += V^T P^T for one tile of tier `r` (VB-bit values): p[4] are the tile's probabilities in the C layout of
+// key_logits (rows row_g, row_g + 8; heads 2t, 2t+1), already 0 on dead rows.
+template <int D, int VB>
+__device__ __forceinline__ void accumulate_values(const TierRows& r, int base, int row_g, const bool (&live)[2],
+                                                  const float (&p)[4], int g, int t, WarpState<D>& st) {
+  constexpr int kWords = (D * VB + 255) / 256;
+  const int meta_rows[2] = {min(base + row_g, r.n - 1), min(base + row_g + 8, r.n - 1)};
   float weight[4];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const uint32_t meta = *reinterpret_cast<const uint32_t*>(value_meta + 4 * rows[r]);
-    const float scale = live[r] ? low_half(meta) * kWeightScale : 0.0f;     // garbage meta on dead rows: 0
-    const float zero = live[r] ? high_half(meta) * kWeightScale : 0.0f;
+  for (int k = 0; k < 2; ++k) {
+    const uint32_t meta = *reinterpret_cast<const uint32_t*>(r.value_meta + 4 * meta_rows[k]);
+    const float scale = live[k] ? low_half(meta) * kWeightScale : 0.0f;
+    const float zero = live[k] ? high_half(meta) * kWeightScale : 0.0f;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      weight[2 * r + j] = p[2 * r + j] * scale;
-      st.zero_acc[j] = fmaf(p[2 * r + j], zero, st.zero_acc[j]);
+      weight[2 * k + j] = p[2 * k + j] * scale;
+      st.zero_acc[j] = fmaf(p[2 * k + j], zero, st.zero_acc[j]);
     }
   }
   // C layout (token rows x heads) -> B layout (K = tokens, N = heads): transpose each 8 x 8 half
   const uint32_t b0 = transpose_8x8(pack_f16x2(weight[0], weight[1]));
   const uint32_t b1 = transpose_8x8(pack_f16x2(weight[2], weight[3]));
   // K index 2t, 2t+1, 2t+8, 2t+9 of the product = tile rows tile_row(2t), tile_row(2t+1), + 8 of each
-  uint32_t x[D / 64], y[D / 64], x8[D / 64], y8[D / 64];
-  load_value_words<D>(values, base + tile_row(2 * t), g, x);
-  load_value_words<D>(values, base + tile_row(2 * t + 1), g, y);
-  load_value_words<D>(values, base + tile_row(2 * t) + 8, g, x8);
-  load_value_words<D>(values, base + tile_row(2 * t + 1) + 8, g, y8);
+  const int last = r.n - 1;
+  uint32_t x[kWords], y[kWords], x8[kWords], y8[kWords];
+  load_value_words<D, VB>(r.values, min(base + tile_row(2 * t), last), g, x);
+  load_value_words<D, VB>(r.values, min(base + tile_row(2 * t + 1), last), g, y);
+  load_value_words<D, VB>(r.values, min(base + tile_row(2 * t) + 8, last), g, x8);
+  load_value_words<D, VB>(r.values, min(base + tile_row(2 * t + 1) + 8, last), g, y8);
 #pragma unroll
   for (int c = 0; c < D / 16; ++c) {
-    // chunk c: byte c of the lane's slice (dims 2c, 2c+1 of it): 16-bit half (c % 4) / 2 of word c / 4
-    const uint32_t selector = (c % 4) < 2 ? 0x5410u : 0x7632u;   // the two tokens' halves side by side
-    const int shift = 8 * (c % 2);
-    const uint32_t low_pair = __byte_perm(x[c / 4], y[c / 4], selector) >> shift;     // tokens K 2t, 2t+1
-    const uint32_t high_pair = __byte_perm(x8[c / 4], y8[c / 4], selector) >> shift;  // tokens K 2t+8, 2t+9
-    mma_16816(st.acc[c], low_nibbles(low_pair), high_nibbles(low_pair), low_nibbles(high_pair),
-              high_nibbles(high_pair), b0, b1);
+    // chunk c: dims 2c, 2c+1 of the lane's slice = bits 2 c VB .. of it: the two tokens' 16-bit halves side by
+    // side, shifted down to the chunk's fields
+    constexpr int kBits = 2 * VB;
+    const int bit = kBits * c, word = bit / 32, shift = bit % 16;
+    const uint32_t selector = (bit % 32) < 16 ? 0x5410u : 0x7632u;
+    const uint32_t low_pair = __byte_perm(x[word], y[word], selector) >> shift;     // tokens K 2t, 2t+1
+    const uint32_t high_pair = __byte_perm(x8[word], y8[word], selector) >> shift;  // tokens K 2t+8, 2t+9
+    mma_16816(st.acc[c], value_field0<VB>(low_pair), value_field1<VB>(low_pair), value_field0<VB>(high_pair),
+              value_field1<VB>(high_pair), b0, b1);
   }
 }
 
-// One block (n > 0 rows, all tier 0) in shared memory: 32 rows per online-softmax step, 16 per product.
+// One online-softmax step over two tiles' base-2 logits s[tile][4] (C layout, -inf: dead): s becomes the
+// probabilities relative to the new running max; the running sums, the zero points' share and acc are rescaled
+// (acc and the zero share also by `carry`, the change of value unit of a new block).
 template <int D>
-__device__ void attend_block(const uint8_t* block, int n, int valid, const SealedDecodeArgs& a,
-                             const uint32_t (&q_frag)[D / 16][2], const QueryOperands& query, int g, int t,
-                             WarpState<D>& st) {
-  const float* meta_scales = reinterpret_cast<const float*>(block + a.meta_scales.per_row * n + a.meta_scales.start);
-  const float key_scale = meta_scales[0] * query.key_scale;
-  const float value_unit = meta_scales[1];
-  float carry = pow2_ratio(st.unit, value_unit);      // acc to this block's unit, folded into the first rescale
-  st.unit = value_unit;
-  const bool check_index = valid < a.page_size;
+__device__ __forceinline__ void softmax_step(float (&s)[2][4], float carry, WarpState<D>& st) {
+  float rescale[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    float top = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
+    top = fmaxf(top, __shfl_xor_sync(kFullMask, top, 4));
+    top = fmaxf(top, __shfl_xor_sync(kFullMask, top, 8));
+    top = fmaxf(top, __shfl_xor_sync(kFullMask, top, 16));
+    const float m_new = fmaxf(st.m[j], top);
+    const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
+    const float alpha = fast_exp2(st.m[j] - m_safe);
+    st.m[j] = m_new;
+    float added = 0.0f;
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+      s[tile][j] = fast_exp2(s[tile][j] - m_safe);
+      s[tile][j + 2] = fast_exp2(s[tile][j + 2] - m_safe);
+      added += s[tile][j] + s[tile][j + 2];
+    }
+    st.l[j] = fmaf(st.l[j], alpha, added);
+    rescale[j] = alpha * carry;
+    st.zero_acc[j] *= rescale[j];
+  }
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) {
+    st.acc[c][0] *= rescale[0];
+    st.acc[c][1] *= rescale[1];
+    st.acc[c][2] *= rescale[0];
+    st.acc[c][3] *= rescale[1];
+  }
+}
+
+// The rows of one tier (KB-bit keys, VB-bit values) of a block in shared memory: 32 rows per online-softmax step,
+// 16 per product. `carry` is folded into the first step and then reset to 1.
+template <int D, int KB, int VB>
+__device__ void attend_tier(const TierRows& r, int valid, bool check_index, float key_scale,
+                            const uint32_t (&q_frag)[D / 16][2], const QueryOperands& query, int g, int t,
+                            float& carry, WarpState<D>& st) {
   const int row_g = tile_row(g);
-  for (int step = 0; step < n; step += 2 * kTileRows) {
+  for (int step = 0; step < r.n; step += 2 * kTileRows) {
     float s[2][4];
     bool live[2][2];
 #pragma unroll
     for (int tile = 0; tile < 2; ++tile) {
       const int base = step + tile * kTileRows;
-      if (base < n) {
-        key_logits<D>(block, n, base, row_g, valid, check_index, a, key_scale, q_frag, query, t, s[tile], live[tile]);
+      if (base < r.n) {
+        key_logits<D, KB>(r, base, row_g, valid, check_index, key_scale, q_frag, query, t, s[tile], live[tile]);
       } else {
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[tile][i] = -INFINITY;
         live[tile][0] = live[tile][1] = false;
       }
     }
-    float rescale[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      float top = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
-      top = fmaxf(top, __shfl_xor_sync(kFullMask, top, 4));
-      top = fmaxf(top, __shfl_xor_sync(kFullMask, top, 8));
-      top = fmaxf(top, __shfl_xor_sync(kFullMask, top, 16));
-      const float m_new = fmaxf(st.m[j], top);
-      const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = fast_exp2(st.m[j] - m_safe);
-      st.m[j] = m_new;
-      float added = 0.0f;
-#pragma unroll
-      for (int tile = 0; tile < 2; ++tile) {
-        s[tile][j] = fast_exp2(s[tile][j] - m_safe);            // now probabilities (relative to m_new)
-        s[tile][j + 2] = fast_exp2(s[tile][j + 2] - m_safe);
-        added += s[tile][j] + s[tile][j + 2];
-      }
-      st.l[j] = fmaf(st.l[j], alpha, added);
-      rescale[j] = alpha * carry;
-      st.zero_acc[j] *= rescale[j];
-    }
+    softmax_step<D>(s, carry, st);
     carry = 1.0f;
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) {
-      st.acc[c][0] *= rescale[0];
-      st.acc[c][1] *= rescale[1];
-      st.acc[c][2] *= rescale[0];
-      st.acc[c][3] *= rescale[1];
-    }
 #pragma unroll
     for (int tile = 0; tile < 2; ++tile) {
       const int base = step + tile * kTileRows;
-      if (base < n) accumulate_values<D>(block, n, base, row_g, live[tile], a, s[tile], g, t, st);
+      if (base < r.n) accumulate_values<D, VB>(r, base, row_g, live[tile], s[tile], g, t, st);
+    }
+  }
+}
+
+// One sealed block (n0 tier-0 rows, n1 tier-1 rows, n0 + n1 > 0) in shared memory, tier by tier.
+template <int D>
+__device__ void attend_block(const uint8_t* block, int n0, int n1, int valid, const SealedDecodeArgs& a,
+                             const uint32_t (&q_frag)[D / 16][2], const QueryOperands& query, int g, int t,
+                             WarpState<D>& st) {
+  const float* meta_scales = reinterpret_cast<const float*>(block + a.meta_scales[0] * n0 + a.meta_scales[1] * n1);
+  const float key_scale = meta_scales[0] * query.key_scale;
+  const float value_unit = meta_scales[1];
+  float carry = pow2_ratio(st.unit, value_unit);      // acc to this block's unit, folded into the first rescale
+  st.unit = value_unit;
+  const bool check_index = valid < a.page_size;
+  attend_tier<D, 8, 4>(tier_rows<0>(block, n0, n1, a), valid, check_index, key_scale, q_frag, query, g, t, carry, st);
+  attend_tier<D, 4, 2>(tier_rows<1>(block, n0, n1, a), valid, check_index, key_scale, q_frag, query, g, t, carry, st);
+}
+
+// One staged block (global memory: keys [page_size, D] then values, model dtype QT) of which the first `valid`
+// rows count; their base-2 logits go to `logits` [page_size, group] (nullptr: not recorded).
+template <int D, typename QT>
+__device__ void attend_staged(const uint8_t* block, int valid, float* logits, const SealedDecodeArgs& a,
+                              const QT* q_row, int g, int t, WarpState<D>& st) {
+  const QT* keys = reinterpret_cast<const QT*>(block);
+  const QT* values = reinterpret_cast<const QT*>(block + a.staged_values);
+  uint32_t q_frag[D / 16][2];               // the plain query of head g in the model dtype, key_dim order
+  const uint16_t* q_bits = reinterpret_cast<const uint16_t*>(q_row);
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) {
+#pragma unroll
+    for (int k2 = 0; k2 < 2; ++k2) {
+      const int dim = key_dim(c, t, 2 * k2);
+      q_frag[c][k2] = g < a.group ? q_bits[dim] | (uint32_t)q_bits[dim + 1] << 16 : 0u;
+    }
+  }
+  const int row_g = tile_row(g);
+  const float to_acc = kWeightScale / st.unit;     // staged values join acc in its units (powers of two: exact)
+  for (int step = 0; step < valid; step += 2 * kTileRows) {
+    float s[2][4];
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+      const int rows[2] = {step + tile * kTileRows + row_g, step + tile * kTileRows + row_g + 8};
+      const bool live[2] = {rows[0] < valid, rows[1] < valid};
+      float dot[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (step + tile * kTileRows < valid) {
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c) {
+          const int dim = key_dim(c, t, 0);
+          const uint2 ka = live[0] ? *reinterpret_cast<const uint2*>(keys + rows[0] * D + dim) : make_uint2(0, 0);
+          const uint2 kb = live[1] ? *reinterpret_cast<const uint2*>(keys + rows[1] * D + dim) : make_uint2(0, 0);
+          mma_model<QT>(dot, ka.x, kb.x, ka.y, kb.y, q_frag[c][0], q_frag[c][1]);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          s[tile][2 * k + j] = live[k] ? dot[2 * k + j] * a.qk_scale : -INFINITY;
+          const int head = 2 * t + j;
+          if (logits != nullptr && live[k] && head < a.group) logits[rows[k] * a.group + head] = s[tile][2 * k + j];
+        }
+      }
+    }
+    softmax_step<D>(s, 1.0f, st);
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+      const int base = step + tile * kTileRows;
+      if (base >= valid) continue;
+      const uint32_t b0 = transpose_8x8(pack2<QT>(s[tile][0], s[tile][1]));
+      const uint32_t b1 = transpose_8x8(pack2<QT>(s[tile][2], s[tile][3]));
+      const int rows[4] = {base + tile_row(2 * t), base + tile_row(2 * t + 1), base + tile_row(2 * t) + 8,
+                           base + tile_row(2 * t + 1) + 8};
+#pragma unroll
+      for (int part = 0; part < D / 64; ++part) {     // 8 of the lane's D / 8 dimensions of each token
+        uint4 v[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          v[k] = rows[k] < valid ? *reinterpret_cast<const uint4*>(values + rows[k] * D + (D / 8) * g + 8 * part)
+                                 : make_uint4(0, 0, 0, 0);
+        }
+        const uint32_t w[4][4] = {{v[0].x, v[0].y, v[0].z, v[0].w}, {v[1].x, v[1].y, v[1].z, v[1].w},
+                                  {v[2].x, v[2].y, v[2].z, v[2].w}, {v[3].x, v[3].y, v[3].z, v[3].w}};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {                  // chunk 4 part + i: dims 2c, 2c+1 of the slice = word i
+          float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          mma_model<QT>(r, __byte_perm(w[0][i], w[1][i], 0x5410u), __byte_perm(w[0][i], w[1][i], 0x7632u),
+                        __byte_perm(w[2][i], w[3][i], 0x5410u), __byte_perm(w[2][i], w[3][i], 0x7632u), b0, b1);
+          float (&acc)[4] = st.acc[4 * part + i];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[e] = fmaf(r[e], to_acc, acc[e]);
+        }
+      }
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------- descriptors
+constexpr int kStagedBlock = -1;   // BlockDescriptor.counts of a staged page
+
 struct BlockDescriptor {
   int64_t offset;   // arena byte offset
-  int rows;         // tier-0 row count (0: nothing to read)
+  int counts;       // sealed: n0 | n1 << 16 (0: nothing to read); kStagedBlock; 0 for empty pages
 };
 
 // Page id of the warp's page `i` (request page page_lo + warp + kWarps * i), or -1 past the warp's pages.
@@ -418,12 +609,16 @@ __device__ __forceinline__ int64_t warp_page_id(const SealedDecodeArgs& a, int b
   return i < count ? (int64_t)a.page_table[b * a.page_table_stride + page_lo + warp + kWarps * i] : -1;
 }
 
+// The loads are independent of each other (no chain): state, offset and counts, then selected.
 __device__ __forceinline__ BlockDescriptor describe(const SealedDecodeArgs& a, int h, int64_t page) {
   BlockDescriptor d{0, 0};
   if (page >= 0) {
     const int64_t slot = (page * a.num_layers + a.layer) * a.num_kv_heads + h;
+    const int state = a.page_state[page];
     d.offset = a.block_offset[slot];
-    d.rows = min(a.tier_counts[slot * a.num_tiers], a.page_size);
+    const int n0 = min(a.tier_counts[slot * a.num_tiers], a.page_size);
+    const int n1 = a.num_tiers > 1 ? min(a.tier_counts[slot * a.num_tiers + 1], a.page_size - n0) : 0;
+    d.counts = state == a.state_sealed ? n0 | n1 << 16 : state == a.state_staged ? kStagedBlock : 0;
   }
   return d;
 }
@@ -433,7 +628,7 @@ __device__ __forceinline__ BlockDescriptor lane_descriptor(const BlockDescriptor
                                                            bool from_current, int lane) {
   BlockDescriptor r;
   r.offset = __shfl_sync(kFullMask, from_current ? current.offset : next.offset, lane);
-  r.rows = __shfl_sync(kFullMask, from_current ? current.rows : next.rows, lane);
+  r.counts = __shfl_sync(kFullMask, from_current ? current.counts : next.counts, lane);
   return r;
 }
 
@@ -462,6 +657,8 @@ __global__ void __launch_bounds__(kThreads, 2) sealed_decode_split_kernel(const 
 
   uint32_t q_frag[D / 16][2];
   const QueryOperands query = load_query<D, QT>(a, b, h, g, t, q_frag);
+  const QT* q_row = static_cast<const QT*>(a.q) + b * a.q_stride_b + (int64_t)(h * a.group + g) * a.q_stride_h;
+  float* logits = a.logits + ((int64_t)b * a.num_kv_heads + h) * a.staged_cap * a.page_size * a.group;
   WarpState<D> st;
   st.unit = 1.0f;
 #pragma unroll
@@ -483,14 +680,16 @@ __global__ void __launch_bounds__(kThreads, 2) sealed_decode_split_kernel(const 
   BlockDescriptor next{0, 0};
   int64_t next_ids = warp_page_id(a, b, page_lo, warp, count, 32 + lane);
   int batch = 0;
-  // the warp's page i into ring slot i % stages (lane 0 copies; every lane takes part in the shuffles)
+  // the warp's page i into ring slot i % stages if it is a sealed block with rows (lane 0 copies; every lane takes
+  // part in the shuffles)
   auto issue = [&](int i) {
     if (i >= count) return;
     const BlockDescriptor d = lane_descriptor(current, next, i / 32 == batch, i % 32);
-    if (d.rows > 0 && lane == 0) {
+    if (d.counts > 0 && lane == 0) {
       const int slot = i % a.stages;
-      const uint32_t bytes =
-          (a.bytes_per_row * d.rows + a.block_fixed_bytes + a.block_align - 1) / a.block_align * a.block_align;
+      const int data = a.bytes_per_row[0] * (d.counts & 0xffff) + a.bytes_per_row[1] * (d.counts >> 16) +
+                       a.block_fixed_bytes;
+      const uint32_t bytes = (data + a.block_align - 1) / a.block_align * a.block_align;
       barrier_expect_bytes(&barriers[slot], bytes);
       bulk_copy(ring + slot * a.slot_bytes, a.arena + d.offset, bytes, &barriers[slot]);
     }
@@ -503,14 +702,20 @@ __global__ void __launch_bounds__(kThreads, 2) sealed_decode_split_kernel(const 
       next_ids = warp_page_id(a, b, page_lo, warp, count, i + 48 + lane);   // batch i / 32 + 2
     }
     const int slot = i % a.stages;
-    const int rows = __shfl_sync(kFullMask, current.rows, i % 32);
-    if (rows > 0) {                                      // all-pruned blocks: nothing copied, nothing to do
+    const int counts = __shfl_sync(kFullMask, current.counts, i % 32);       // the same in every lane
+    const int page = page_lo + warp + kWarps * i;
+    const int valid = min(seq_len - page * a.page_size, a.page_size);
+    if (counts > 0) {                                    // all-pruned blocks and empty pages: nothing to do
       barrier_wait(&barriers[slot], (phases >> slot) & 1u);
       phases ^= 1u << slot;
-      const int page = page_lo + warp + kWarps * i;
-      const int valid = min(seq_len - page * a.page_size, a.page_size);
-      attend_block<D>(ring + slot * a.slot_bytes, rows, valid, a, q_frag, query, g, t, st);
+      attend_block<D>(ring + slot * a.slot_bytes, counts & 0xffff, counts >> 16, valid, a, q_frag, query, g, t, st);
       async_proxy_fence();
+    } else if (counts == kStagedBlock) {
+      const int64_t offset = __shfl_sync(kFullMask, current.offset, i % 32);
+      const int rank = a.staged_rank[b * a.page_table_stride + page];
+      float* page_logits = rank >= 0 && rank < a.staged_cap ? logits + (int64_t)rank * a.page_size * a.group
+                                                            : nullptr;
+      attend_staged<D, QT>(a.arena + offset, valid, page_logits, a, q_row, g, t, st);
     }
     __syncwarp();                                        // every lane has read the slot before it is refilled
     issue(i + a.stages);
@@ -573,6 +778,7 @@ __global__ void __launch_bounds__(kThreads, 2) sealed_decode_split_kernel(const 
     }
   }
 }
+
 
 template <int D, typename QT>
 const char* launch(const SealedDecodeArgs& a, cudaStream_t stream) {
