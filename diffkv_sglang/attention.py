@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from .backend_select import decode_split_kernel
 from .cpu_attention import CodeDecodePlan
 from .policy import group_max
 from .format import PageState
@@ -248,6 +249,7 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
         self._sm_scale: float | None = None
         self._batch_size = 0
         self._code_plan = None if store.kernels else CodeDecodePlan(store)
+        self._split_kernel = decode_split_kernel()             # DIFFKV_KERNELS, read once, like store.kernels
 
     @property
     def capacity(self) -> tuple[int, int]:
@@ -304,7 +306,8 @@ class DecodeAttentionWrapper(_PagedAttentionBase):
             max_pages = min(grow(max(cols, 1), self._capacity[1]), max(cols, self.store.num_pages))
             self._capacity = (max_batch, max_pages)
             self._kernel_plan = plan = DecodePlan(self.store.view, self.num_q_heads, max_batch=max_batch,
-                                                  max_pages=max_pages, max_staged_pages=self._max_staged_pages)
+                                                  max_pages=max_pages, max_staged_pages=self._max_staged_pages,
+                                                  split_kernel=self._split_kernel)
         plan.plan(table, seq_lens, check=False)          # plan() checked the table when asked to
 
 

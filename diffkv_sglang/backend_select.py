@@ -33,13 +33,13 @@ import sys
 
 import torch
 
-__all__ = ["CUDA_GRAPH_ENV", "KERNELS_ENV", "MODES", "cuda_graph_enabled", "kernel_mode", "use_kernels"]
+__all__ = ["CUDA_GRAPH_ENV", "KERNELS_ENV", "MODES", "cuda_graph_enabled", "decode_split_kernel", "kernel_mode",
+           "use_kernels"]
 
 KERNELS_ENV = "DIFFKV_KERNELS"
 CUDA_GRAPH_ENV = "DIFFKV_CUDA_GRAPH"
 MODES = ("auto", "torch", "triton", "cuda")
 _KERNEL_MODULES = tuple(f"diffkv_sglang.kernels.{name}" for name in ("seal", "compaction", "decode_attention"))
-_DECODE_MODULE = "diffkv_sglang.kernels.decode_attention"
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,8 @@ def use_kernels(device: torch.device | str, head_dim: int | None = None) -> bool
     """Whether data on ``device`` (with this ``head_dim``, when given) is processed by the kernels.
 
     Off CUDA, a True answer also turns on Triton's interpreter for the kernel modules (they are imported lazily,
-    after this call). On CUDA it also picks the decode split kernel of the plans built next (``cuda`` or
-    ``triton``, :func:`diffkv_sglang.kernels.decode_attention.set_default_split_kernel`). Raises ValueError for an
-    unknown mode or, with ``triton``, an unsupported ``head_dim``; RuntimeError if the interpreter is needed but the
-    kernel modules were already compiled for a GPU.
+    after this call). Raises ValueError for an unknown mode or, with ``triton``, an unsupported ``head_dim``;
+    RuntimeError if the interpreter is needed but the kernel modules were already compiled for a GPU.
     """
     mode = kernel_mode()
     device = torch.device(device)
@@ -77,11 +75,13 @@ def use_kernels(device: torch.device | str, head_dim: int | None = None) -> bool
             raise RuntimeError(f"{KERNELS_ENV}=triton on {device}: the kernels need Triton's interpreter, but "
                                f"{', '.join(loaded)} was imported without it (set TRITON_INTERPRET=1 first)")
         os.environ["TRITON_INTERPRET"] = "1"
-    if device.type == "cuda" and (mode == "cuda" or _DECODE_MODULE in sys.modules):
-        from .kernels.decode_attention import set_default_split_kernel
-
-        set_default_split_kernel("cuda" if mode == "cuda" else "triton")
     return True
+
+
+def decode_split_kernel() -> str:
+    """The split kernel decode plans on a CUDA store launch: ``cuda`` with ``DIFFKV_KERNELS=cuda``, else
+    ``triton`` (:class:`~diffkv_sglang.kernels.decode_attention.DecodePlan`'s ``split_kernel``)."""
+    return "cuda" if kernel_mode() == "cuda" else "triton"
 
 
 def cuda_graph_enabled() -> bool:

@@ -644,16 +644,6 @@ TUNE_CONFIGS = (
 MAX_SPLITS = 64
 NARROW_PAIRS_PER_SM = 2
 SPLIT_KERNELS = ("triton", "cuda")      # DecodePlan's split_kernel: this module's, or kernels/cuda_decode.py's
-_default_split_kernel = "triton"
-
-
-def set_default_split_kernel(name: str) -> None:
-    """The split kernel of plans built from now on without ``split_kernel`` (one of SPLIT_KERNELS);
-    :func:`diffkv_sglang.backend_select.use_kernels` sets it from ``DIFFKV_KERNELS`` when a CUDA store is built."""
-    global _default_split_kernel
-    if name not in SPLIT_KERNELS:
-        raise ValueError(f"split kernel {name!r}; allowed: {', '.join(SPLIT_KERNELS)}")
-    _default_split_kernel = name
 
 
 def default_config(head_dim: int) -> DecodeConfig:
@@ -677,7 +667,7 @@ class DecodePlan:
         sm_scale: softmax scale (default ``1 / sqrt(head_dim)``).
         config: launch parameters (default :func:`default_config`).
         record_importance: accumulate staged-token importance (the reference always does).
-        split_kernel: ``"triton"`` or ``"cuda"`` (default: :func:`set_default_split_kernel`'s). With ``"cuda"`` on
+        split_kernel: ``"triton"`` (default) or ``"cuda"``. With ``"cuda"`` on
             a CUDA store, ``run`` launches the CUDA split kernel (:mod:`.cuda_decode`, built here on first use) for
             the layers whose format it reads and this kernel for the others (same workspace, same merge); if it
             cannot be built, every layer runs this one (one warning).
@@ -696,7 +686,7 @@ class DecodePlan:
     def __init__(self, kv: BlockView, num_q_heads: int, max_batch: int, max_pages: int, *,
                  max_staged_pages: int | None = None, num_splits: int | None = None, sm_scale: float | None = None,
                  config: DecodeConfig | None = None, record_importance: bool = True,
-                 split_kernel: str | None = None):
+                 split_kernel: str = "triton"):
         heads, dim = kv.num_kv_heads, kv.head_dim
         if num_q_heads % heads:
             raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={heads}")
@@ -732,7 +722,7 @@ class DecodePlan:
         self._q32, self._q_rot = (vec(), vec()) if key_rot else (None, None)
         self._o_rot, self._o_st, self._o_fin = (vec(), vec(), vec()) if value_rot else (None, None, None)
         self.batch, self.num_splits = 0, 1
-        self.split_kernel = split_kernel or _default_split_kernel
+        self.split_kernel = split_kernel
         if self.split_kernel not in SPLIT_KERNELS:
             raise ValueError(f"split_kernel={self.split_kernel!r}; allowed: {', '.join(SPLIT_KERNELS)}")
         self._cuda = None

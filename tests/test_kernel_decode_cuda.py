@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from diffkv_sglang.attention import DecodeAttentionWrapper
-from diffkv_sglang.backend_select import KERNELS_ENV, kernel_mode, use_kernels
+from diffkv_sglang.backend_select import KERNELS_ENV, decode_split_kernel, kernel_mode, use_kernels
 from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.format import KEYS, VALUES, LayerFormats, PageState
-from diffkv_sglang.kernels import cuda_decode, decode_attention
+from diffkv_sglang.kernels import cuda_decode
 from diffkv_sglang.kernels.decode_attention import DecodePlan
 from decode_bound import error_bound
 from kernel_stores import PRUNING, build
@@ -35,12 +35,6 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="the CUDA kernel runs on a GPU only")
 RTOL = 1e-5
 STAGED_U = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
-
-
-@pytest.fixture
-def default_split(monkeypatch):
-    """Restore decode_attention's default split kernel after the test (use_kernels sets it on CUDA)."""
-    monkeypatch.setattr(decode_attention, "_default_split_kernel", decode_attention._default_split_kernel)
 
 
 def staged_pages(store, table, seq_lens):
@@ -212,22 +206,21 @@ def test_operand_extraction_emulated(dim):
             assert low == (float(values[dim_lo]),) * 2 and high == (float(values[dim_lo + 1]),) * 2, (g, c)
 
 
-def test_kernels_env_cuda(monkeypatch, default_split):
-    """``DIFFKV_KERNELS=cuda``: a valid mode, like ``auto`` for where kernels run; on CUDA it makes the CUDA split
-    kernel the default of new decode plans, and another mode on CUDA sets Triton back."""
+def test_kernels_env_cuda(monkeypatch):
+    """``DIFFKV_KERNELS=cuda``: a valid mode, like ``auto`` for where kernels run; decode wrappers built under it
+    plan with the CUDA split kernel, under any other mode with Triton's."""
     monkeypatch.setenv(KERNELS_ENV, " CUDA ")
-    assert kernel_mode() == "cuda"
+    assert kernel_mode() == "cuda" and decode_split_kernel() == "cuda"
     assert not use_kernels("cpu", 128)
     assert use_kernels("cuda", 128)
-    assert decode_attention._default_split_kernel == "cuda"
     monkeypatch.setenv(KERNELS_ENV, "auto")
-    assert use_kernels("cuda", 128)
-    assert decode_attention._default_split_kernel == "triton"
+    assert decode_split_kernel() == "triton"
+    with pytest.raises(ValueError, match="split_kernel='xla'"):
+        DecodePlan(build(DiffKVConfig.from_dict({"page_size": 16}), 2, 64, [40], layers=1)[0].view, 2, max_batch=1,
+                   max_pages=4, split_kernel="xla")
     monkeypatch.setenv(KERNELS_ENV, "xla")
     with pytest.raises(ValueError, match="auto, torch, triton, cuda"):
         kernel_mode()
-    with pytest.raises(ValueError, match="split kernel 'xla'"):
-        decode_attention.set_default_split_kernel("xla")
 
 
 def test_cuda_split_off_cuda():
@@ -333,7 +326,7 @@ def test_cuda_decode_is_capturable_in_a_cuda_graph(seeded):
 
 
 @needs_cuda
-def test_kernels_env_cuda_end_to_end(monkeypatch, default_split, seeded):
+def test_kernels_env_cuda_end_to_end(monkeypatch, seeded):
     """``DIFFKV_KERNELS=cuda``: a CUDA store's DecodeAttentionWrapper runs the CUDA split kernel, within the bound
     of the reference, importance included."""
     torch.manual_seed(seeded)
