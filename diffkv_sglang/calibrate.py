@@ -2,7 +2,7 @@
 
     python -m diffkv_sglang.calibrate --model-path DIR --out configs/MODEL.json [--tokens 1024] [--text FILE]
         [--base-config JSON-or-path] [--fallbacks 'k8v4,k4v4;k8v8,k8v4'] [--metric policy|attn|kl] [--max-error X]
-        [--candidates k8v4,k4v2,k4v2g2x4,k4v2+hk,...] [--eval-queries 128] [--no-kl | --kl-tiers k4v2,k8v2]
+        [--candidates k8v4,k4v2,k4v2g2x4,k4v2+hk,k4v2+kc,...] [--eval-queries 128] [--no-kl | --kl-tiers k4v2,k8v2]
         [--threads 1] [--report FILE] [--from-report OLD.report.json]
 
 The written file is a :class:`~diffkv_sglang.config.DiffKVConfig` JSON that ``--diffkv-config`` accepts; the base
@@ -22,12 +22,15 @@ Per layer, all errors are relative errors ``||O' - O|| / ||O||`` of the evaluati
   the protected ``window`` are quantized, the rest stays exact. ``policy_prune_only`` is the same with every kept
   token exact (the share of the error that no tier can remove);
 * ``attn``, ``key``, ``value`` (per candidate tier): every earlier token's K and V (``attn``), K only or V only
-  quantized with the tier: an upper bound that tells where the damage sits;
+  quantized with the tier: an upper bound that tells where the damage sits. A candidate may carry a key mode
+  (``+kc`` per-channel keys, ``+ko`` per-channel offset; :class:`Candidate`), measured with its bytes per token
+  (per-channel metadata included) in the report's ``candidates``;
 * ``kl`` (unless ``--no-kl``; for the tiers of the tier lists, or ``--kl-tiers``): mean KL divergence (nats per token) of the model's
   next-token distributions over the whole sample when only this layer's K/V are quantized with the tier.
 
 Quantization is exactly the cache's (:func:`fake_quantize`: pages of ``page_size`` tokens with a power-of-two
-meta scale per (page, head), optional Hadamard rotation, :func:`diffkv_sglang.quant.quantize`). Also per layer:
+meta scale per (page, head), optional Hadamard rotation, :func:`diffkv_sglang.quant.quantize` or the candidate's
+key mode, :func:`diffkv_sglang.quant.round_trip`). Also per layer:
 the attention mass on the first token (``sink_mass``), the ``attn`` error of the base low tier with the first
 ``--sink-tokens`` tokens exact, and the key/value channel outlier ratio (largest per-channel absolute maximum over
 the median one, worst head).
@@ -60,9 +63,9 @@ from typing import Any
 import torch
 
 from .config import ConfigError, DiffKVConfig, TierSpec, build_config
-from .format import TierLayout
+from .format import META_BYTES, TierLayout
 from .policy import PRUNED, classify_with_config, relative_importance, window_importance, window_seen_counts
-from .quant import dequantize, meta_scale, quantize, rotate, unrotate
+from .quant import meta_scale, rotate, round_trip, unrotate
 
 ATTN_NAME = "diffkv_calibrate"
 METRICS = ("policy", "attn", "kl")
@@ -70,8 +73,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_CANDIDATES = ("k8v8,k8v4,k8v2,k4v4,k4v2,k2v2,k4v2g2x4,k4v2g4x4,k4v2+hk,k4v2+hkv,k4v2g2x4+hk,k2v2+hkv")
 DEFAULT_FALLBACKS = "k8v4,k4v2g2x4;k8v4,k4v4;k8v4,k8v2;k8v8,k8v4"
 DEFAULT_MAX_ERROR = {"policy": 0.05, "attn": 0.15, "kl": 0.02}
-ROTATION_SUFFIXES = {"": None, "none": ("none", "none"), "hk": ("hadamard", "none"), "hv": ("none", "hadamard"),
+ROTATION_SUFFIXES = {"none": ("none", "none"), "hk": ("hadamard", "none"), "hv": ("none", "hadamard"),
                      "hkv": ("hadamard", "hadamard")}
+KEY_MODE_SUFFIXES = {"kc": "channel", "ko": "channel_offset"}     # see diffkv_sglang.quant.KEY_MODES
 ESSAYS = ("long_context_eval", "data/synthetic/json/PaulGrahamEssays.json")
 _T0 = time.monotonic()
 
@@ -91,27 +95,54 @@ class CalibrationError(ValueError):
 # ============================================================================================ candidates
 @dataclass(frozen=True)
 class Candidate:
-    """A tier plus the rotations it is measured with (``+hk``, ``+hv``, ``+hkv``, ``+none``; none given: the base
-    config's rotations)."""
+    """A tier plus the rotations and the key mode it is measured with.
+
+    Written ``TIER[+ROTATION][+KEYMODE]`` (suffixes in any order, at most one of each): rotations ``+hk``, ``+hv``,
+    ``+hkv`` (Hadamard on keys / values / both), ``+none`` (none given: the base config's rotations); key modes
+    ``+kc`` (``channel``: per-channel scale and zero over the tier's tokens of a block) and ``+ko``
+    (``channel_offset``: per-channel offset, then per-token codes), none given: ``token`` (the format's today).
+    ``+kc`` takes no key groups (its scales are per channel). The name is canonical: rotation before key mode.
+    """
 
     name: str
     tier: TierSpec
     key_rotation: str
     value_rotation: str
+    key_mode: str = "token"
 
     @classmethod
     def parse(cls, text: str, base: DiffKVConfig, flag: str = "--candidates") -> Candidate:
-        tier_text, _, suffix = text.strip().lower().partition("+")
-        if suffix not in ROTATION_SUFFIXES:
-            raise CalibrationError(flag, text, "tier names like 'k4v2' or 'k4v2g2x4', optionally with a rotation "
-                                               f"suffix {['+' + s for s in ROTATION_SUFFIXES if s]}")
+        tier_text, *suffixes = text.strip().lower().split("+")
+        rotation = [s for s in suffixes if s in ROTATION_SUFFIXES]
+        mode = [s for s in suffixes if s in KEY_MODE_SUFFIXES]
+        if len(rotation) > 1 or len(mode) > 1 or len(rotation) + len(mode) != len(suffixes):
+            raise CalibrationError(flag, text, "tier names like 'k4v2' or 'k4v2g2x4', optionally with one rotation "
+                                               f"suffix {['+' + s for s in ROTATION_SUFFIXES]} and one key mode "
+                                               f"suffix {['+' + s for s in KEY_MODE_SUFFIXES]}")
         try:
             tier = TierSpec.parse(tier_text)
         except ConfigError as exc:
             raise CalibrationError(flag, text, exc.allowed) from None
-        rotations = ROTATION_SUFFIXES[suffix] or (base.key_rotation, base.value_rotation)
-        name = tier.name + (f"+{suffix}" if suffix else "")
-        return cls(name, tier, *rotations)
+        key_mode = KEY_MODE_SUFFIXES[mode[0]] if mode else "token"
+        if key_mode == "channel" and tier.key_groups != 1:
+            raise CalibrationError(flag, text, "'+kc' with one key group (per-channel scales replace the groups), "
+                                               f"e.g. '{TierSpec(tier.key_bits, tier.value_bits).name}+kc'")
+        rotations = ROTATION_SUFFIXES[rotation[0]] if rotation else (base.key_rotation, base.value_rotation)
+        name = "+".join([tier.name, *rotation, *mode])
+        return cls(name, tier, *rotations, key_mode)
+
+    def bytes_per_token(self, head_dim: int, page_size: int) -> float:
+        """Bytes one token costs in a block whose ``page_size`` tokens are all in this tier: codes, per-token
+        metadata and index (:class:`~diffkv_sglang.format.TierLayout`), plus the key mode's per-channel float16
+        metadata spread over the page (``channel``: a (scale, zero) pair per channel instead of the per-token key
+        metadata; ``channel_offset``: one offset per channel on top of it). The block's 8-byte meta scale and
+        16-byte alignment are not counted, as for every tier."""
+        layout = TierLayout(self.tier, head_dim)
+        if self.key_mode == "channel":
+            return layout.bytes_per_token - layout.key_meta_bytes + head_dim * META_BYTES / page_size
+        if self.key_mode == "channel_offset":
+            return layout.bytes_per_token + head_dim * (META_BYTES // 2) / page_size
+        return float(layout.bytes_per_token)
 
 
 def parse_candidates(text: str, base: DiffKVConfig, required: Sequence[TierSpec]) -> list[Candidate]:
@@ -141,28 +172,32 @@ def parse_fallbacks(text: str, base: DiffKVConfig) -> list[tuple[TierSpec, ...]]
 
 
 # ======================================================================================= quantization
-def fake_quantize(x: torch.Tensor, bits: int, groups: int, rotation: str, page_size: int) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, bits: int, groups: int, rotation: str, page_size: int,
+                  key_mode: str = "token") -> torch.Tensor:
     """Quantize and dequantize ``x`` ``[S, H, D]`` (token-major, one sequence) the way a sealed block stores it.
 
     Tokens are split into pages of ``page_size``; each (page, head) block gets the power-of-two meta scale of its
-    largest absolute (rotated) element, codes are :func:`quantize` of the scaled tokens, and the result is rotated
-    back: the same numbers as :func:`diffkv_sglang.quant.write_sealed_blocks` then ``read_sealed_blocks`` with
-    every token in this tier. Returns float32 ``[S, H, D]``.
+    largest absolute (rotated) element, then :func:`diffkv_sglang.quant.round_trip` quantizes the block's scaled
+    tokens with ``key_mode`` (``"token"`` for values; the per-channel modes take their statistics over the block's
+    tokens, never over the zero padding of a partial last page), and the result is rotated back. With ``"token"``:
+    the same numbers as :func:`diffkv_sglang.quant.write_sealed_blocks` then ``read_sealed_blocks`` with every
+    token in this tier. Returns float32 ``[S, H, D]``.
     """
     seq, heads, dim = x.shape
     pages = -(-seq // page_size)
     xr = torch.zeros(pages * page_size, heads, dim)
     xr[:seq] = rotate(x, rotation)
-    blocks = xr.reshape(pages, page_size, heads, dim)
-    scale = meta_scale(blocks.abs().amax(dim=(1, 3)))[:, None, :, None]            # [pages, 1, H, 1]
-    codes, q_scale, q_zero = quantize(blocks / scale, bits, groups)
-    restored = (dequantize(codes, q_scale, q_zero) * scale).reshape(-1, heads, dim)[:seq]
-    return unrotate(restored, rotation)
+    blocks = xr.reshape(pages, page_size, heads, dim).transpose(1, 2)               # [pages, H, P, D]
+    present = (torch.arange(pages * page_size) < seq).reshape(pages, 1, page_size).expand(pages, heads, page_size)
+    scale = meta_scale(blocks.abs().amax(dim=(2, 3)))[..., None, None]              # [pages, H, 1, 1]
+    restored = round_trip(blocks / scale, key_mode, bits, groups, present) * scale
+    return unrotate(restored.transpose(1, 2).reshape(-1, heads, dim)[:seq], rotation)
 
 
 def quantize_kv(keys: torch.Tensor, values: torch.Tensor, cand: Candidate, page_size: int):
-    """``keys``/``values`` ``[S, H, D]`` -> both quantized with ``cand``."""
-    return (fake_quantize(keys, cand.tier.key_bits, cand.tier.key_groups, cand.key_rotation, page_size),
+    """``keys``/``values`` ``[S, H, D]`` -> both quantized with ``cand`` (keys in its key mode, values per token)."""
+    return (fake_quantize(keys, cand.tier.key_bits, cand.tier.key_groups, cand.key_rotation, page_size,
+                          cand.key_mode),
             fake_quantize(values, cand.tier.value_bits, cand.tier.value_groups, cand.value_rotation, page_size))
 
 
@@ -505,7 +540,8 @@ def _calibrate(opts: Options, argv: Sequence[str]) -> dict[str, Any]:
         "text": source, "tokens": int(ids.shape[1]), "dtype": opts.dtype, "sink_tokens": opts.sink_tokens,
         "eval_queries": opts.eval_queries, "threads": opts.threads, "base_config": base.to_dict(),
         "candidates": {c.name: {"tier": c.tier.name, "key_rotation": c.key_rotation,
-                                "value_rotation": c.value_rotation} for c in candidates},
+                                "value_rotation": c.value_rotation, "key_mode": c.key_mode,
+                                "bytes_per_token": c.bytes_per_token(head_dim, page)} for c in candidates},
         "kl_candidates": kl_names if opts.kl else [],
         "layers": layers,
         "command": ["python", "-m", "diffkv_sglang.calibrate", *argv],
@@ -575,7 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", default="1024", help="tokens of the text sample (>= 64, default 1024)")
     ap.add_argument("--candidates", default=DEFAULT_CANDIDATES,
                     help="tiers to measure, comma separated; '+hk', '+hv', '+hkv' rotate keys / values / both with "
-                         "Hadamard, '+none' rotates nothing (default: the base config's rotations)")
+                         "Hadamard, '+none' rotates nothing (default: the base config's rotations); '+kc' quantizes "
+                         "keys per channel over each block's tokens, '+ko' subtracts a per-channel offset first "
+                         "(default: keys per token), e.g. 'k4v2+kc,k4v2+hv+ko'")
     ap.add_argument("--base-config", help="DiffKV config (JSON text or path) whose fields are kept; default: defaults")
     ap.add_argument("--fallbacks", default=DEFAULT_FALLBACKS,
                     help="tier lists for sensitive layers, ';' between lists, tried in order (default "

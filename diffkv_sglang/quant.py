@@ -13,6 +13,12 @@ Rounding the zero point down and the scale up keeps every element of the group i
 ``|x - x_hat| <= scale / 2`` holds for every element with the *stored* scale (plus float32 rounding), including
 constant vectors and values far outside the float16 range (the per-block power-of-two meta scale absorbs those).
 
+Key modes (:data:`KEY_MODES`, reference functions only; the block format stores ``token`` keys): ``token`` is the
+above; ``channel`` (:func:`quantize_channels`) takes min and max per channel over the tokens of one (block, tier)
+instead of per token, so scale and zero are ``[D]`` per block and tier; ``channel_offset``
+(:func:`quantize_channel_offset`) subtracts a per-channel float16 offset (the channel's midrange over those tokens)
+and quantizes the residual per token. Both keep the rounding conventions and the ``scale / 2`` bound.
+
 Block level: :func:`write_sealed_blocks` and :func:`read_sealed_blocks` move whole (page, layer, head)
 blocks between dense tensors and the byte arena, following :mod:`diffkv_sglang.format`.
 """
@@ -27,6 +33,7 @@ from .format import (INDEX, KEY_META, KEYS, META_SCALE_BYTES, VALUE_META, VALUES
                      hadamard_scale)
 
 QUANT_BITS = (2, 4, 8, 16)   # 16 is for testing exactness; tiers use 2, 4 or 8
+KEY_MODES = ("token", "channel", "channel_offset")   # how a tier's keys are quantized (values: always per token)
 
 
 # ------------------------------------------------------------------------------------------- rotation
@@ -94,22 +101,34 @@ def quantize(x: torch.Tensor, bits: int, groups: int) -> tuple[torch.Tensor, tor
     Returns:
         ``codes`` int32 ``[..., D]`` in ``[0, 2^bits - 1]``, ``scale`` and ``zero`` float16 ``[..., groups]``.
     """
-    if bits not in QUANT_BITS:
-        raise ValueError(f"bits={bits}; allowed: {QUANT_BITS}")
+    _check_bits(bits)
     dim = x.shape[-1]
     if dim % groups:
         raise ValueError(f"groups={groups} must divide the last dimension {dim}")
-    qmax = (1 << bits) - 1
     # + 0.0 turns -0.0 into +0.0, so a stored zero point never depends on the reduction order of amin/amax
     xg = (x.float() + 0.0).reshape(*x.shape[:-1], groups, dim // groups)
-    zero = _fp16_round_down(xg.amin(-1))
-    spread = xg.amax(-1) - zero.float()
+    codes, scale, zero = _minmax_codes(xg, xg.amin(-1), xg.amax(-1), bits, -1)
+    return codes.reshape(x.shape), scale, zero
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits={bits}; allowed: {QUANT_BITS}")
+
+
+def _minmax_codes(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, dim: int):
+    """Codes of float32 ``x`` on the grid spanning ``[low, high]``, which are ``x``'s extremes reduced over
+    dimension ``dim`` (``low``/``high`` have that dimension removed). Returns ``(codes int32 like x, scale, zero)``,
+    scale and zero float16 like ``low``: zero rounded down, scale rounded up (so ``|x - x_hat| <= scale / 2``)."""
+    qmax = (1 << bits) - 1
+    zero = _fp16_round_down(low)
+    spread = high - zero.float()
     # divide by a tensor: a Python-scalar divisor becomes a reciprocal multiply on CUDA (not correctly rounded)
     scale = _fp16_round_up(spread / torch.full_like(spread, qmax))
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
-    codes = torch.round((xg - zero.float()[..., None]) / safe[..., None]).clamp_(0, qmax)
-    codes = torch.where(scale[..., None] > 0, codes, torch.zeros_like(codes))
-    return codes.to(torch.int32).reshape(x.shape), scale, zero
+    codes = torch.round((x - zero.float().unsqueeze(dim)) / safe.unsqueeze(dim)).clamp_(0, qmax)
+    codes = torch.where(scale.unsqueeze(dim) > 0, codes, torch.zeros_like(codes))
+    return codes.to(torch.int32), scale, zero
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -117,6 +136,106 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     groups = scale.shape[-1]
     cg = codes.float().reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups)
     return (cg * scale.float()[..., None] + zero.float()[..., None]).reshape(codes.shape)
+
+
+# ------------------------------------------------------------------------------------------ key modes
+def _members(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[..., P]`` bool: the tokens of ``x`` ``[..., P, D]`` that belong to the tier (all when ``mask`` is None)."""
+    if mask is None:
+        return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+    return mask.to(torch.bool)
+
+
+def _channel_extremes(x: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel min and max of float32 ``x`` ``[..., P, D]`` over the member tokens ``[..., P]`` ->
+    ``[..., D]`` each; 0 for both where no token is a member."""
+    inside = members[..., None]
+    low = torch.where(inside, x, torch.full_like(x, torch.inf)).amin(-2)
+    high = torch.where(inside, x, torch.full_like(x, -torch.inf)).amax(-2)
+    any_member = members.any(-1)[..., None]
+    return torch.where(any_member, low, torch.zeros_like(low)), torch.where(any_member, high, torch.zeros_like(high))
+
+
+def quantize_channels(x: torch.Tensor, bits: int, mask: torch.Tensor | None = None):
+    """Key mode ``channel`` (KIVI-style): asymmetric min-max per channel over the tokens of one (block, tier).
+
+    Args:
+        x: ``[..., P, D]`` float tensor, the ``P`` tokens of a page (normally divided by the block meta scale).
+        bits: code width, one of 2, 4, 8, 16.
+        mask: ``[..., P]`` bool, the tokens that belong to the tier (default: all). Only they enter the
+            statistics; the other tokens get code 0.
+    Returns:
+        ``codes`` int32 ``[..., P, D]``, ``scale`` and ``zero`` float16 ``[..., D]`` (zero rounded down, scale
+        up, as in :func:`quantize`: ``|x - x_hat| <= scale / 2`` for every member token).
+    """
+    _check_bits(bits)
+    members = _members(x, mask)
+    xf = x.float() + 0.0                                 # -0.0 -> +0.0, as in quantize
+    low, high = _channel_extremes(xf, members)
+    codes, scale, zero = _minmax_codes(xf, low, high, bits, -2)
+    return torch.where(members[..., None], codes, torch.zeros_like(codes)), scale, zero
+
+
+def dequantize_channels(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_channels`: ``codes`` ``[..., P, D]``, ``scale``/``zero`` float16 ``[..., D]`` ->
+    float32 ``[..., P, D]`` (rows of non-member tokens hold ``zero``)."""
+    return codes.float() * scale.float()[..., None, :] + zero.float()[..., None, :]
+
+
+def quantize_channel_offset(x: torch.Tensor, bits: int, groups: int, mask: torch.Tensor | None = None):
+    """Key mode ``channel_offset``: subtract a per-channel float16 offset, then :func:`quantize` the residual per
+    token and group.
+
+    The offset is the channel's midrange ``(min + max) / 2`` over the member tokens (rounded to nearest float16):
+    it bounds every residual by half the channel's spread, so a near-constant channel of large magnitude (a bias
+    that survives RoPE) no longer sets the per-token range, whatever its values' distribution over the tokens (a
+    mean leaves up to the whole spread on one side); and it needs only the min/max reduction of ``channel`` mode.
+
+    Args:
+        x: ``[..., P, D]`` float tensor (normally divided by the block meta scale).
+        bits, groups: as in :func:`quantize`.
+        mask: ``[..., P]`` bool, the tokens of the tier (default: all); only they enter the offset. The other
+            tokens get codes, scale and zero 0.
+    Returns:
+        ``codes`` int32 ``[..., P, D]``, ``scale`` and ``zero`` float16 ``[..., P, groups]``, ``offset`` float16
+        ``[..., D]``; ``|x - x_hat| <= scale / 2`` per element of a member token (plus float32 rounding).
+    """
+    members = _members(x, mask)
+    xf = x.float() + 0.0
+    low, high = _channel_extremes(xf, members)
+    offset = ((low + high) / 2).to(torch.float16)
+    codes, scale, zero = quantize(xf - offset.float()[..., None, :], bits, groups)
+    inside = members[..., None]
+    return (torch.where(inside, codes, torch.zeros_like(codes)), torch.where(inside, scale, torch.zeros_like(scale)),
+            torch.where(inside, zero, torch.zeros_like(zero)), offset)
+
+
+def dequantize_channel_offset(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                              offset: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_channel_offset`: ``codes`` ``[..., P, D]``, ``scale``/``zero`` ``[..., P, G]``,
+    ``offset`` float16 ``[..., D]`` -> float32 ``[..., P, D]``."""
+    return dequantize(codes, scale, zero) + offset.float()[..., None, :]
+
+
+def round_trip(x: torch.Tensor, key_mode: str, bits: int, groups: int, mask: torch.Tensor | None = None):
+    """Quantize and dequantize the tokens of one (block, tier) with a key mode (values use ``"token"``).
+
+    Args:
+        x: ``[..., P, D]`` float tensor (already divided by the block meta scale).
+        key_mode: one of :data:`KEY_MODES`: ``"token"`` (:func:`quantize`), ``"channel"``
+            (:func:`quantize_channels`; ``groups`` unused) or ``"channel_offset"`` (:func:`quantize_channel_offset`).
+        bits, groups: the tier's code width and groups per token.
+        mask: ``[..., P]`` bool, the tier's tokens (default: all); rows of other tokens are meaningless.
+    Returns:
+        float32 ``[..., P, D]``.
+    """
+    if key_mode == "token":
+        return dequantize(*quantize(x, bits, groups))
+    if key_mode == "channel":
+        return dequantize_channels(*quantize_channels(x, bits, mask))
+    if key_mode == "channel_offset":
+        return dequantize_channel_offset(*quantize_channel_offset(x, bits, groups, mask))
+    raise ValueError(f"unknown key mode {key_mode!r}; allowed: {KEY_MODES}")
 
 
 def demote(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, groups: int):

@@ -13,7 +13,7 @@ from diffkv_sglang import calibrate as cal
 from diffkv_sglang.config import DiffKVConfig, TierSpec
 from diffkv_sglang.format import BlockFormat
 from diffkv_sglang.integration import args as cli
-from diffkv_sglang.quant import read_sealed_blocks, write_sealed_blocks
+from diffkv_sglang.quant import meta_scale, read_sealed_blocks, rotate, round_trip, unrotate, write_sealed_blocks
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -39,6 +39,41 @@ def test_fake_quantize_is_what_a_sealed_block_stores(seeded, tier, rotation):
     k_ref, v_ref, _ = read_sealed_blocks(fmt, data, offsets, counts)
     assert torch.equal(blocks(kq), k_ref) and torch.equal(blocks(vq), v_ref)
     assert not torch.equal(kq, keys)                      # it did quantize
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+@pytest.mark.parametrize("tier", ["k4v2+kc", "k2v2+ko", "k4v2g2x4+ko"])
+def test_key_modes_quantize_each_page_and_head_block(seeded, tier, rotation):
+    """fake_quantize with a key mode = the block's meta scale, then quant.round_trip over that block's tokens
+    (a partial last page: over its real tokens only)."""
+    base = DiffKVConfig(key_rotation=rotation)
+    cand, page, heads, dim = cal.Candidate.parse(tier, base), 16, 2, 64
+    keys = torch.randn(3 * page + 5, heads, dim) * torch.rand(1, heads, dim) * 4 + torch.randn(1, heads, dim) * 20
+    kq = cal.quantize_kv(keys, torch.randn_like(keys), cand, page)[0]
+    rotated = rotate(keys, rotation)
+    for start in range(0, keys.shape[0], page):
+        for head in range(heads):
+            block = rotated[start:start + page, head]
+            m = meta_scale(block.abs().amax())
+            want = round_trip(block / m, cand.key_mode, cand.tier.key_bits, cand.tier.key_groups) * m
+            assert torch.equal(kq[start:start + page, head], unrotate(want, rotation)), (start, head)
+
+
+def test_candidate_names_key_modes_and_bytes():
+    base = DiffKVConfig()
+    parse = lambda text: cal.Candidate.parse(text, base)
+    assert (parse("K4V2+kc").key_mode, parse("k4v2+ko").key_mode, parse("k4v2+hk").key_mode) == \
+        ("channel", "channel_offset", "token")
+    both = parse("k4v2+ko+hv")
+    assert (both.name, both.key_rotation, both.value_rotation, both.key_mode) == \
+        ("k4v2+hv+ko", "none", "hadamard", "channel_offset")
+    # head_dim 64, page 32: per-token key meta 4 bytes; per channel 2 float16 (8 bytes a token) or 1 (4 bytes)
+    sizes = {name: parse(name).bytes_per_token(64, 32) for name in
+             ("k8v4", "k4v2", "k4v2+kc", "k4v2+ko", "k2v2", "k2v2+kc", "k2v2+ko", "k4v2g2x4+ko")}
+    assert sizes == {"k8v4": 105, "k4v2": 57, "k4v2+kc": 61, "k4v2+ko": 61, "k2v2": 41, "k2v2+kc": 45,
+                     "k2v2+ko": 45, "k4v2g2x4+ko": 77}
+    # head_dim 128, page 16: 4-bit keys, 2-bit values, value meta, index, and 128 (scale, zero) pairs over 16 tokens
+    assert parse("k4v2+kc").bytes_per_token(128, 16) == 64 + 32 + 4 + 1 + 128 * 4 / 16
 
 
 def test_attend_matches_the_float64_reference(seeded, reference_attention):
@@ -84,7 +119,7 @@ def calibrated(tmp_path_factory):
     text.write_text(" ".join(rng.choice(CORPUS) for _ in range(200)))
     out = root / "cfg" / "tiny.json"
     argv = ["--model-path", str(model_dir), "--out", str(out), "--text", str(text), "--tokens", str(TOKENS),
-            "--eval-queries", "64", "--candidates", "k4v8,k4v8+hk,k4v8g4x1",
+            "--eval-queries", "64", "--candidates", "k4v8,k4v8+hk,k4v8g4x1,k4v8+kc,k4v8+ko",
             "--base-config", json.dumps({"tiers": ["k8v8", "k4v8"], "alpha_high": 1000.0, "alpha_low": 0.0,
                                          "window": 16, "obs_window": 16, "page_size": 16}),
             "--fallbacks", "k8v8,k8v8", "--max-error", "0.03"]
@@ -107,6 +142,12 @@ def test_sensitive_layer_gets_high_precision_and_only_it(calibrated):
     # the format's fixes: Hadamard spreads the outlier over head_dim, groups confine it to a quarter of it
     assert sensitive["attn"]["k4v8+hk"] < sensitive["attn"]["k4v8"] / 2
     assert sensitive["attn"]["k4v8g4x1"] < sensitive["attn"]["k4v8"]
+    # per-channel keys give the outlier channel its own scale (an offset would not: that channel's spread is as
+    # large as its magnitude, so +ko is only counted here); the report counts their metadata
+    assert sensitive["attn"]["k4v8+kc"] < sensitive["attn"]["k4v8"] / 2
+    assert report["candidates"]["k4v8+kc"]["key_mode"] == "channel"
+    sizes = {name: report["candidates"][name]["bytes_per_token"] for name in ("k4v8", "k4v8+kc", "k4v8+ko")}
+    assert sizes == {"k4v8": 105, "k4v8+kc": 105 - 4 + 64 * 4 / 16, "k4v8+ko": 105 + 64 * 2 / 16}   # page 16
     # the KL of quantizing only that layer is the largest, and 8-bit keys cost less than 4-bit ones
     kl = [layer["kl"]["k4v8"] for layer in report["layers"]]
     assert max(range(len(kl)), key=kl.__getitem__) == SENSITIVE
@@ -133,6 +174,9 @@ def test_written_config_is_accepted_by_the_diffkv_config_flag(calibrated):
     (["--tokens", "10"], "--tokens", "an integer >= 64"),
     (["--candidates", "k3v2"], "--candidates", "one of (2, 4, 8)"),
     (["--candidates", "k4v2+rot"], "--candidates", "+hk"),
+    (["--candidates", "k4v2+kc+ko"], "--candidates", "one key mode suffix ['+kc', '+ko']"),
+    (["--candidates", "k4v2+hk+hv"], "--candidates", "one rotation suffix"),
+    (["--candidates", "k4v2g2x4+kc"], "--candidates", "'+kc' with one key group"),
     (["--fallbacks", "k8v4"], "--fallbacks", "exactly 2 tiers"),
     (["--max-error", "-1"], "--max-error", "a finite number >= 0"),
     (["--metric", "kl", "--no-kl"], "--no-kl", "--metric policy or attn"),
