@@ -7,12 +7,12 @@ request's pages with a float32 softmax, and every staged token's importance gets
 (``score_sum += max``, ``seen += 1``).
 
 Sealed blocks are never dequantized into a page-shaped copy. ``plan()`` (once per batch) enumerates, for every
-layer at once, each tier's tokens of every (request, KV head) *row* of the batch: the token's block (its arena
-slot) and the byte offset of each of its rows inside the block (key codes, value codes, key (scale, zero), value
-(scale, zero), the block's meta scales), padded per layer to the longest row, as arena offsets. ``run()`` (per
-layer) checks that the batch's blocks did not move since (a compaction between plan and run re-plans), gathers
-the packed rows (one ``index_select`` per section and tier) and applies scale and zero point around the
-products::
+layer at once, each tier's tokens of every (request, KV head) *row* of the batch (padded per layer to the longest
+row): the arena offsets of their packed code rows, scale / zero rows and block meta scales. ``run()`` (per layer)
+gathers those rows (one ``index_select`` per section and tier) for a *chunk* of consecutive layers at once, as many
+as fit :data:`GATHER_CHUNK_BYTES` (all of them at small batches, where a torch op costs more in dispatch than in
+arithmetic and a layer's ``run`` is about a hundred small ops; one at large batches, so that what is gathered is
+still in cache when it is used), then applies scale and zero point around the products::
 
     logit = sigma * m * sum_j (s_j (q_j . c_j) + z_j sum(q_j))       out += m * sum_j ((p s_j) @ c_j + (p @ z_j))
 
@@ -47,21 +47,66 @@ from .quant import code_plane_order, gather_rows, rotate, unpack_code_planes, un
 from .format import PageState
 from .store import CompressedKVStore
 
-_META_SCALE = 4          # row of _TierRows.starts holding the offset of the block's meta scales
+_SECTIONS = (KEYS, VALUES, KEY_META, VALUE_META, INDEX + 1)     # the rows gathered per token; INDEX + 1: meta scales
+# Bytes gathered at once for a chunk of layers. batch 1 x 512 tokens (SmolLM2 shape, all 30 layers in one chunk) ran
+# 1.45x faster than per-layer gathers; batch 8 x 2048 (about 3.6 MB per layer) 0.83x when all layers were gathered at
+# once, so larger batches gather layer by layer (benchmarks/cpu_decode.py, 2 cores, docs/cpu.md).
+GATHER_CHUNK_BYTES = 4 << 20
+
+
+def _gathered_row_bytes(fmt, tier: int) -> int:
+    """Bytes :meth:`CodeDecodePlan._gather_tier` produces per token of ``tier``: its code rows, float32 scale and
+    zero per group for keys and values, the block's two meta scales."""
+    spec = fmt.tiers[tier].spec
+    return fmt.row_bytes(KEYS, tier) + fmt.row_bytes(VALUES, tier) + 8 * (spec.key_groups + spec.value_groups) + 8
 
 
 @dataclasses.dataclass
-class _TierRows:
-    """Where one tier's tokens of one layer are, per (request, KV head) row ``r = b * H + h`` of the batch.
+class _TierCodes:
+    """One tier's tokens of one layer, gathered from the arena with the rest of its chunk, per (request, KV head)
+    row ``r = b * H + h`` of the batch, padded to the layer's longest row ``M`` (``J``: the tier's quantization groups for keys or values).
 
     Attributes:
-        starts: ``[5, R, M]`` int32 (int64 in arenas of 2 GiB and more) arena byte offsets of the token's key codes, value codes, key meta and value
-            meta rows and of its block's meta scales (0 where padding).
+        key_codes, value_codes: ``[R, M, D * bits / 8]`` uint8 packed codes, as stored.
+        key_scale, key_zero: ``[R, J, M]`` float32, times the block's key meta scale (0 on padding).
+        value_scale: ``[R, J, M]``, value_zero ``[R, M, J]`` float32, times the value meta scale (0 on padding).
         valid: ``[R, M]`` bool, a real, visible token (False: padding, or beyond the request's length).
     """
 
+    key_codes: torch.Tensor
+    value_codes: torch.Tensor
+    key_scale: torch.Tensor
+    key_zero: torch.Tensor
+    value_scale: torch.Tensor
+    value_zero: torch.Tensor
+    valid: torch.Tensor
+
+    def layer(self, index: int, width: int) -> _TierCodes:
+        """Layer ``index`` of codes gathered for several layers at once (a leading layer dimension), its rows cut
+        to ``width`` tokens (views)."""
+        cut = {name: getattr(self, name)[index] for name in self.__dataclass_fields__}
+        last = ("key_scale", "key_zero", "value_scale")                   # [R, J, M]: tokens in the last dim
+        return _TierCodes(**{name: x[..., :width] if name in last else x[:, :width] for name, x in cut.items()})
+
+
+@dataclasses.dataclass
+class _SealedRows:
+    """Where one tier's tokens are for a group of layers with one block format (see :class:`_TierCodes`).
+
+    Attributes:
+        group: index of the layers' format group in ``store.format_groups``; fmt: its block format; tier: the tier.
+        starts: ``[Lg, 5, R, W]`` int32 (int64 in arenas of 2 GiB and more) arena byte offsets of each token's rows
+            (:data:`_SECTIONS`; 0 on padding). ``W``: the longest row over the group's layers.
+        valid: ``[Lg, R, W]`` bool.
+        widths: ``[Lg]`` the longest row of each layer (host ints).
+    """
+
+    group: int
+    fmt: object
+    tier: int
     starts: torch.Tensor
     valid: torch.Tensor
+    widths: list[int]
 
 
 @dataclasses.dataclass
@@ -101,29 +146,32 @@ class CodeDecodePlan:
     def __init__(self, store: CompressedKVStore):
         self.store = store
         self._batch = 0
-        self._tiers: list[list[_TierRows]] = []          # per layer, per tier (None where the tier is empty)
+        self._inputs: tuple | None = None                # (page_table, seq_lens) of the last plan()
+        self._moves = 0                                  # store.arena.moves when the offsets were planned
+        self._sealed: list[_SealedRows] = []             # per (format group, tier) with tokens
+        self._chunk_of: list[tuple[int, int, int]] = []  # per layer: (format group, first, end position) of its chunk
+        self._codes: dict[int, list] = {}                # the gathered chunk: layer -> [(tier, _TierCodes)]
         self._staged: _StagedRows | None = None
-        self._planned: tuple | None = None               # (page_table, seq_lens, block offsets [B*C, L, H])
 
     # ------------------------------------------------------------------------------------------ plan
     def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """Enumerate the batch's sealed tokens per layer and tier, and its staged pages (one host sync).
+        """Locate the batch's sealed tokens per layer and tier, and enumerate its staged pages (one host sync).
 
         Args:
             page_table: ``[B, C]`` int64 logical pages per request, in token order (padding columns ignored).
             seq_lens: ``[B]`` int64 tokens per request, the new one included (every key is visible to the query).
 
         The pages' states must not change before the batch's last ``run`` (SGLang seals before planning); blocks
-        moved by a compaction are noticed by ``run``, which plans again.
+        moved by a compaction are noticed by ``run`` (``store.arena.moves``), which plans again.
         """
         store = self.store
         device, page = store.device, store.page_size
         table, seq_lens = page_table.to(device, torch.int64), seq_lens.to(device, torch.int64)
         batch, cols = table.shape
         self._batch = batch
+        self._inputs, self._moves, self._codes = (table, seq_lens), store.arena.moves, {}
         if batch == 0:
             return
-        self._planned = (table, seq_lens, store.arena.block_offset[store.slots(table.reshape(-1))])
         col = torch.arange(cols, device=device)
         in_use = col[None, :] < (seq_lens[:, None] + page - 1) // page                        # [B, C]
         state = store.page_state[table]
@@ -138,13 +186,15 @@ class CodeDecodePlan:
         sizes = torch.cat([longest.reshape(-1), staged.sum(1).max().reshape(1), partial.any().reshape(1)])
         *longest, num_staged, any_partial = sizes.tolist()                                     # the host sync
         longest = [longest[layer * num_tiers:(layer + 1) * num_tiers] for layer in range(store.num_layers)]
-        self._tiers = [[None] * num_tiers for _ in range(store.num_layers)]
-        for fmt, layers in store.format_groups:
-            self._plan_sealed(fmt, layers, table, seq_lens, counts[layers], longest, bool(any_partial))
+        self._sealed = []
+        for group, (fmt, layers) in enumerate(store.format_groups):
+            self._plan_sealed(group, fmt, layers, table, seq_lens, counts[layers], longest, bool(any_partial))
+        self._chunk_of = self._plan_chunks(batch * store.num_kv_heads)
         self._staged = self._plan_staged(table, seq_lens, staged, int(num_staged))
 
-    def _plan_sealed(self, fmt, layers, table, seq_lens, counts, longest, any_partial) -> None:
-        """Fill ``self._tiers`` for ``layers`` (one block format); ``counts`` ``[Lg, B, H, C, T]``.
+    def _plan_sealed(self, group, fmt, layers, table, seq_lens, counts, longest, any_partial) -> None:
+        """Add to ``self._sealed`` the tiers of ``layers`` (format group ``group``, block format ``fmt``) that hold
+        tokens; ``counts`` ``[Lg, B, H, C, T]``.
 
         Works per output position, not per token: position ``m`` of row ``r`` belongs to the column whose
         inclusive running count first exceeds ``m`` (a ``searchsorted``), at rank ``m`` minus the tokens of the
@@ -162,7 +212,6 @@ class CodeDecodePlan:
         # per block: arena offset of every section start, [Lg, B, H, C, 6, T]: the five kinds, then the meta scales
         meta_scales = fmt.meta_scale_start(counts)[..., None, None].expand(*counts.shape[:4], 1, counts.shape[-1])
         sections = (torch.cat([fmt.section_starts(counts), meta_scales], -2) + offsets[..., None, None]).to(index_dtype)
-        kinds = [KEYS, VALUES, KEY_META, VALUE_META, INDEX + 1]               # the order of _TierRows.starts
         layer_list = layers.tolist()
         for t in range(fmt.num_tiers):
             width = max(longest[layer][t] for layer in layer_list)
@@ -184,10 +233,62 @@ class CodeDecodePlan:
 
             if any_partial:
                 valid &= self._visible(section([INDEX])[:, 0], col, seq_lens, heads)
-            starts = section(kinds).masked_fill_(~valid[:, None], 0)                          # [Lg, 5, R, width]
-            for i, layer in enumerate(layer_list):
-                if longest[layer][t]:
-                    self._tiers[layer][t] = _TierRows(starts[i, :, :, :longest[layer][t]], valid[i, :, :longest[layer][t]])
+            starts = section(list(_SECTIONS)).masked_fill_(~valid[:, None], 0)                # [Lg, 5, R, width]
+            self._sealed.append(_SealedRows(group, fmt, t, starts, valid, [longest[layer][t] for layer in layer_list]))
+
+    def _plan_chunks(self, rows: int) -> list[tuple[int, int, int]]:
+        """Split each format group's layers into runs of consecutive layers whose gathered rows (``rows`` rows per
+        layer, every tier) stay within :data:`GATHER_CHUNK_BYTES`, one layer at least. Returns, per layer, its
+        chunk ``(format group, first position, end position)`` (positions within the group's layers)."""
+        chunk_of: list[tuple[int, int, int]] = [(0, 0, 0)] * self.store.num_layers
+        for group, (_, layers) in enumerate(self.store.format_groups):
+            layers = layers.tolist()
+            entries = [rows_of for rows_of in self._sealed if rows_of.group == group]
+            start, total = 0, 0
+            for position in range(len(layers) + 1):
+                nbytes = 0 if position == len(layers) else sum(
+                    rows * e.widths[position] * _gathered_row_bytes(e.fmt, e.tier) for e in entries)
+                if position == len(layers) or (position > start and total + nbytes > GATHER_CHUNK_BYTES):
+                    for member in range(start, position):
+                        chunk_of[layers[member]] = (group, start, position)
+                    start, total = position, 0
+                total += nbytes
+        return chunk_of
+
+    def _gather_chunk(self, group: int, first: int, end: int) -> dict[int, list[tuple[int, _TierCodes]]]:
+        """Gather the rows of the layers at positions ``[first, end)`` of format group ``group``: per layer, its
+        tiers with tokens as ``(tier, codes)``."""
+        layers = self.store.format_groups[group][1].tolist()
+        out = {layers[position]: [] for position in range(first, end)}
+        for rows_of in self._sealed:
+            width = max(rows_of.widths[first:end]) if rows_of.group == group else 0
+            if width == 0:
+                continue
+            codes = self._gather_tier(rows_of.fmt, rows_of.tier, rows_of.starts[first:end, ..., :width],
+                                      rows_of.valid[first:end, :, :width])
+            for position in range(first, end):
+                if rows_of.widths[position]:
+                    out[layers[position]].append((rows_of.tier, codes.layer(position - first,
+                                                                            rows_of.widths[position])))
+        return out
+
+    def _gather_tier(self, fmt, tier: int, starts: torch.Tensor, valid: torch.Tensor) -> _TierCodes:
+        """The rows at ``starts`` ``[Lg, 5, R, M]`` (:data:`_SECTIONS`) of one tier for ``Lg`` layers at once: a
+        :class:`_TierCodes` with a leading layer dimension (scales and zeros times the meta scales, 0 where
+        ``valid`` ``[Lg, R, M]`` is False)."""
+        data, spec = self.store.arena.data, fmt.tiers[tier].spec
+        meta_scales = gather_rows(data, starts[:, _SECTIONS.index(INDEX + 1)], META_SCALE_BYTES).view(torch.float32)
+        meta = {}
+        for name, kind, groups, column in (("key", KEY_META, spec.key_groups, 0),
+                                           ("value", VALUE_META, spec.value_groups, 1)):
+            pairs = gather_rows(data, starts[:, kind], groups * 4).view(torch.float16).float()
+            pairs = pairs.reshape(*valid.shape, groups, 2) * meta_scales[..., column, None, None]
+            pairs = pairs.masked_fill_(~valid[..., None, None], 0.0)
+            meta[name] = pairs[..., 0].transpose(-1, -2).contiguous(), pairs[..., 1]      # [Lg, R, J, M], [Lg, R, M, J]
+        return _TierCodes(key_codes=gather_rows(data, starts[:, KEYS], fmt.row_bytes(KEYS, tier)),
+                          value_codes=gather_rows(data, starts[:, VALUES], fmt.row_bytes(VALUES, tier)),
+                          key_scale=meta["key"][0], key_zero=meta["key"][1].transpose(-1, -2).contiguous(),
+                          value_scale=meta["value"][0], value_zero=meta["value"][1], valid=valid)
 
     def _visible(self, index_starts, col, seq_lens, heads) -> torch.Tensor:
         """``[Lg, R, width]`` bool: the tokens whose in-page index byte is at ``index_starts``, in page column
@@ -225,46 +326,35 @@ class CodeDecodePlan:
             return q.new_zeros(q.shape, dtype=torch.float32)
         heads = store.num_kv_heads
         rows, group = batch * heads, num_q_heads // heads
-        table, seq_lens, offsets = self._planned
-        if not torch.equal(store.arena.block_offset[store.slots(table.reshape(-1), layer)], offsets[:, layer]):
-            self.plan(table, seq_lens)                                                          # blocks moved
         fmt = store.formats[layer]
         query = q.float().reshape(rows, group, dim) * sm_scale                                  # [R, G, D]
         q_keys = rotate(query, fmt.key_rotation)
-        tiers = [(fmt.tiers[t].spec, r) for t, r in enumerate(self._tiers[layer]) if r is not None]
-        meta_scales = [gather_rows(store.arena.data, r.starts[_META_SCALE], META_SCALE_BYTES).view(torch.float32)
-                       for _, r in tiers]                                                      # [R, M, 2] each
-        logits = [self._tier_logits(spec, q_keys, r, m) for (spec, r), m in zip(tiers, meta_scales)]
+        tiers = [(fmt.tiers[t].spec, codes) for t, codes in self._layer_codes(layer)]
+        logits = [self._tier_logits(spec, q_keys, codes) for spec, codes in tiers]
         staged_keys, staged_values = self._staged_kv(layer, rows, dim)                         # [R, S*P, D]
         staged_valid = self._staged.token_valid
         logits.append(torch.bmm(query, staged_keys.transpose(1, 2)).masked_fill(~staged_valid[:, None], -math.inf))
         probs = torch.nan_to_num(torch.softmax(torch.cat(logits, -1), -1), nan=0.0)           # no key: zeros
         probs = probs.split([x.shape[-1] for x in logits], -1)
-        sealed = sum((self._tier_values(spec, p, r, m) for (spec, r), m, p in zip(tiers, meta_scales, probs)),
+        sealed = sum((self._tier_values(spec, p, codes) for (spec, codes), p in zip(tiers, probs)),
                      torch.zeros_like(query))
         out = unrotate(sealed, fmt.value_rotation) + torch.bmm(probs[-1], staged_values)
         self._store_importance(layer, probs[-1], heads, group)
         return out.reshape(batch, num_q_heads, dim)
 
-    def _meta(self, rows: _TierRows, meta_scales: torch.Tensor, kind: int, groups: int):
-        """Scale and zero ``[R, M, J]`` float32 of each token's groups, times the block's meta scale (0 on padding)."""
-        pairs = gather_rows(self.store.arena.data, rows.starts[kind], groups * 4).view(torch.float16).float()
-        pairs = pairs.reshape(*rows.valid.shape, groups, 2) * meta_scales[..., int(kind == VALUE_META), None, None]
-        pairs = pairs.masked_fill(~rows.valid[..., None, None], 0.0)
-        return pairs[..., 0], pairs[..., 1]
+    def _layer_codes(self, layer: int) -> list[tuple[int, _TierCodes]]:
+        """``layer``'s tiers with tokens, gathered with the rest of its chunk on first use (after planning again
+        if a compaction moved blocks since ``plan``)."""
+        if layer not in self._codes:
+            if self.store.arena.moves != self._moves:
+                self.plan(*self._inputs)
+            self._codes = self._gather_chunk(*self._chunk_of[layer])
+        return self._codes[layer]
 
-    def _codes(self, rows: _TierRows, kind: int, bits: int) -> torch.Tensor:
-        """``[R, M, D]`` float32 codes in plane-major column order."""
-        row_bytes = self.store.head_dim * bits // 8
-        return unpack_code_planes(gather_rows(self.store.arena.data, rows.starts[kind], row_bytes), bits).float()
-
-    def _tier_logits(self, spec, query, rows, meta_scales) -> torch.Tensor:
-        """``[R, G, M]`` scaled logits of one tier's tokens (``-inf`` on padding) for ``query`` ``[R, G, D]``;
-        ``meta_scales`` ``[R, M, 2]`` float32 their blocks' (keys, values) meta scales."""
+    def _tier_logits(self, spec, query: torch.Tensor, codes: _TierCodes) -> torch.Tensor:
+        """``[R, G, M]`` scaled logits of one tier's tokens (``-inf`` on padding) for ``query`` ``[R, G, D]``."""
         num_rows, group, dim = query.shape
         groups = spec.key_groups
-        scale, zero = self._meta(rows, meta_scales, KEY_META, groups)                         # [R, M, J]
-        codes = self._codes(rows, KEYS, spec.key_bits)                                          # [R, M, D]
         per_group = query.reshape(num_rows, group, groups, dim // groups)
         if groups == 1:
             stacked = query
@@ -272,22 +362,22 @@ class CodeDecodePlan:
             stacked = torch.diag_embed(per_group.transpose(2, 3)).permute(0, 3, 1, 4, 2).reshape(num_rows, -1, dim)
         if spec.key_bits != 8:
             stacked = stacked[..., code_plane_order(dim, spec.key_bits, query.device)]
-        dots = torch.bmm(stacked, codes.transpose(1, 2)).reshape(num_rows, groups, group, -1)  # [R, J, G, M]
-        logits = (dots * scale.transpose(1, 2)[:, :, None]).sum(1) + torch.bmm(per_group.sum(-1), zero.transpose(1, 2))
-        return logits.masked_fill(~rows.valid[:, None], -math.inf)
+        key_codes = unpack_code_planes(codes.key_codes, spec.key_bits).float()                # [R, M, D] planes
+        dots = torch.bmm(stacked, key_codes.transpose(1, 2)).reshape(num_rows, groups, group, -1)  # [R, J, G, M]
+        logits = (dots * codes.key_scale[:, :, None]).sum(1) + torch.bmm(per_group.sum(-1), codes.key_zero)
+        return logits.masked_fill(~codes.valid[:, None], -math.inf)
 
-    def _tier_values(self, spec, probs, rows, meta_scales) -> torch.Tensor:
+    def _tier_values(self, spec, probs: torch.Tensor, codes: _TierCodes) -> torch.Tensor:
         """``[R, G, D]`` one tier's share of the output (rotated space) for its probabilities ``[R, G, M]``."""
         num_rows, group, _ = probs.shape
         groups, dim = spec.value_groups, self.store.head_dim
-        scale, zero = self._meta(rows, meta_scales, VALUE_META, groups)                       # [R, M, J]
-        codes = self._codes(rows, VALUES, spec.value_bits)
-        weights = probs[:, None] * scale.transpose(1, 2)[:, :, None]                          # [R, J, G, M]
-        out = torch.bmm(weights.reshape(num_rows, groups * group, -1), codes)                 # [R, J*G, D] planes
+        value_codes = unpack_code_planes(codes.value_codes, spec.value_bits).float()          # [R, M, D] planes
+        weights = probs[:, None] * codes.value_scale[:, :, None]                              # [R, J, G, M]
+        out = torch.bmm(weights.reshape(num_rows, groups * group, -1), value_codes)           # [R, J*G, D] planes
         if spec.value_bits != 8:                                                                # model column order
             out = torch.empty_like(out).index_copy_(2, code_plane_order(dim, spec.value_bits, probs.device), out)
         out = out.reshape(num_rows, groups, group, groups, dim // groups).diagonal(dim1=1, dim2=3)
-        out = out.permute(0, 1, 3, 2) + torch.bmm(probs, zero)[..., None]                      # [R, G, J, D/J]
+        out = out.permute(0, 1, 3, 2) + torch.bmm(probs, codes.value_zero)[..., None]         # [R, G, J, D/J]
         return out.reshape(num_rows, group, dim)
 
     def _staged_kv(self, layer: int, rows: int, dim: int):

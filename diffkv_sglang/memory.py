@@ -122,6 +122,9 @@ class BlockArena:
         Byte offset of each slot's block, -1 if the slot has no block.
     block_nbytes : Tensor, int64 [num_slots]
         Aligned size of each slot's block, 0 if none.
+    moves : int
+        Incremented whenever live blocks change offset or slot (``compact``, ``rebind``), so a reader that cached
+        offsets can tell with one integer comparison whether they still hold.
 
     A size-0 request gives its slot a real, size-0 block: the slot holds a block (it counts in
     ``num_blocks``, must be freed before it is allocated again) at an aligned offset in
@@ -147,6 +150,7 @@ class BlockArena:
         self._used = 0
         self._top = 0
         self._num_blocks = 0
+        self.moves = 0
 
     def to(self, device: torch.device | str, kernels: bool | None = None) -> "BlockArena":
         """A copy of this arena on ``device``: its bytes, block table and allocation state (``kernels`` as in the
@@ -352,6 +356,7 @@ class BlockArena:
         self.block_nbytes[targets] = self.block_nbytes[sources]
         self.block_offset[sources] = -1
         self.block_nbytes[sources] = 0
+        self.moves += 1
 
     def compact(self, max_move_bytes: int | None = None) -> CompactionStats:
         """Slide live blocks toward offset 0, keeping their order, so free space joins the tail.
@@ -397,6 +402,7 @@ class BlockArena:
             moving = slice(first, first + num_moved)
             self._move_units(offsets[moving], targets[moving], sizes[moving], moved_bytes)
             self.block_offset[live_slots[moving]] = targets[moving]
+            self.moves += 1
             if num_moved == num_misplaced:
                 self._top = self._used
         return CompactionStats(

@@ -21,6 +21,7 @@ import math
 import pytest
 import torch
 
+from diffkv_sglang import cpu_attention
 from diffkv_sglang.attention import DecodeAttentionWrapper
 from diffkv_sglang.config import DiffKVConfig
 from diffkv_sglang.policy import group_max
@@ -53,9 +54,13 @@ def _held(store, pages, seq_len, layer):
     return flat(keys).transpose(0, 1), flat(values).transpose(0, 1), flat(present)
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["all-layers-at-once", "layer-by-layer"])
 @pytest.mark.parametrize("gqa", [1, 3])
 @pytest.mark.parametrize("option", sorted(TIER_OPTIONS))
-def test_decode_on_codes_matches_dense_reference(option, gqa, seeded, reference_attention):
+def test_decode_on_codes_matches_dense_reference(option, gqa, chunk_bytes, seeded, reference_attention, monkeypatch):
+    """Layers run out of order (1, 0, 2), so a chunk is gathered for a layer after its first."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(cpu_attention, "GATHER_CHUNK_BYTES", chunk_bytes)
     heads = 2
     config = DiffKVConfig.from_dict({**TIER_OPTIONS[option], "page_size": P, "window": 0})
     store, table, seq_lens = build(config, heads, D, [70, 50, 33, 90, 20], layers=LAYERS)
@@ -65,7 +70,7 @@ def test_decode_on_codes_matches_dense_reference(option, gqa, seeded, reference_
     wrapper.plan(table, seq_lens)
     q = torch.randn(len(seq_lens), heads * gqa, D)
     staged = [table[b][store.page_state[table[b]] == PageState.STAGED] for b in range(len(seq_lens))]
-    for layer in range(LAYERS):
+    for layer in (1, 0, 2):
         before = [store.staged_importance(layer, pages) for pages in staged]
         scale = D ** -0.5 * (1 + layer / 4)
         out = wrapper.run(q, layer, sm_scale=scale)
