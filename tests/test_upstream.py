@@ -286,6 +286,13 @@ for name, config in CONFIGS.items():
         json.dump(config, f)
     result["models"][name] = upstream.unsupported_model_features(ModelConfig(model_path=model_dir))
 
+from diffkv_sglang.integration.backend import DiffKVAttnBackend
+
+modes = [upstream.ForwardMode.DECODE, upstream.ForwardMode.EXTEND]
+result["shared_read_ends"] = {
+    "diffkv": {mode.name: DiffKVAttnBackend.shared_read_ends(None, mode).name for mode in modes},
+    "sglang_default": {mode.name: upstream.AttentionBackend.shared_read_ends(None, mode).name for mode in modes}}
+
 plugin.register()
 from sglang.srt.entrypoints.engine import Engine
 
@@ -340,6 +347,15 @@ def test_real_layers_and_models(installed):
                                    "encoder": ["attention type ENCODER_ONLY (not causal)"]}
     assert installed["models"] == {"llama": [], "mamba": ["SSM attention", "Mamba / linear attention layers"],
                                    "deepseek_v2": ["MLA attention"]}
+
+
+@pytest.mark.slow
+def test_the_overlap_schedulers_barrier_waits_for_the_whole_forward(installed):
+    """The scheduler releases and stages pages (store writes) while a forward runs; the backend reads the store in
+    every layer, so its reads end after the forward in every mode. SGLang's default ends decode reads with the
+    replayed graph's metadata preparation, which let a retraction free blocks a decode graph still read."""
+    assert installed["shared_read_ends"] == {"diffkv": {"DECODE": "POST_REPLAY", "EXTEND": "POST_REPLAY"},
+                                             "sglang_default": {"DECODE": "IN_REPLAY", "EXTEND": "UNKNOWN"}}
 
 
 @pytest.mark.slow

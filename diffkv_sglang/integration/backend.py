@@ -35,7 +35,7 @@ from ..attention import DecodeAttentionWrapper, ExtendAttentionWrapper
 from ..policy import sealable_pages
 from ..format import PageState
 from .pool import DiffKVKVPool
-from .upstream import AttentionBackend, get_parallel
+from .upstream import AttentionBackend, SharedReadEnds, get_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,15 @@ class DiffKVAttnBackend(AttentionBackend):
 
     def get_cuda_graph_seq_len_fill_value(self):
         return 1
+
+    def shared_read_ends(self, fm):
+        """Where this backend's reads of scheduler-changed state end, for the overlap scheduler's write-after-read
+        barrier: after the whole forward (``POST_REPLAY``), in every mode. Every layer's attention reads the store
+        (page states, block offsets, arena bytes), and the scheduler changes it while the forward runs (releasing
+        a finished or retracted request's pages, staging new ones); SGLang's default for decode (``IN_REPLAY``,
+        reads end with the graph's metadata preparation) let a retraction free blocks that a replayed decode
+        graph was still reading ('CUDA error: misaligned address' on an H100, benchmarks/results/serving-h100.json)."""
+        return SharedReadEnds.POST_REPLAY
 
     # ------------------------------------------------------------------------------- forward
     def _check_layer(self, layer) -> None:

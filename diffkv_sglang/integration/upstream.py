@@ -263,7 +263,12 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("sglang.srt.layers.attention.base_attn_backend:AttentionBackend", "backend",
              "base of DiffKVAttnBackend", PUBLIC,
              members=("init_forward_metadata", "init_forward_metadata_out_graph", "init_cuda_graph_state",
-                      "get_cuda_graph_seq_len_fill_value", "forward_decode", "forward_extend", "support_triton")),
+                      "get_cuda_graph_seq_len_fill_value", "forward_decode", "forward_extend", "support_triton",
+                      "shared_read_ends")),
+    Internal("sglang.srt.layers.attention.base_attn_backend:SharedReadEnds", "backend",
+             "DiffKVAttnBackend.shared_read_ends answers POST_REPLAY: the overlap scheduler's write-after-read "
+             "barrier must wait for the whole forward, since every layer reads the store that the scheduler's "
+             "releases and allocations change", PUBLIC, members=("POST_REPLAY",)),
     Internal("sglang.srt.layers.radix_attention:RadixAttention", "backend",
              "the layer of a forward call; unsupported_layer_features refuses what the DiffKV attention lacks",
              READ_ONLY,
