@@ -17,7 +17,7 @@ import textwrap
 import pytest
 from transformers import AutoTokenizer
 
-from diffkv_devtools.e2e_common import DIFFKV, STORY, generate
+from diffkv_devtools.e2e_common import DIFFKV, PAGE, STORY, generate
 from diffkv_devtools.gauges import gauge
 from diffkv_devtools.sglang_server import SGLangServer, cpu_env, run_cli
 from diffkv_devtools.teacher_forced import compare, greedy_continuation, score
@@ -53,6 +53,31 @@ def test_memory_pressure_evicts_and_never_crashes(tiny_model):
         assert evicted > 0
         assert "Cache flushed" in small.post_text("/flush_cache?timeout=30")
         assert gauge(small, "sealed_pages") == 0 and gauge(small, "staged_pages") == 1
+
+
+def test_prompts_limited_by_arena_bytes_wait_and_never_crash(tiny_model):
+    """The arena, not the logical capacity, runs out: 8192 logical slots planned at the compressed cost give an
+    arena that stages only a few of these prompts dense at once (a prompt stays dense until its first decode step),
+    while SGLang, counting tokens, would admit them all. The budget must admit only what the free bytes can stage
+    (evicting tree pages for them), every request must finish, and a second wave must get through a radix tree
+    full of the first wave's compressed pages (an estimate of what evicting them gives back admitted a prompt
+    whose staging then failed: SGLang's 'Prefill out of memory' is fatal)."""
+    args = [*DIFFKV, "--context-length", "512", "--schedule-conservativeness", "0.05"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    with SGLangServer(tiny_model, args, max_total_tokens=8192) as server:
+        assert gauge(server, "staged_pages") == 1                  # the padding page: one staged page's bytes
+        staged_page_bytes = gauge(server, "used_bytes")
+        for wave in range(2):
+            prompts = [(f"wave {wave} request {i}. " + STORY * 8)[:1800] for i in range(10)]
+            lengths = [len(tokenizer(p).input_ids) for p in prompts]
+            dense_need = sum(-(-(n + 40) // PAGE) for n in lengths) * staged_page_bytes
+            assert max(lengths) + 40 <= 512 and dense_need > 2 * gauge(server, "arena_bytes"), (lengths, dense_need)
+            with concurrent.futures.ThreadPoolExecutor(10) as pool:
+                outs = list(pool.map(lambda p: generate(server, p, max_new_tokens=40), prompts))
+            assert [o["meta_info"]["completion_tokens"] for o in outs] == [40] * 10
+        assert not server.unexpected_errors(), server.unexpected_errors()
+        assert "Cache flushed" in server.post_text("/flush_cache?timeout=30")
+        assert gauge(server, "sealed_pages") == 0 and gauge(server, "staged_pages") == 1
 
 
 def test_engine_offline(tiny_model):

@@ -170,18 +170,32 @@ class DiffKVPrefillBudget(PrefillBudget):
     """SGLang's prefill budget with a second, physical limit.
 
     Token counts stay SGLang's; the remaining capacity is the smaller of the logical one and the arena's, the
-    latter counting a prompt at the dense (staged) cost and the growth SGLang reserves at the average cost of a
-    held token.
+    latter counting a prompt at the staged (dense) cost of its pages and the growth SGLang reserves at the average
+    cost of a held token. The arena's answer for what must be staged now is exact: before a prompt or a chunk is
+    admitted, its pages (and those of everything admitted before it in this round) must fit in the free bytes,
+    after evicting radix-tree pages if that makes room. SGLang treats a failed prefill allocation as fatal
+    ("Prefill out of memory"), so an estimate that is too high must never admit.
     """
 
     def __init__(self, allocator: DiffKVPagedAllocator, tree_cache, *, num_mixed_decode_tokens: int = 0):
         super().__init__(allocator, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
         self.diffkv = allocator
-        self.dense_offset_bytes = 0.0          # immediate (dense) bytes of admitted prompts
+        self.staged_bytes_per_token = allocator.plan.staged_page_bytes / self.page_size
+        self.dense_offset_bytes = 0.0          # immediate (staged) bytes of admitted prompts
         self.total_offset_bytes = 0.0          # plus their reserved growth
 
     def _physical_bytes(self) -> float:
         return self.diffkv.physical_free_bytes() + self.diffkv.evictable_bytes(self.tree_cache)
+
+    def _immediate_bytes(self, tokens: int) -> float:
+        """Staged bytes of a prompt (or chunk) of ``tokens`` new tokens: its pages and one more."""
+        return (self.ceil_paged_tokens(tokens) + self.page_size) * self.staged_bytes_per_token
+
+    def _fits_now(self, tokens: int) -> bool:
+        """Whether ``tokens`` more prompt tokens can be staged on top of this round's admissions, evicting
+        least-recently-used tree pages for the bytes if needed (exact: the arena's free bytes, no estimate)."""
+        need = self.dense_offset_bytes + self._immediate_bytes(tokens)
+        return self.diffkv._evict_for_bytes(self.tree_cache, int(need) + 1)
 
     @property
     def remaining_total(self):
@@ -191,19 +205,30 @@ class DiffKVPrefillBudget(PrefillBudget):
 
     @property
     def remaining_current(self):
-        dense = self.diffkv.plan.dense_bytes_per_token
-        physical = (self._physical_bytes() - self.dense_offset_bytes) / dense
+        physical = (self._physical_bytes() - self.dense_offset_bytes) / self.staged_bytes_per_token
         return min(super().remaining_current, int(physical))
 
     def check_prefill(self, *, extend_input_len: int, total_tokens: int, **kwargs):
         ok, chunk = super().check_prefill(extend_input_len=extend_input_len, total_tokens=total_tokens, **kwargs)
-        if ok and self.ceil_paged_tokens(extend_input_len) + self.page_size > self.remaining_current:
+        if ok and not self._fits_now(extend_input_len if chunk is None else min(extend_input_len, chunk)):
             return False, None
         return ok, chunk
 
+    def can_allocate_prefill(self, *, paged_input: int, **kwargs) -> bool:
+        return super().can_allocate_prefill(paged_input=paged_input, **kwargs) and self._fits_now(paged_input)
+
+    def available_chunk_tokens(self, chunk_limit: int) -> int | None:
+        """SGLang's chunk for a continuing chunked prefill, cut to what the arena can stage now (None: wait; the
+        base class would force a full chunk to make progress, which the arena may not hold)."""
+        available = super().available_chunk_tokens(chunk_limit)
+        if available is None or self._fits_now(available):
+            return available
+        free = self.diffkv.physical_free_bytes() - self.dense_offset_bytes
+        stageable = int(free / self.staged_bytes_per_token) // self.page_size * self.page_size - self.page_size
+        return stageable if stageable > 0 else None
+
     def reserve(self, extend_input_len: int, max_new_tokens: int, *, extra_tokens: int = 0, **kwargs) -> None:
         super().reserve(extend_input_len, max_new_tokens, extra_tokens=extra_tokens, **kwargs)
-        dense = self.diffkv.plan.dense_bytes_per_token
-        immediate = (self.ceil_paged_tokens(extend_input_len) + self.page_size + extra_tokens) * dense
+        immediate = self._immediate_bytes(extend_input_len) + extra_tokens * self.staged_bytes_per_token
         self.dense_offset_bytes += immediate
         self.total_offset_bytes += immediate + max_new_tokens * self.diffkv.held_bytes_per_token()
