@@ -48,9 +48,10 @@ from .format import PageState
 from .store import CompressedKVStore
 
 _SECTIONS = (KEYS, VALUES, KEY_META, VALUE_META, INDEX + 1)     # the rows gathered per token; INDEX + 1: meta scales
-# Bytes gathered at once for a chunk of layers. batch 1 x 512 tokens (SmolLM2 shape, all 30 layers in one chunk) ran
-# 1.45x faster than per-layer gathers; batch 8 x 2048 (about 3.6 MB per layer) 0.83x when all layers were gathered at
-# once, so larger batches gather layer by layer (benchmarks/cpu_decode.py, 2 cores, docs/cpu.md).
+# Bytes gathered at once for a chunk of layers. Gathering all 30 layers of the SmolLM2 shape at once made a decode step
+# 1.45x faster than per-layer gathers at batch 1 x 512 tokens but 0.83x at batch 8 x 2048 (about 3.6 MB per layer);
+# with 4 MiB chunks: 1.42x / 1.10x / 1.30x / 1.00x at 1 x 512, 1 x 2048, 8 x 512, 8 x 2048
+# (benchmarks/results/cpu-decode-chunks.json).
 GATHER_CHUNK_BYTES = 4 << 20
 
 
