@@ -23,11 +23,27 @@ CONFIGS = ("dense", "diffkv")
 TASKS = ("needle_1k_aware", "ppl", "teacher_forced")
 
 
+def run_stopping_servers(cmd: list[str], timeout: float, cwd) -> subprocess.CompletedProcess:
+    """``subprocess.run`` whose time-out sends SIGTERM first: ``accuracy.py`` then leaves its ``with SGLangServer``
+    blocks and stops its server (started in its own session, which a SIGKILL of the harness would orphan)."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                stdout, stderr = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            pytest.fail(f"accuracy.py --quick ran past {timeout:.0f} s:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def test_quick_mode_writes_results_markdown_and_plot(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path),
-         "--configs", ",".join(CONFIGS), "--tasks", ",".join(TASKS), "--samples", "1"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    command = [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path),
+               "--configs", ",".join(CONFIGS), "--tasks", ",".join(TASKS), "--samples", "1"]
+    done = run_stopping_servers(command, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "server up" in done.stdout                                    # progress output
 
@@ -61,10 +77,7 @@ def test_quick_mode_writes_results_markdown_and_plot(tmp_path):
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # resumable: a second run keeps the finished cells and starts no server
-    again = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path),
-         "--configs", ",".join(CONFIGS), "--tasks", ",".join(TASKS), "--samples", "1"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    again = run_stopping_servers(command, timeout=300, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "starting the server" not in again.stdout
     assert json.loads((tmp_path / "accuracy.json").read_text())["cells"] == cells
