@@ -47,7 +47,9 @@ from .quant import code_plane_order, gather_rows, rotate, unpack_code_planes, un
 from .format import PageState
 from .store import CompressedKVStore
 
-_SECTIONS = (KEYS, VALUES, KEY_META, VALUE_META, INDEX + 1)     # the rows gathered per token; INDEX + 1: meta scales
+# the rows gathered per token, in the order of the format's kinds (position i holds kind i, so starts[:, KEYS] are
+# the key codes), then the block's meta scales
+_SECTIONS = (KEYS, VALUES, KEY_META, VALUE_META, INDEX + 1)
 # Bytes gathered at once for a chunk of layers. Gathering all 30 layers of the SmolLM2 shape at once made a decode step
 # 1.45x faster than per-layer gathers at batch 1 x 512 tokens but 0.83x at batch 8 x 2048 (about 3.6 MB per layer);
 # with 4 MiB chunks: 1.42x / 1.10x / 1.30x / 1.00x at 1 x 512, 1 x 2048, 8 x 512, 8 x 2048
@@ -278,7 +280,7 @@ class CodeDecodePlan:
         :class:`_TierCodes` with a leading layer dimension (scales and zeros times the meta scales, 0 where
         ``valid`` ``[Lg, R, M]`` is False)."""
         data, spec = self.store.arena.data, fmt.tiers[tier].spec
-        meta_scales = gather_rows(data, starts[:, _SECTIONS.index(INDEX + 1)], META_SCALE_BYTES).view(torch.float32)
+        meta_scales = gather_rows(data, starts[:, len(_SECTIONS) - 1], META_SCALE_BYTES).view(torch.float32)
         meta = {}
         for name, kind, groups, column in (("key", KEY_META, spec.key_groups, 0),
                                            ("value", VALUE_META, spec.value_groups, 1)):

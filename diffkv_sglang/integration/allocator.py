@@ -181,7 +181,7 @@ class DiffKVPrefillBudget(PrefillBudget):
         super().__init__(allocator, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
         self.diffkv = allocator
         self.staged_bytes_per_token = allocator.plan.staged_page_bytes / self.page_size
-        self.dense_offset_bytes = 0.0          # immediate (staged) bytes of admitted prompts
+        self.staged_offset_bytes = 0.0          # immediate (staged) bytes of admitted prompts
         self.total_offset_bytes = 0.0          # plus their reserved growth
 
     def _physical_bytes(self) -> float:
@@ -194,7 +194,7 @@ class DiffKVPrefillBudget(PrefillBudget):
     def _fits_now(self, tokens: int) -> bool:
         """Whether ``tokens`` more prompt tokens can be staged on top of this round's admissions, evicting
         least-recently-used tree pages for the bytes if needed (exact: the arena's free bytes, no estimate)."""
-        need = self.dense_offset_bytes + self._immediate_bytes(tokens)
+        need = self.staged_offset_bytes + self._immediate_bytes(tokens)
         return self.diffkv._evict_for_bytes(self.tree_cache, int(need) + 1)
 
     @property
@@ -205,7 +205,7 @@ class DiffKVPrefillBudget(PrefillBudget):
 
     @property
     def remaining_current(self):
-        physical = (self._physical_bytes() - self.dense_offset_bytes) / self.staged_bytes_per_token
+        physical = (self._physical_bytes() - self.staged_offset_bytes) / self.staged_bytes_per_token
         return min(super().remaining_current, int(physical))
 
     def check_prefill(self, *, extend_input_len: int, total_tokens: int, **kwargs):
@@ -223,12 +223,12 @@ class DiffKVPrefillBudget(PrefillBudget):
         available = super().available_chunk_tokens(chunk_limit)
         if available is None or self._fits_now(available):
             return available
-        free = self.diffkv.physical_free_bytes() - self.dense_offset_bytes
+        free = self.diffkv.physical_free_bytes() - self.staged_offset_bytes
         stageable = int(free / self.staged_bytes_per_token) // self.page_size * self.page_size - self.page_size
         return stageable if stageable > 0 else None
 
     def reserve(self, extend_input_len: int, max_new_tokens: int, *, extra_tokens: int = 0, **kwargs) -> None:
         super().reserve(extend_input_len, max_new_tokens, extra_tokens=extra_tokens, **kwargs)
         immediate = self._immediate_bytes(extend_input_len) + extra_tokens * self.staged_bytes_per_token
-        self.dense_offset_bytes += immediate
+        self.staged_offset_bytes += immediate
         self.total_offset_bytes += immediate + max_new_tokens * self.diffkv.held_bytes_per_token()
