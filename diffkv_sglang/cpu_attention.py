@@ -6,24 +6,27 @@ request ``b`` and KV head ``h`` the ``G = Hq / H`` query heads of the group atte
 request's pages with a float32 softmax, and every staged token's importance gets the group's largest probability
 (``score_sum += max``, ``seen += 1``).
 
-Sealed blocks are never dequantized into a page-shaped copy. ``plan()`` (once per batch) enumerates, for every
-layer at once, each tier's tokens of every (request, KV head) *row* of the batch (padded per layer to the longest
-row): the arena offsets of their packed code rows, scale / zero rows and block meta scales. ``run()`` (per layer)
-gathers those rows (one ``index_select`` per section and tier) for a *chunk* of consecutive layers at once, as many
-as fit :data:`GATHER_CHUNK_BYTES` (all of them at small batches, where a torch op costs more in dispatch than in
-arithmetic and a layer's ``run`` is about a hundred small ops; one at large batches, so that what is gathered is
-still in cache when it is used), then applies scale and zero point around the products::
+Sealed blocks are never dequantized into K/V. ``plan()`` (once per batch) enumerates, for every layer at once,
+each tier's tokens of every (request, KV head) *row* of the batch (padded per layer to the longest row): the arena
+offsets of their packed code rows, scale / zero rows and block meta scales; and the staged pages' blocks and
+importance slots. ``run()`` (per layer) gathers those rows (one ``index_select`` per section and tier) for a *chunk*
+of consecutive layers at once, as many as fit :data:`GATHER_CHUNK_BYTES`, unpacks the codes to float32 in their
+row order (:func:`~diffkv_sglang.quant.unpack_codes_into`) with every tier one after another along the token
+dimension, so that one product per layer covers every tier, then applies scale and zero point around the
+products::
 
     logit = sigma * m * sum_j (s_j (q_j . c_j) + z_j sum(q_j))       out += m * sum_j ((p s_j) @ c_j + (p @ z_j))
 
 for the ``J`` quantization groups ``j`` of a tier (``q_j``, ``c_j``: the group's columns; ``m``: the block's
-power-of-two meta scale). Groups go into the M dimension of one batched product per tier (block ``j`` of the
-stacked query holds the query's group-``j`` columns), like the GPU kernel. Codes are unpacked plane-major
-(:func:`~diffkv_sglang.quant.unpack_code_planes`), and the query's (and output's) columns are permuted to match,
-which is cheaper than interleaving the codes. Hadamard rotation: sealed keys see the rotated query, sealed values
-are summed in the rotated space and rotated back once. Staged pages are read dense from the arena at run time
-(the step's new token is written there between plan and run). Tokens of every tier and the staged tokens share
-one softmax per row.
+power-of-two meta scale; a tier with fewer groups than the layer's most repeats its scale and zero). Groups go into
+the M dimension of the product (block ``j`` of the stacked query holds the query's group-``j`` columns), like the GPU
+kernel. At small batches a chunk holds many layers: a layer's ``run`` is then a few dozen small torch ops, where
+each costs more in dispatch than in arithmetic (one tier at a time with per-layer unpacking took about three hundred,
+and a single-request decode step 1.4x longer at 512 tokens); at large batches a chunk is one layer, still in cache
+when it is used. Buffers are reused from step to step (:class:`_Workspace`). Hadamard rotation: sealed keys see the
+rotated query, sealed values are summed in the rotated space and rotated back once. Staged pages are read dense
+from the arena at run time (the step's new token is written there between plan and run). Tokens of every tier and
+the staged tokens share one softmax per row.
 
 Arithmetic is float32 (codes < 256 are exact; products and sums as in the dense float32 reference, in another
 order). Measured on the CI CPU (AMD EPYC with AVX-512 and AVX512-BF16, torch 2.13, 1 thread; ``q`` ``[24, 3, 64]``
@@ -38,63 +41,67 @@ query. Float32 it is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
 
 from .format import INDEX, KEY_META, KEYS, META_SCALE_BYTES, VALUE_META, VALUES
-from .quant import code_plane_order, gather_rows, rotate, unpack_code_planes, unrotate
+from .quant import gather_rows, rotate, unpack_codes_into, unrotate
 from .format import PageState
 from .store import CompressedKVStore
 
 # the rows gathered per token, in the order of the format's kinds (position i holds kind i, so starts[:, KEYS] are
 # the key codes), then the block's meta scales
 _SECTIONS = (KEYS, VALUES, KEY_META, VALUE_META, INDEX + 1)
-# Bytes gathered at once for a chunk of layers. Gathering all 30 layers of the SmolLM2 shape at once made a decode step
-# 1.45x faster than per-layer gathers at batch 1 x 512 tokens but 0.83x at batch 8 x 2048 (about 3.6 MB per layer);
-# with 4 MiB chunks: 1.42x / 1.10x / 1.30x / 1.00x at 1 x 512, 1 x 2048, 8 x 512, 8 x 2048
-# (benchmarks/results/cpu-decode-chunks.json).
-GATHER_CHUNK_BYTES = 4 << 20
+# Bytes of float32 codes, scales and zeros unpacked at once for a chunk of layers (CHUNK_TOKEN_BYTES per token).
+# At small batches a chunk holds many layers, so a decode step costs a few dozen torch ops per layer plus a few
+# per tier and chunk (each op costs more in dispatch than in arithmetic there); at large batches a chunk is one
+# layer, still in cache when it is used. Measured: benchmarks/results/cpu-decode-chunks.json.
+GATHER_CHUNK_BYTES = 8 << 20
+# The most bytes of a chunk's (and the staged pages') buffers kept from one step to the next (_Workspace).
+WORKSPACE_KEEP_BYTES = 64 << 20
 
 
-def _gathered_row_bytes(fmt, tier: int) -> int:
-    """Bytes :meth:`CodeDecodePlan._gather_tier` produces per token of ``tier``: its code rows, float32 scale and
-    zero per group for keys and values, the block's two meta scales."""
-    spec = fmt.tiers[tier].spec
-    return fmt.row_bytes(KEYS, tier) + fmt.row_bytes(VALUES, tier) + 8 * (spec.key_groups + spec.value_groups) + 8
+def _chunk_token_bytes(head_dim: int, key_groups: int, value_groups: int) -> int:
+    """Bytes :meth:`CodeDecodePlan._gather_chunk` holds per token: float32 key and value codes, a float32 scale
+    and zero per key and value group, the float32 mask bias."""
+    return 8 * head_dim + 8 * (key_groups + value_groups) + 4
+
+
+@functools.lru_cache(maxsize=16)
+def _group_masks(groups: int, dim: int, device: torch.device) -> torch.Tensor:
+    """``[J, 1, D]`` float32: row ``j`` is 1 on quantization group ``j``'s columns, 0 elsewhere."""
+    return torch.eye(groups, device=device).repeat_interleave(dim // groups, 1)[:, None, :]
 
 
 @dataclasses.dataclass
-class _TierCodes:
-    """One tier's tokens of one layer, gathered from the arena with the rest of its chunk, per (request, KV head)
-    row ``r = b * H + h`` of the batch, padded to the layer's longest row ``M`` (``J``: the tier's quantization groups for keys or values).
+class _LayerCodes:
+    """One layer's sealed tokens, every tier, per (request, KV head) row ``r = b * H + h`` of the batch: the tiers
+    one after another along ``M``, each padded to its longest row in the layer's chunk. ``Jk``, ``Jv``: the most
+    key / value quantization groups of a tier of the layer's format; a tier with fewer repeats its scale and zero
+    over the finer groups (groups are powers of two), so every tier shares one set of products.
 
     Attributes:
-        key_codes, value_codes: ``[R, M, D * bits / 8]`` uint8 packed codes, as stored.
-        key_scale, key_zero: ``[R, J, M]`` float32, times the block's key meta scale (0 on padding).
-        value_scale: ``[R, J, M]``, value_zero ``[R, M, J]`` float32, times the value meta scale (0 on padding).
-        valid: ``[R, M]`` bool, a real, visible token (False: padding, or beyond the request's length).
+        keys, values: ``[R, M, D]`` float32 codes in the row's element order (the rotated space where the format
+            rotates).
+        key_scale, key_zero: ``[R, Jk, M]`` float32, times the block's key meta scale (0 on padding).
+        value_scale, value_zero: ``[R, Jv, M]`` float32, times the value meta scale (0 on padding).
+        bias: ``[R, 1, M]`` float32, 0 on a real, visible token and ``-inf`` on padding or beyond the request.
     """
 
-    key_codes: torch.Tensor
-    value_codes: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
     key_scale: torch.Tensor
     key_zero: torch.Tensor
     value_scale: torch.Tensor
     value_zero: torch.Tensor
-    valid: torch.Tensor
-
-    def layer(self, index: int, width: int) -> _TierCodes:
-        """Layer ``index`` of codes gathered for several layers at once (a leading layer dimension), its rows cut
-        to ``width`` tokens (views)."""
-        cut = {name: getattr(self, name)[index] for name in self.__dataclass_fields__}
-        last = ("key_scale", "key_zero", "value_scale")                   # [R, J, M]: tokens in the last dim
-        return _TierCodes(**{name: x[..., :width] if name in last else x[:, :width] for name, x in cut.items()})
+    bias: torch.Tensor
 
 
 @dataclasses.dataclass
 class _SealedRows:
-    """Where one tier's tokens are for a group of layers with one block format (see :class:`_TierCodes`).
+    """Where one tier's tokens are for a group of layers with one block format (rows ``r = b * H + h``).
 
     Attributes:
         group: index of the layers' format group in ``store.format_groups``; fmt: its block format; tier: the tier.
@@ -114,21 +121,44 @@ class _SealedRows:
 
 @dataclasses.dataclass
 class _StagedRows:
-    """The batch's staged pages, ``S`` per request at most (padded), and their tokens.
+    """The batch's staged pages, ``S`` per request at most (padded), and their tokens, for every layer.
 
     Attributes:
-        pages: ``[B, S]`` int64 logical pages (0 where padding); page_valid ``[B, S]`` bool.
+        elements: ``[L, 2, B * S, H]`` int64 arena offsets (in store-dtype elements) of each staged block's keys,
+            then values (0 where padding).
         token_valid: ``[R, S * P]`` bool, written and visible tokens, per (request, KV head) row.
-        target_b, target_t: ``[n]`` int64 (request, staged-token column) of the tokens whose importance ``run``
-            adds; target_locs ``[n]`` int64 their logical slots.
+        targets: ``[n, H]`` int64 index into a ``[R * S * P]`` row-major score of the visible staged tokens whose
+            importance ``run`` adds.
+        statistics: ``[L, 2 * n * H]`` int64 arena offsets (float32 elements) of those tokens' ``score_sum``, then
+            their ``seen``.
+        increments: ``[2 * n * H]`` float32 buffer for the values added there (``seen``'s half holds ones).
     """
 
-    pages: torch.Tensor
-    page_valid: torch.Tensor
+    elements: torch.Tensor
     token_valid: torch.Tensor
-    target_b: torch.Tensor
-    target_t: torch.Tensor
-    target_locs: torch.Tensor
+    targets: torch.Tensor
+    statistics: torch.Tensor
+    increments: torch.Tensor
+
+
+class _Workspace:
+    """Float32 buffers reused from one decode step to the next, by name. A fresh large allocation pays its page
+    faults on first touch (about 1.5 ms per chunk at batch 1 x 512 tokens, more than unpacking it); a buffer of more
+    than ``keep_bytes`` is allocated for its use only, not kept."""
+
+    def __init__(self, keep_bytes: int):
+        self.keep_bytes = keep_bytes
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """An uninitialized float32 tensor of ``shape``; valid until ``name`` is taken again."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.device != device:
+            buffer = torch.empty(numel, device=device)
+            if 4 * numel <= self.keep_bytes:
+                self._buffers[name] = buffer
+        return buffer[:numel].view(shape)
 
 
 class CodeDecodePlan:
@@ -153,8 +183,9 @@ class CodeDecodePlan:
         self._moves = 0                                  # store.arena.moves when the offsets were planned
         self._sealed: list[_SealedRows] = []             # per (format group, tier) with tokens
         self._chunk_of: list[tuple[int, int, int]] = []  # per layer: (format group, first, end position) of its chunk
-        self._codes: dict[int, list] = {}                # the gathered chunk: layer -> [(tier, _TierCodes)]
+        self._codes: dict[int, _LayerCodes | None] = {}  # the gathered chunk, per layer
         self._staged: _StagedRows | None = None
+        self._workspace = _Workspace(WORKSPACE_KEEP_BYTES)
 
     # ------------------------------------------------------------------------------------------ plan
     def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -240,17 +271,17 @@ class CodeDecodePlan:
             self._sealed.append(_SealedRows(group, fmt, t, starts, valid, [longest[layer][t] for layer in layer_list]))
 
     def _plan_chunks(self, rows: int) -> list[tuple[int, int, int]]:
-        """Split each format group's layers into runs of consecutive layers whose gathered rows (``rows`` rows per
+        """Split each format group's layers into runs of consecutive layers whose unpacked tokens (``rows`` rows per
         layer, every tier) stay within :data:`GATHER_CHUNK_BYTES`, one layer at least. Returns, per layer, its
         chunk ``(format group, first position, end position)`` (positions within the group's layers)."""
         chunk_of: list[tuple[int, int, int]] = [(0, 0, 0)] * self.store.num_layers
-        for group, (_, layers) in enumerate(self.store.format_groups):
+        for group, (fmt, layers) in enumerate(self.store.format_groups):
             layers = layers.tolist()
+            token_bytes = _chunk_token_bytes(self.store.head_dim, *self._most_groups(fmt))
             entries = [rows_of for rows_of in self._sealed if rows_of.group == group]
             start, total = 0, 0
             for position in range(len(layers) + 1):
-                nbytes = 0 if position == len(layers) else sum(
-                    rows * e.widths[position] * _gathered_row_bytes(e.fmt, e.tier) for e in entries)
+                nbytes = 0 if position == len(layers) else rows * token_bytes * sum(e.widths[position] for e in entries)
                 if position == len(layers) or (position > start and total + nbytes > GATHER_CHUNK_BYTES):
                     for member in range(start, position):
                         chunk_of[layers[member]] = (group, start, position)
@@ -258,40 +289,51 @@ class CodeDecodePlan:
                 total += nbytes
         return chunk_of
 
-    def _gather_chunk(self, group: int, first: int, end: int) -> dict[int, list[tuple[int, _TierCodes]]]:
-        """Gather the rows of the layers at positions ``[first, end)`` of format group ``group``: per layer, its
-        tiers with tokens as ``(tier, codes)``."""
-        layers = self.store.format_groups[group][1].tolist()
-        out = {layers[position]: [] for position in range(first, end)}
-        for rows_of in self._sealed:
-            width = max(rows_of.widths[first:end]) if rows_of.group == group else 0
-            if width == 0:
-                continue
-            codes = self._gather_tier(rows_of.fmt, rows_of.tier, rows_of.starts[first:end, ..., :width],
-                                      rows_of.valid[first:end, :, :width])
-            for position in range(first, end):
-                if rows_of.widths[position]:
-                    out[layers[position]].append((rows_of.tier, codes.layer(position - first,
-                                                                            rows_of.widths[position])))
-        return out
+    @staticmethod
+    def _most_groups(fmt) -> tuple[int, int]:
+        """``(Jk, Jv)``: the most key and value quantization groups of a tier of ``fmt``."""
+        return (max(tier.spec.key_groups for tier in fmt.tiers), max(tier.spec.value_groups for tier in fmt.tiers))
 
-    def _gather_tier(self, fmt, tier: int, starts: torch.Tensor, valid: torch.Tensor) -> _TierCodes:
-        """The rows at ``starts`` ``[Lg, 5, R, M]`` (:data:`_SECTIONS`) of one tier for ``Lg`` layers at once: a
-        :class:`_TierCodes` with a leading layer dimension (scales and zeros times the meta scales, 0 where
-        ``valid`` ``[Lg, R, M]`` is False)."""
-        data, spec = self.store.arena.data, fmt.tiers[tier].spec
-        meta_scales = gather_rows(data, starts[:, len(_SECTIONS) - 1], META_SCALE_BYTES).view(torch.float32)
-        meta = {}
-        for name, kind, groups, column in (("key", KEY_META, spec.key_groups, 0),
-                                           ("value", VALUE_META, spec.value_groups, 1)):
-            pairs = gather_rows(data, starts[:, kind], groups * 4).view(torch.float16).float()
-            pairs = pairs.reshape(*valid.shape, groups, 2) * meta_scales[..., column, None, None]
-            pairs = pairs.masked_fill_(~valid[..., None, None], 0.0)
-            meta[name] = pairs[..., 0].transpose(-1, -2).contiguous(), pairs[..., 1]      # [Lg, R, J, M], [Lg, R, M, J]
-        return _TierCodes(key_codes=gather_rows(data, starts[:, KEYS], fmt.row_bytes(KEYS, tier)),
-                          value_codes=gather_rows(data, starts[:, VALUES], fmt.row_bytes(VALUES, tier)),
-                          key_scale=meta["key"][0], key_zero=meta["key"][1].transpose(-1, -2).contiguous(),
-                          value_scale=meta["value"][0], value_zero=meta["value"][1], valid=valid)
+    def _gather_chunk(self, group: int, first: int, end: int) -> dict[int, _LayerCodes | None]:
+        """Gather and unpack the sealed tokens of the layers at positions ``[first, end)`` of format group
+        ``group``: per layer its :class:`_LayerCodes` (views of one buffer per attribute), or None without any."""
+        store = self.store
+        fmt, layer_ids = store.format_groups[group]
+        layers = layer_ids.tolist()[first:end]
+        entries = [(rows_of, max(rows_of.widths[first:end])) for rows_of in self._sealed if rows_of.group == group]
+        entries = [(rows_of, width) for rows_of, width in entries if width]
+        if not entries:
+            return dict.fromkeys(layers)
+        data, device = store.arena.data, store.device
+        key_groups, value_groups = self._most_groups(fmt)
+        count, rows, dim = len(layers), self._batch * store.num_kv_heads, store.head_dim
+        total = sum(width for _, width in entries)
+        take = self._workspace.take
+        keys, values = take("codes", (2, count, rows, total, dim), device)
+        key_meta = take("key_meta", (2, count, rows, key_groups, total), device)             # scale, zero
+        value_meta = take("value_meta", (2, count, rows, value_groups, total), device)
+        bias = take("bias", (count, rows, 1, total), device).zero_()
+        at = 0
+        for rows_of, width in entries:
+            tier, spec = rows_of.tier, fmt.tiers[rows_of.tier].spec
+            starts, valid = rows_of.starts[first:end, ..., :width], rows_of.valid[first:end, :, :width]
+            span = slice(at, at + width)
+            unpack_codes_into(keys[:, :, span], gather_rows(data, starts[:, KEYS], fmt.row_bytes(KEYS, tier)),
+                              spec.key_bits)
+            unpack_codes_into(values[:, :, span], gather_rows(data, starts[:, VALUES], fmt.row_bytes(VALUES, tier)),
+                              spec.value_bits)
+            meta_scales = gather_rows(data, starts[:, len(_SECTIONS) - 1], META_SCALE_BYTES).view(torch.float32)
+            for meta, kind, groups, column in ((key_meta, KEY_META, spec.key_groups, 0),
+                                               (value_meta, VALUE_META, spec.value_groups, 1)):
+                pairs = gather_rows(data, starts[:, kind], groups * 4).view(torch.float16).float()
+                pairs = pairs.reshape(*valid.shape, groups, 2) * meta_scales[..., column, None, None]
+                pairs = pairs.masked_fill_(~valid[..., None, None], 0.0)                     # [Lc, R, w, j, 2]
+                # [2, Lc, R, J, w] with each of the tier's groups repeated over the J / j finer ones
+                meta[..., span].unflatten(3, (groups, -1)).copy_(pairs.permute(4, 0, 1, 3, 2)[..., None, :])
+            bias[:, :, 0, span].masked_fill_(~valid, -math.inf)
+            at += width
+        per_layer = zip(keys, values, *key_meta, *value_meta, bias)
+        return {layer: _LayerCodes(*codes) for layer, codes in zip(layers, per_layer)}
 
     def _visible(self, index_starts, col, seq_lens, heads) -> torch.Tensor:
         """``[Lg, R, width]`` bool: the tokens whose in-page index byte is at ``index_starts``, in page column
@@ -304,7 +346,8 @@ class CodeDecodePlan:
 
     def _plan_staged(self, table, seq_lens, staged, num_staged) -> _StagedRows:
         store = self.store
-        device, page = store.device, store.page_size
+        device, page, heads = store.device, store.page_size, store.num_kv_heads
+        fmt = store.formats.staged
         batch, cols = table.shape
         b, c = staged.nonzero(as_tuple=True)
         rank = torch.cumsum(staged.to(torch.int64), 1)[b, c] - 1
@@ -312,13 +355,22 @@ class CodeDecodePlan:
         columns = torch.zeros_like(pages)
         page_valid = torch.zeros(batch, num_staged, dtype=torch.bool, device=device)
         pages[b, rank], columns[b, rank], page_valid[b, rank] = table[b, c], c, True
+        offsets = store.arena.block_offset[store.slots(pages.reshape(-1))].permute(1, 0, 2)  # [L, B*S, H] bytes
+        keys = torch.where(page_valid.reshape(1, -1, 1), offsets, 0) // fmt.element_bytes
+        elements = torch.stack([keys, keys + fmt.values_start // fmt.element_bytes], 1)
         in_page = torch.arange(page, device=device)
         positions = (columns[:, :, None] * page + in_page).reshape(batch, -1)                 # [B, S*P]
         token_valid = page_valid.repeat_interleave(page, 1) & (positions < seq_lens[:, None])
         target_b, target_t = token_valid.nonzero(as_tuple=True)
-        locs = (pages[:, :, None] * page + in_page).reshape(batch, -1)[target_b, target_t]
-        return _StagedRows(pages, page_valid, token_valid.repeat_interleave(store.num_kv_heads, 0), target_b, target_t,
-                           locs)
+        target_page = target_t // page
+        head_ids = torch.arange(heads, device=device)
+        targets = ((target_b[:, None] * heads + head_ids) * token_valid.shape[1] + target_t[:, None])   # [n, H]
+        at = offsets.unflatten(1, (batch, num_staged))[:, target_b, target_page]           # [L, n, H] bytes
+        in_page_t = (target_t % page)[None, :, None]
+        statistics = torch.stack([(at + fmt.score_start) // 4 + in_page_t, (at + fmt.seen_start) // 4 + in_page_t], 1)
+        increments = torch.ones(2 * targets.numel(), device=device)
+        return _StagedRows(elements, token_valid.repeat_interleave(heads, 0), targets,
+                           statistics.reshape(store.num_layers, -1), increments)
 
     # ------------------------------------------------------------------------------------------- run
     def run(self, q: torch.Tensor, layer: int, sm_scale: float) -> torch.Tensor:
@@ -331,79 +383,78 @@ class CodeDecodePlan:
         rows, group = batch * heads, num_q_heads // heads
         fmt = store.formats[layer]
         query = q.float().reshape(rows, group, dim) * sm_scale                                  # [R, G, D]
-        q_keys = rotate(query, fmt.key_rotation)
-        tiers = [(fmt.tiers[t].spec, codes) for t, codes in self._layer_codes(layer)]
-        logits = [self._tier_logits(spec, q_keys, codes) for spec, codes in tiers]
+        if store.arena.moves != self._moves:                 # a compaction moved blocks since plan()
+            self.plan(*self._inputs)
         staged_keys, staged_values = self._staged_kv(layer, rows, dim)                         # [R, S*P, D]
-        staged_valid = self._staged.token_valid
-        logits.append(torch.bmm(query, staged_keys.transpose(1, 2)).masked_fill(~staged_valid[:, None], -math.inf))
+        logits = [torch.bmm(query, staged_keys.transpose(1, 2)).masked_fill_(~self._staged.token_valid[:, None],
+                                                                               -math.inf)]
+        codes = self._layer_codes(layer)
+        if codes is not None:
+            logits.insert(0, self._sealed_logits(rotate(query, fmt.key_rotation), codes))
         probs = torch.nan_to_num(torch.softmax(torch.cat(logits, -1), -1), nan=0.0)           # no key: zeros
         probs = probs.split([x.shape[-1] for x in logits], -1)
-        sealed = sum((self._tier_values(spec, p, codes) for (spec, codes), p in zip(tiers, probs)),
-                     torch.zeros_like(query))
-        out = unrotate(sealed, fmt.value_rotation) + torch.bmm(probs[-1], staged_values)
-        self._store_importance(layer, probs[-1], heads, group)
+        out = torch.bmm(probs[-1], staged_values)
+        if codes is not None:
+            out += unrotate(self._sealed_values(probs[0], codes), fmt.value_rotation)
+        self._store_importance(layer, probs[-1])
         return out.reshape(batch, num_q_heads, dim)
 
-    def _layer_codes(self, layer: int) -> list[tuple[int, _TierCodes]]:
-        """``layer``'s tiers with tokens, gathered with the rest of its chunk on first use (after planning again
-        if a compaction moved blocks since ``plan``)."""
+    def _layer_codes(self, layer: int) -> _LayerCodes | None:
+        """``layer``'s sealed tokens, gathered with the rest of its chunk on first use; None if it has none."""
         if layer not in self._codes:
-            if self.store.arena.moves != self._moves:
-                self.plan(*self._inputs)
             self._codes = self._gather_chunk(*self._chunk_of[layer])
         return self._codes[layer]
 
-    def _tier_logits(self, spec, query: torch.Tensor, codes: _TierCodes) -> torch.Tensor:
-        """``[R, G, M]`` scaled logits of one tier's tokens (``-inf`` on padding) for ``query`` ``[R, G, D]``."""
-        num_rows, group, dim = query.shape
-        groups = spec.key_groups
-        per_group = query.reshape(num_rows, group, groups, dim // groups)
+    @staticmethod
+    def _sealed_logits(query: torch.Tensor, codes: _LayerCodes) -> torch.Tensor:
+        """``[R, G, M]`` scaled logits of the sealed tokens (``-inf`` on padding) for ``query`` ``[R, G, D]``:
+        ``sum_j s_j (q_j . c_j) + z_j sum(q_j)``, the ``J`` groups stacked in the M dimension of one product
+        (block ``j`` of the stacked query keeps only group ``j``'s columns)."""
+        rows, group, dim = query.shape
+        groups = codes.key_scale.shape[1]
+        sums = query.reshape(rows, group, groups, dim // groups).sum(-1)                       # [R, G, J]
+        if groups == 1:                                       # the common case, in fewer ops: s (q . c) + z sum(q)
+            dots = torch.bmm(query, codes.keys.transpose(1, 2))
+            return torch.addcmul(dots.mul_(codes.key_scale), sums, codes.key_zero).add_(codes.bias)
+        stacked = (query[:, None] * _group_masks(groups, dim, query.device)).reshape(rows, groups * group, dim)
+        dots = torch.bmm(stacked, codes.keys.transpose(1, 2)).view(rows, groups, group, -1)
+        logits = (dots * codes.key_scale[:, :, None]).sum(1)
+        return logits.add_(torch.bmm(sums, codes.key_zero)).add_(codes.bias)
+
+    @staticmethod
+    def _sealed_values(probs: torch.Tensor, codes: _LayerCodes) -> torch.Tensor:
+        """``[R, G, D]`` the sealed tokens' share of the output (rotated space) for their probabilities
+        ``[R, G, M]``: ``sum_j (p s_j) @ c_j + p @ z_j`` on group ``j``'s columns."""
+        rows, group, width = probs.shape
+        groups, dim = codes.value_scale.shape[1], codes.values.shape[-1]
+        weights = (probs[:, None] * codes.value_scale[:, :, None]).reshape(rows, groups * group, width)
+        out = torch.bmm(weights, codes.values)                                                  # [R, J*G, D]
+        zeros = torch.bmm(probs, codes.value_zero.transpose(1, 2))                             # [R, G, J]
         if groups == 1:
-            stacked = query
-        else:                                                                                   # [R, J, G, J, D/J]
-            stacked = torch.diag_embed(per_group.transpose(2, 3)).permute(0, 3, 1, 4, 2).reshape(num_rows, -1, dim)
-        if spec.key_bits != 8:
-            stacked = stacked[..., code_plane_order(dim, spec.key_bits, query.device)]
-        key_codes = unpack_code_planes(codes.key_codes, spec.key_bits).float()                # [R, M, D] planes
-        dots = torch.bmm(stacked, key_codes.transpose(1, 2)).reshape(num_rows, groups, group, -1)  # [R, J, G, M]
-        logits = (dots * codes.key_scale[:, :, None]).sum(1) + torch.bmm(per_group.sum(-1), codes.key_zero)
-        return logits.masked_fill(~codes.valid[:, None], -math.inf)
+            return out.add_(zeros)
+        out = (out.view(rows, groups, group, dim) * _group_masks(groups, dim, probs.device)).sum(1)
+        return out.add_(zeros.repeat_interleave(dim // groups, -1))
 
-    def _tier_values(self, spec, probs: torch.Tensor, codes: _TierCodes) -> torch.Tensor:
-        """``[R, G, D]`` one tier's share of the output (rotated space) for its probabilities ``[R, G, M]``."""
-        num_rows, group, _ = probs.shape
-        groups, dim = spec.value_groups, self.store.head_dim
-        value_codes = unpack_code_planes(codes.value_codes, spec.value_bits).float()          # [R, M, D] planes
-        weights = probs[:, None] * codes.value_scale[:, :, None]                              # [R, J, G, M]
-        out = torch.bmm(weights.reshape(num_rows, groups * group, -1), value_codes)           # [R, J*G, D] planes
-        if spec.value_bits != 8:                                                                # model column order
-            out = torch.empty_like(out).index_copy_(2, code_plane_order(dim, spec.value_bits, probs.device), out)
-        out = out.reshape(num_rows, groups, group, groups, dim // groups).diagonal(dim1=1, dim2=3)
-        out = out.permute(0, 1, 3, 2) + torch.bmm(probs, codes.value_zero)[..., None]         # [R, G, J, D/J]
-        return out.reshape(num_rows, group, dim)
-
-    def _staged_kv(self, layer: int, rows: int, dim: int):
-        """Keys and values ``[R, S * P, D]`` float32 of the staged pages (zeros where unwritten or padding)."""
+    def _staged_kv(self, layer: int, rows: int, dim: int) -> torch.Tensor:
+        """Keys and values ``[2, R, S * P, D]`` float32 of the staged pages (values 0 where unwritten or padding;
+        keys there are any bits, masked in the logits)."""
         store, staged = self.store, self._staged
-        fmt = store.formats.staged
-        offsets = store.arena.block_offset[store.slots(staged.pages.reshape(-1), layer)]       # [B*S, H]
-        elements = torch.where(staged.page_valid.reshape(-1, 1), offsets, 0) // fmt.element_bytes
+        batch = self._batch
+        _, blocks, heads = staged.elements.shape[1:]
         data = store.arena.data.view(store.dtype)
-        width = store.page_size * dim
-        batch, num_pages = staged.pages.shape
-        out = []
-        for start in (0, fmt.values_start // fmt.element_bytes):
-            x = gather_rows(data, elements + start, width)                                     # [B*S, H, P*D]
-            x = x.reshape(batch, num_pages, store.num_kv_heads, store.page_size, dim).permute(0, 2, 1, 3, 4).reshape(rows, -1, dim)
-            out.append(x.float().masked_fill(~staged.token_valid[..., None], 0.0))   # unwritten slots: any bits, NaN
+        kv = gather_rows(data, staged.elements[layer], store.page_size * dim)                 # [2, B*S, H, P*D]
+        kv = kv.view(2, batch, blocks // batch, heads, store.page_size, dim).transpose(2, 3)
+        out = self._workspace.take("staged", (2, rows, staged.token_valid.shape[1], dim), store.device)
+        out.view(kv.shape).copy_(kv)
+        out[1].masked_fill_(~staged.token_valid[..., None], 0.0)                  # unwritten slots: any bits, NaN
         return out
 
-    def _store_importance(self, layer: int, probs: torch.Tensor, heads: int, group: int) -> None:
-        """Add the group's largest probability ``probs`` ``[R, G, S*P]`` to each staged token (``seen += 1``)."""
+    def _store_importance(self, layer: int, probs: torch.Tensor) -> None:
+        """Add the group's largest probability ``probs`` ``[R, G, S*P]`` to each visible staged token's
+        ``score_sum`` and one to its ``seen``."""
         staged = self._staged
-        if staged.target_b.numel() == 0:
+        if staged.targets.numel() == 0:
             return
-        score = probs.amax(1).reshape(self._batch, heads, -1)                                  # [B, H, S*P]
-        score = score[staged.target_b, :, staged.target_t]                                     # [n, H]
-        self.store.add_importance(layer, staged.target_locs, score, torch.ones_like(score[:, 0]), accumulate=True)
+        increments = staged.increments
+        increments[:staged.targets.numel()] = probs.amax(1).view(-1)[staged.targets.view(-1)]
+        self.store.arena.data.view(torch.float32).index_put_((staged.statistics[layer],), increments, accumulate=True)

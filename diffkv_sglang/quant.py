@@ -269,29 +269,22 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((p[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*p.shape[:-1], -1)
 
 
-def unpack_code_planes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unpack ``[..., R]`` uint8 rows of 2-, 4- or 8-bit codes into ``[..., R * 8 / bits]`` uint8 codes in
-    *plane-major* order: first the codes at bit 0 of every byte, then those at bit ``bits``, and so on. Column
-    ``i`` holds element ``code_plane_order(R * 8 / bits, bits)[i]`` of the row (a concatenation of masked shifts:
-    no interleaving copy, the cheapest unpacking on a CPU)."""
+def unpack_codes_into(out: torch.Tensor, packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unpack ``[..., R]`` uint8 rows of 2-, 4- or 8-bit codes into ``out`` ``[..., R * 8 / bits]`` (any float
+    dtype, any strides, e.g. a slice of a larger buffer), in the row's own element order; returns ``out``.
+
+    Element ``i * (8 / bits) + s`` of a row is bits ``[s * bits, (s + 1) * bits)`` of byte ``i``
+    (:func:`pack_codes`), so each shift ``s`` is one strided copy into every ``8 / bits``-th column: the codes land
+    converted and in place, with no interleaving temporary (as fast on a CPU as unpacking plane by plane and
+    converting after)."""
     if bits == 8:
-        return packed
+        return out.copy_(packed)
     if bits not in (2, 4):
-        raise ValueError(f"bits={bits}; plane unpacking supports 2, 4, 8")
-    mask = (1 << bits) - 1
-    return torch.cat([(packed >> shift) & mask for shift in range(0, 8, bits)], -1)
-
-
-@functools.lru_cache(maxsize=32)
-def _plane_order_cpu(dim: int, bits: int) -> torch.Tensor:
-    per_byte = 8 // bits
-    return torch.arange(dim).reshape(dim // per_byte, per_byte).T.reshape(-1)
-
-
-def code_plane_order(dim: int, bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``[dim]`` int64: the row element that each column of :func:`unpack_code_planes` holds (``x[..., order]``
-    puts a dense ``[..., dim]`` row in plane-major order)."""
-    return _plane_order_cpu(dim, bits).to(device)
+        raise ValueError(f"bits={bits}; unpacking into a buffer supports 2, 4, 8")
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    for shift in range(per_byte):
+        out[..., shift::per_byte] = (packed >> (shift * bits)) & mask
+    return out
 
 
 def gather_rows(data: torch.Tensor, starts: torch.Tensor, row_bytes: int) -> torch.Tensor:

@@ -5,9 +5,9 @@ from hypothesis import strategies as st
 
 from diffkv_sglang.config import TierSpec
 from diffkv_sglang.format import BlockFormat
-from diffkv_sglang.quant import (code_plane_order, dequantize, demote, gather_rows, hadamard_matrix, meta_scale,
-                                 pack_codes, quantize, read_sealed_blocks, rotate, tier_counts, unpack_code_planes,
-                                 unpack_codes, unrotate, write_sealed_blocks)
+from diffkv_sglang.quant import (dequantize, demote, gather_rows, hadamard_matrix, meta_scale, pack_codes, quantize,
+                                 read_sealed_blocks, rotate, tier_counts, unpack_codes, unpack_codes_into, unrotate,
+                                 write_sealed_blocks)
 
 # float32 arithmetic in (x - zero) / scale and code * scale + zero adds a few ulps on top of scale / 2.
 FP32_SLACK = 1e-5
@@ -22,10 +22,14 @@ def test_pack_unpack_round_trip(bits):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_plane_unpacking_is_a_column_permutation(bits):
+def test_unpacking_into_a_strided_float_buffer(bits):
+    """Into a column slice of a larger float32 buffer (as the CPU decode path unpacks each tier into its span):
+    exactly the codes, nothing written outside the slice."""
     codes = torch.randint(0, 1 << bits, (3, 5, 64), dtype=torch.int32)
-    planes = unpack_code_planes(pack_codes(codes, bits), bits)
-    assert planes.dtype == torch.uint8 and torch.equal(planes.to(torch.int32), codes[..., code_plane_order(64, bits)])
+    buffer = torch.full((3, 9, 64), float("nan"))
+    unpack_codes_into(buffer[:, 2:7], pack_codes(codes, bits), bits)
+    assert torch.equal(buffer[:, 2:7], codes.float())
+    assert buffer[:, :2].isnan().all() and buffer[:, 7:].isnan().all()
 
 
 def test_gather_rows_reads_overlapping_rows():
