@@ -54,10 +54,11 @@ from .store import CompressedKVStore
 # the rows gathered per token, in the order of the format's kinds (position i holds kind i, so starts[:, KEYS] are
 # the key codes), then the block's meta scales
 _SECTIONS = (KEYS, VALUES, KEY_META, VALUE_META, INDEX + 1)
-# Bytes of float32 codes, scales and zeros unpacked at once for a chunk of layers (CHUNK_TOKEN_BYTES per token).
+# Bytes of float32 codes, scales and zeros unpacked at once for a chunk of layers (_chunk_token_bytes per token).
 # At small batches a chunk holds many layers, so a decode step costs a few dozen torch ops per layer plus a few
 # per tier and chunk (each op costs more in dispatch than in arithmetic there); at large batches a chunk is one
-# layer, still in cache when it is used. Measured: benchmarks/results/cpu-decode-chunks.json.
+# layer, still in cache when it is used. With 8 MiB: benchmarks/results/cpu-decode-one-product.json (other sizes
+# not compared since the float32 unpacking moved into the chunk).
 GATHER_CHUNK_BYTES = 8 << 20
 # The most bytes of a chunk's (and the staged pages') buffers kept from one step to the next (_Workspace).
 WORKSPACE_KEEP_BYTES = 64 << 20
