@@ -239,9 +239,10 @@ def main() -> None:
 
 
 def _portable(text: str) -> str:
-    """``text`` without this machine's paths (results are committed): the checkout as ``.``, temporary paths as
-    ``<tmp>``."""
-    return re.sub(re.escape(tempfile.gettempdir()) + r"/[^\s'\"]*", "<tmp>", text.replace(str(REPO), "."))
+    """``text`` without this machine's paths (results are committed): the interpreter as ``python`` (a virtual
+    environment may live outside the checkout), the checkout as ``.``, temporary paths as ``<tmp>``."""
+    text = text.replace(sys.executable, "python").replace(str(REPO), ".")
+    return re.sub(re.escape(tempfile.gettempdir()) + r"/[^\s'\"]*", "<tmp>", text)
 
 
 def _tree() -> str:
