@@ -25,7 +25,6 @@ blocks between dense tensors and the byte arena, following :mod:`diffkv_sglang.f
 
 from __future__ import annotations
 
-import functools
 
 import torch
 

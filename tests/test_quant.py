@@ -23,7 +23,7 @@ def test_pack_unpack_round_trip(bits):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_unpacking_into_a_strided_float_buffer(bits):
-    """Into a column slice of a larger float32 buffer (as the CPU decode path unpacks each tier into its span):
+    """Into a slice of a larger float32 buffer (as the CPU decode path unpacks each tier into its token span):
     exactly the codes, nothing written outside the slice."""
     codes = torch.randint(0, 1 << bits, (3, 5, 64), dtype=torch.int32)
     buffer = torch.full((3, 9, 64), float("nan"))
