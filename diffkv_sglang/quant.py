@@ -25,7 +25,6 @@ blocks between dense tensors and the byte arena, following :mod:`diffkv_sglang.f
 
 from __future__ import annotations
 
-
 import torch
 
 from .format import (INDEX, KEY_META, KEYS, META_SCALE_BYTES, VALUE_META, VALUES, BlockFormat, hadamard_matrix,
