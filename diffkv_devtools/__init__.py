@@ -4,7 +4,8 @@ Not listed in pyproject's ``packages``, so no wheel contains it, and nothing in 
 (``tests/test_packaging.py`` checks both). The editable install of ``make setup`` (compat mode) puts the repo root
 on ``sys.path``, so ``import diffkv_devtools`` works in the repo's ``.venv`` from any directory.
 
-* :mod:`.sglang_server`: start and stop the real SGLang server on CPU (``SGLangServer``, ``cpu_env``, ``run_cli``);
+* :mod:`.sglang_server`: start and stop the real SGLang server on CPU (``SGLangServer``, ``cpu_env``);
+* :mod:`.preloaded`: many short SGLang command lines forked from one interpreter that imported SGLang once;
 * :mod:`.gauges`: the pool's ``sglang:diffkv_*`` gauges read from ``/metrics``;
 * :mod:`.http_requests`: raw HTTP requests that report the status instead of raising;
 * :mod:`.e2e_common`: the DiffKV flags, prompt and ``/generate`` helper of the end-to-end tests;

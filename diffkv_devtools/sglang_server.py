@@ -153,10 +153,3 @@ class SGLangServer:
     def metrics(self) -> dict[str, float]:
         """The pool's gauges on ``/metrics``, summed over TP ranks (:func:`diffkv_devtools.gauges.parse`)."""
         return gauges.parse(self.get_text("/metrics"))
-
-
-def run_cli(args: list[str], timeout: float = 300.0) -> subprocess.CompletedProcess:
-    """Run ``python -m sglang.launch_server ARGS`` to completion (for start-up error tests)."""
-    workdir = tempfile.mkdtemp(prefix="sglang-cli-")
-    return subprocess.run([sys.executable, "-m", "sglang.launch_server", *args], cwd=workdir, env=cpu_env(),
-                          capture_output=True, text=True, timeout=timeout)

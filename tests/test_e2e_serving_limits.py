@@ -1,5 +1,6 @@
 """End to end with the real SGLang server on CPU, one server at a time: memory pressure, sglang.Engine,
-tensor parallel, start-up errors (a tiny random Llama). Run alone with ``pytest -m server``.
+tensor parallel, chunked prefill (a tiny random Llama). Run alone with ``pytest -m server``; the start-up
+refusals are in test_startup_refusals.py.
 
 Kept apart from test_e2e_server.py so that module's long-lived server is stopped before these start their own
 (two SGLang schedulers busy-polling on 2 cores slow each other down several times).
@@ -8,8 +9,6 @@ Kept apart from test_e2e_server.py so that module's long-lived server is stopped
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,9 +18,8 @@ from transformers import AutoTokenizer
 
 from diffkv_devtools.e2e_common import DIFFKV, PAGE, STORY, generate
 from diffkv_devtools.gauges import gauge
-from diffkv_devtools.sglang_server import SGLangServer, cpu_env, run_cli
+from diffkv_devtools.sglang_server import SGLangServer, cpu_env
 from diffkv_devtools.teacher_forced import compare, greedy_continuation, score
-from diffkv_sglang.backend_select import MODES
 
 pytestmark = pytest.mark.server
 # float32 weights and activations: summing in another order moves a log-probability by ~1e-6; the margin also
@@ -98,53 +96,12 @@ def test_engine_offline(tiny_model):
     assert "LENGTHS [12, 12]" in done.stdout
 
 
-def refusal_lines(done: subprocess.CompletedProcess) -> list[str]:
-    """The ``error:`` lines of a failed launch, after checking that the launch failed as one line: exit code 2,
-    no traceback, and after that line only SGLang's own log records (``[time] ...``, its process-tree clean-up).
-    Other lines before it are SGLang's start-up warnings (the launcher's deprecation notice among them)."""
-    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
-    assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
-    lines = done.stderr.splitlines()
-    errors = [i for i, line in enumerate(lines) if ": error: " in line]
-    assert errors and all(line.startswith("[") for line in lines[errors[-1] + 1:]), done.stderr[-3000:]
-    return [lines[i] for i in errors]
-
-
-ERROR = "sglang serve: error: "
-REFUSED = " with --kv-pool diffkv "
-
-
-# Every stage that can reject a launch (argparse, DiffKV config, SGLang resolution): the exact one-line message
-# on stderr; every flag's message is also unit-tested in test_integration_args.py without starting processes.
-@pytest.mark.parametrize("args, line", [
-    (["--kv-pool", "compressed"], "argument --kv-pool: invalid choice: 'compressed' (choose from 'default', 'diffkv')"),
-    (["--kv-pool", "diffkv", "--diffkv-alpha-low", "-1"],
-     "argument --diffkv-alpha-low: invalid value -1.0; allowed: a finite number >= 0 (0 disables pruning)"),
-    (["--kv-pool", "diffkv", "--diffkv-tiers", "k8v4,k5v3"],
-     "argument --diffkv-tiers: invalid value 'k5v3'; allowed: key bits one of (2, 4, 8) (got 5)"),
-    (["--diffkv-window", "8"], "--diffkv-* flags need --kv-pool diffkv"),
-    (["--kv-pool", "diffkv", "--kv-cache-dtype", "fp8_e5m2"],
-     f"argument --kv-cache-dtype: invalid value 'fp8_e5m2'{REFUSED}(DiffKV chooses its own precision); allowed: auto"),
-    (["--kv-pool", "diffkv", "--page-size", "16"],
-     f"argument --page-size: invalid value 16{REFUSED}(the DiffKV page size is 32); "
-     "allowed: 32 or unset (change it with --diffkv-page-size)"),
-    (["--kv-pool", "diffkv", "--decode-attention-backend", "torch_native"],
-     f"argument --decode-attention-backend: invalid value 'torch_native'{REFUSED}(only the diffkv attention "
-     "backend reads the DiffKV pool); allowed: diffkv or unset"),
-    (["--kv-pool", "diffkv", "--enable-hierarchical-cache"],
-     f"argument --enable-hierarchical-cache: invalid value True{REFUSED}(KV offloading is not supported); "
-     "allowed: off (flag not given)"),
-])
-def test_bad_flags_fail_at_start_up(tiny_model, args, line):
-    done = run_cli(["--model-path", str(tiny_model), "--device", "cpu", "--port", "1", *args], timeout=300)
-    assert refusal_lines(done) == [ERROR + line]
-
-
 def test_tensor_parallel_and_chunked_prefill_keep_the_output(tiny_model):
     """--tp-size 2 splits the 2 KV heads across ranks (one each), and a chunked prefill (32-token chunks; the
     prompt stays staged until its first decode step) changes nothing: the plain server's greedy replies, scored
-    teacher-forced by each setup, get the same log-probabilities within ``FLOAT32_ORDER_NATS``. float32 weights:
-    the setups differ only in summation order (all-reduce over ranks, attention over chunks).
+    teacher-forced by a server doing both (one server start less than testing them apart), get the same
+    log-probabilities within ``FLOAT32_ORDER_NATS``. float32 weights: the setups differ only in summation order
+    (all-reduce over ranks, attention over chunks).
 
     The observation window is the last 8 queries of the prompt's final chunk, so the prompts are chosen with a
     final chunk of at least 8 tokens (a shorter last chunk observes with fewer queries: see docs/design.md)."""
@@ -153,8 +110,9 @@ def test_tensor_parallel_and_chunked_prefill_keep_the_output(tiny_model):
     prompts = [tokenizer(p)["input_ids"] for p in (STORY * 3, STORY + "Hello there", "The quick brown fox " * 11)]
     assert min(len(p) % chunk or chunk for p in prompts) >= window
     common = [*DIFFKV, "--diffkv-obs-window", str(window), "--dtype", "float32"]
-    setups = {"plain": ([], None), "tp2": (["--tp-size", "2"], {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}),
-              "chunked": (["--chunked-prefill-size", str(chunk)], None)}
+    setups = {"plain": ([], None),
+              "tp2 chunked": (["--tp-size", "2", "--chunked-prefill-size", str(chunk)],
+                              {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"})}
     continuations, scores, logs = None, {}, {}
     for name, (extra, env) in setups.items():
         with SGLangServer(tiny_model, [*common, *extra], env=env) as running:
@@ -166,76 +124,8 @@ def test_tensor_parallel_and_chunked_prefill_keep_the_output(tiny_model):
             logs[name] = running.log_text()
             assert not running.unexpected_errors(), running.unexpected_errors()
     for rank in (0, 1):
-        assert f"DiffKV pool ready on tp rank {rank}: 4 layers x 1 KV heads" in logs["tp2"]
-    for name in ("tp2", "chunked"):
-        found = compare(scores["plain"], scores[name], margin=2 * FLOAT32_ORDER_NATS)
-        print(f"{name} against plain: {found.as_dict()}")
-        assert found.max_abs_logprob_diff <= FLOAT32_ORDER_NATS, found
-        assert found.top1_disagreements == 0, found
-
-
-def test_help_lists_the_flags():
-    done = run_cli(["--help"], timeout=300)
-    assert done.returncode == 0
-    for flag in ("--kv-pool {default,diffkv}", "--diffkv-config", "--diffkv-tiers", "--diffkv-alpha-high",
-                 "--diffkv-alpha-low", "--diffkv-window", "--diffkv-page-size", "--diffkv-arena-fraction"):
-        assert flag in done.stdout, flag
-
-
-RESOLVE_GRAPHS = """
-import sys
-from sglang.srt.plugins import load_plugins
-load_plugins()
-from sglang.srt.arg_groups.overrides import resolution_result
-from sglang.srt.server_args import prepare_server_args
-args = prepare_server_args(sys.argv[1:])
-args.resolve_once()
-graphs = resolution_result(args, "cuda_graph_config")
-print("GRAPHS", graphs.decode.backend, graphs.prefill.backend)
-"""
-
-
-@pytest.mark.parametrize("env, device, decode, why", [
-    ({}, "cuda", "full", ""),                                 # the default: SGLang's own decode setting stays
-    ({"DIFFKV_CUDA_GRAPH": "1"}, "cuda", "full", ""),
-    ({"DIFFKV_CUDA_GRAPH": "0"}, "cuda", "disabled", "DIFFKV_CUDA_GRAPH=0"),         # the off switch
-    ({}, "cpu", "disabled", "device cpu"),                    # never on a CPU device
-    ({"DIFFKV_KERNELS": "torch"}, "cuda", "disabled", "DIFFKV_KERNELS=torch"),      # graphs need the kernels
-    ({}, "cuda", "disabled", "head_dim 48 is not a power of two"),                # ... which need a power of two
-])
-def test_decode_cuda_graphs_are_on_by_default_on_cuda(tiny_model, tmp_path, env, device, decode, why):
-    """SGLang's own resolution (run in a subprocess; resolution needs no GPU, and reads only the model's config)
-    keeps prefill graphs off, and decode graphs as SGLang configures them on a CUDA device unless
-    DIFFKV_CUDA_GRAPH=0 or the store would run the torch reference (whose steps cannot be captured)."""
-    model = tiny_model
-    if why.startswith("head_dim"):                     # the tiny model's config with head_dim 48
-        model = tmp_path / "head-dim-48"
-        shutil.copytree(tiny_model, model)
-        config = json.loads((model / "config.json").read_text())
-        (model / "config.json").write_text(json.dumps({**config, "head_dim": 48}))
-    argv = ["--model-path", str(model), "--device", device, "--kv-pool", "diffkv"]
-    environment = cpu_env(env)
-    for name in {"DIFFKV_CUDA_GRAPH", "DIFFKV_KERNELS"} - set(env):
-        environment.pop(name, None)
-    done = subprocess.run([sys.executable, "-c", RESOLVE_GRAPHS, *argv], env=environment,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"GRAPHS {decode} disabled" in done.stdout
-    assert "decode CUDA graphs are " + ("as SGLang configures them" if decode == "full" else f"off ({why}") \
-        in done.stderr
-
-
-def test_bad_kernel_switch_fails_at_start_up(tiny_model):
-    done = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_model), "--device",
-                           "cpu", "--kv-pool", "diffkv", "--port", "1"], env=cpu_env({"DIFFKV_KERNELS": "fast"}),
-                          capture_output=True, text=True, timeout=300)
-    assert refusal_lines(done) == [f"{ERROR}environment variable DIFFKV_KERNELS: invalid value 'fast'{REFUSED}(it "
-                                   "picks the DiffKV kernels); allowed: " + " or ".join(MODES)]
-
-
-def test_bad_cuda_graph_switch_fails_at_start_up(tiny_model):
-    done = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_model), "--device",
-                           "cpu", "--kv-pool", "diffkv", "--port", "1"], env=cpu_env({"DIFFKV_CUDA_GRAPH": "yes"}),
-                          capture_output=True, text=True, timeout=300)
-    assert refusal_lines(done) == [f"{ERROR}environment variable DIFFKV_CUDA_GRAPH: invalid value 'yes'{REFUSED}(it "
-                                   "switches SGLang's decode CUDA graphs); allowed: 0 (off) or 1 (on, the default)"]
+        assert f"DiffKV pool ready on tp rank {rank}: 4 layers x 1 KV heads" in logs["tp2 chunked"]
+    found = compare(scores["plain"], scores["tp2 chunked"], margin=2 * FLOAT32_ORDER_NATS)
+    print(f"tp2 chunked against plain: {found.as_dict()}")
+    assert found.max_abs_logprob_diff <= FLOAT32_ORDER_NATS, found
+    assert found.top1_disagreements == 0, found
