@@ -149,6 +149,9 @@ CONFIGS = {c.name: c for c in (
             "--diffkv-tiers", "k8v4,k4v2,k2v2", "--diffkv-thresholds", "1.0,0.02", "--diffkv-alpha-low", "0"),
     _diffkv("calibrated", "diffkv, calibrated", "configs/<model>.json (per-layer tiers) with pruning off",
             "--diffkv-config", "{configs}/{model}.json", "--diffkv-alpha-low", "0"),
+    # what a server started with no precision flags serves: the defaults, calibrated per layer at start-up
+    _diffkv("auto", "diffkv, calibrated", "the shipped defaults with the start-up calibration (per-layer tiers)",
+            "--diffkv-calibration", "auto"),
     _diffkv("diffkv-layer", "diffkv, layer-scope pruning",
             "alpha_low 0.02, pruning only where a token is unimportant in every KV head of the layer",
             "--diffkv-prune-scope", "layer", *PAPER_PRUNING),
@@ -890,7 +893,10 @@ def main(argv=None) -> int:
         log(f"{name}: starting the server ({' '.join(config.resolve(model))})")
         t0 = time.monotonic()
         dtype = [] if args.dtype == "auto" else ["--dtype", args.dtype]
-        flags = [*config.resolve(model), *dtype, "--enable-metrics", "--enable-cache-report"]
+        # the rows' tiers are what their flags say (a row opts in with its own --diffkv-calibration)
+        no_calibration = ["--diffkv-calibration", "off"] if "diffkv" in config.flags and \
+            "--diffkv-calibration" not in config.flags else []
+        flags = [*config.resolve(model), *dtype, *no_calibration, "--enable-metrics", "--enable-cache-report"]
         server = SGLangServer(model_path, flags, max_total_tokens=args.max_total_tokens)
         try:
             server.start()

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 PAGE, WINDOW = 16, 16
+# calibration off: these tests check the pool under the tiers the flags give (the start-up calibration has its own)
 DIFFKV = ["--kv-pool", "diffkv", "--diffkv-page-size", str(PAGE), "--diffkv-window", str(WINDOW),
-          "--enable-metrics", "--enable-cache-report"]
+          "--diffkv-calibration", "off", "--enable-metrics", "--enable-cache-report"]
 STORY = ("Once upon a time there was a small language model that lived on a CPU. The quick brown fox jumps over "
          "the lazy dog. Keys and values are stored in a paged cache; some tokens matter more than others. ")
 

@@ -3,7 +3,7 @@
     python -m diffkv_sglang.calibrate --model-path DIR --out configs/MODEL.json [--tokens 1024] [--text FILE]
         [--base-config JSON-or-path] [--fallbacks 'k8v4,k4v4;k8v8,k8v4'] [--metric policy|attn|kl] [--max-error X]
         [--candidates k8v4,k4v2,k4v2g2x4,k4v2+hk,k4v2+kc,...] [--eval-queries 128] [--no-kl | --kl-tiers k4v2,k8v2]
-        [--threads 1] [--report FILE] [--from-report OLD.report.json]
+        [--threads 1] [--device cuda] [--report FILE] [--from-report OLD.report.json]
 
 The written file is a :class:`~diffkv_sglang.config.DiffKVConfig` JSON that ``--diffkv-config`` accepts; the base
 config's fields are kept and ``layer_tiers`` gets the layers that need more precision. A report JSON (default:
@@ -185,10 +185,10 @@ def fake_quantize(x: torch.Tensor, bits: int, groups: int, rotation: str, page_s
     """
     seq, heads, dim = x.shape
     pages = -(-seq // page_size)
-    xr = torch.zeros(pages * page_size, heads, dim)
+    xr = torch.zeros(pages * page_size, heads, dim, device=x.device)
     xr[:seq] = rotate(x, rotation)
     blocks = xr.reshape(pages, page_size, heads, dim).transpose(1, 2)               # [pages, H, P, D]
-    present = (torch.arange(pages * page_size) < seq).reshape(pages, 1, page_size).expand(pages, heads, page_size)
+    present = (torch.arange(pages * page_size, device=x.device) < seq).reshape(pages, 1, page_size).expand(pages, heads, page_size)
     scale = meta_scale(blocks.abs().amax(dim=(2, 3)))[..., None, None]              # [pages, H, 1, 1]
     restored = round_trip(blocks / scale, key_mode, bits, groups, present) * scale
     return unrotate(restored.transpose(1, 2).reshape(-1, heads, dim)[:seq], rotation)
@@ -244,8 +244,9 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     return out.transpose(0, 1)[None].to(query.dtype), None
 
 
-def load_model(model_path: str, dtype: torch.dtype):
-    """Model and tokenizer from a local directory (never downloads), with the calibration attention."""
+def load_model(model_path: str, dtype: torch.dtype, device: str = "cpu"):
+    """Model (on ``device``) and tokenizer from a local directory (never downloads), with the calibration
+    attention."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import transformers
@@ -254,7 +255,7 @@ def load_model(model_path: str, dtype: torch.dtype):
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, attn_implementation=ATTN_NAME, local_files_only=True)
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def model_shape(model) -> tuple[int, int, int, int]:
@@ -323,7 +324,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, q_
     heads, seq = k.shape[0], k.shape[1]
     group, rows = q.shape[0] // heads, q.shape[1]
     qg = q.reshape(heads, group * rows, -1)
-    mask = (torch.arange(seq)[None, :] <= q_pos[:, None]).repeat(group, 1)[None]      # [1, gE, S]
+    mask = (torch.arange(seq, device=k.device)[None, :] <= q_pos[:, None]).repeat(group, 1)[None]      # [1, gE, S]
     if keep is not None:
         mask = mask & keep[:, None, :]
     logits = (qg @ k.transpose(1, 2) * scaling).masked_fill(~mask, -math.inf)
@@ -339,7 +340,7 @@ def layer_stats(q, k, v, scaling, candidates, low: Candidate, sink_tokens: int, 
     seq = k.shape[1]
     ctx = seq - eval_queries
     first = max(ctx - config.obs_window, 0)                     # the prompt's observation window, then eval rows
-    pos = torch.arange(first, seq)
+    pos = torch.arange(first, seq, device=k.device)
     exact_all, probs = attend(q[:, first:], k, v, scaling, pos)
     exact, rows, qe = exact_all[:, ctx - first:], pos[ctx - first:], q[:, ctx:]
     keys, values = k.transpose(0, 1), v.transpose(0, 1)                            # [S, H, D]
@@ -387,8 +388,9 @@ def policy_error(qe, k, v, scaling, window_probs, exact, tiers: Sequence[Candida
     ctx = window_probs.shape[-1]
     obs = window_probs.shape[1]
     score = window_importance(window_probs, heads)                                   # [H, C]
-    seen = window_seen_counts(torch.arange(ctx), torch.arange(ctx - obs, ctx))
-    tier = classify_with_config(relative_importance(score, seen, torch.tensor(ctx)), config)
+    device = k.device
+    seen = window_seen_counts(torch.arange(ctx, device=device), torch.arange(ctx - obs, ctx, device=device))
+    tier = classify_with_config(relative_importance(score, seen, torch.tensor(ctx, device=device)), config)
     sealed = max(ctx - config.window, 0) // config.page_size * config.page_size
     tier = tier[:, :sealed].long()                                                   # [H, sealed]
     keys, values = k.transpose(0, 1), v.transpose(0, 1)
@@ -397,9 +399,9 @@ def policy_error(qe, k, v, scaling, window_probs, exact, tiers: Sequence[Candida
         kt, vt = (x.transpose(0, 1)[:, :sealed] for x in quantize_kv(keys, values, cand, config.page_size))
         kq[:, :sealed] = torch.where((tier == t)[..., None], kt, kq[:, :sealed])
         vq[:, :sealed] = torch.where((tier == t)[..., None], vt, vq[:, :sealed])
-    keep = torch.ones(heads, seq, dtype=torch.bool)
+    keep = torch.ones(heads, seq, dtype=torch.bool, device=device)
     keep[:, :sealed] = tier != PRUNED
-    out, _ = attend(qe, kq, vq, scaling, torch.arange(ctx, seq), keep)
+    out, _ = attend(qe, kq, vq, scaling, torch.arange(ctx, seq, device=device), keep)
     shares = {name: float((tier == t).float().mean()) if sealed else 0.0
               for t, name in [(PRUNED, "pruned"), *enumerate(f"tier{i}" for i in range(config.num_tiers))]}
     return {"error": rel_error(out, exact), "sealed_tokens": sealed, "shares": shares}
@@ -451,6 +453,7 @@ class Options:
     sink_tokens: int
     dtype: str
     threads: int = 1
+    device: str = "cpu"
     kl_tiers: tuple[str, ...] = ()
     from_report: str | None = None
 
@@ -474,8 +477,8 @@ def _calibrate(opts: Options, argv: Sequence[str]) -> dict[str, Any]:
     needed = [t for tiers in lists for t in tiers]
     candidates = parse_candidates(opts.candidates, base, needed)
     text, source = load_text(opts.text)
-    log(f"loading {opts.model_path} ({opts.dtype}, offline)")
-    model, tokenizer = load_model(opts.model_path, DTYPES[opts.dtype])
+    log(f"loading {opts.model_path} ({opts.dtype} on {opts.device}, offline)")
+    model, tokenizer = load_model(opts.model_path, DTYPES[opts.dtype], opts.device)
     num_layers, q_heads, kv_heads, head_dim = model_shape(model)
     for cand in candidates:
         try:
@@ -488,7 +491,7 @@ def _calibrate(opts: Options, argv: Sequence[str]) -> dict[str, Any]:
         base.validate_model(head_dim, num_layers)
     except ConfigError as exc:
         raise CalibrationError("--base-config", exc.value, f"{exc.field}: {exc.allowed}") from None
-    ids = sample_ids(tokenizer, text, opts.tokens)
+    ids = sample_ids(tokenizer, text, opts.tokens).to(opts.device)
     page = base.page_size
     by_name = {c.name: c for c in candidates}
     low = by_name[base.tiers[-1].name]
@@ -538,7 +541,8 @@ def _calibrate(opts: Options, argv: Sequence[str]) -> dict[str, Any]:
         "model": Path(opts.model_path).name,
         "shape": {"layers": num_layers, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim},
         "text": source, "tokens": int(ids.shape[1]), "dtype": opts.dtype, "sink_tokens": opts.sink_tokens,
-        "eval_queries": opts.eval_queries, "threads": opts.threads, "base_config": base.to_dict(),
+        "eval_queries": opts.eval_queries, "threads": opts.threads, "device": opts.device,
+        "base_config": base.to_dict(),
         "candidates": {c.name: {"tier": c.tier.name, "key_rotation": c.key_rotation,
                                 "value_rotation": c.value_rotation, "key_mode": c.key_mode,
                                 "bytes_per_token": c.bytes_per_token(head_dim, page)} for c in candidates},
@@ -633,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "the report's")
     ap.add_argument("--sink-tokens", default="4", help="first tokens counted as attention sinks (default 4)")
     ap.add_argument("--dtype", default="float32", help=f"model weights dtype: one of {tuple(DTYPES)}")
+    ap.add_argument("--device", default="cpu", help="torch device of the forward pass and the measurements, e.g. "
+                                                  "'cuda' or 'cuda:1' (default cpu)")
     ap.add_argument("--threads", default="1", help="torch CPU threads (default 1: on a shared machine more threads "
                                                   "than idle cores make every matmul many times slower)")
     return ap
@@ -646,6 +652,16 @@ def _int_flag(flag: str, text: str, low: int) -> int:
     if value < low:
         raise CalibrationError(flag, text, f"an integer >= {low}")
     return value
+
+
+def _device_flag(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise CalibrationError("--device", text, "a torch device such as 'cpu', 'cuda' or 'cuda:1'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CalibrationError("--device", text, "'cpu' (no CUDA device is visible)")
+    return str(device)
 
 
 def options_from_args(ns: argparse.Namespace) -> Options:
@@ -687,7 +703,7 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         fallbacks=fallbacks, metric=ns.metric, max_error=max_error, kl=not ns.no_kl,
         eval_queries=_int_flag("--eval-queries", ns.eval_queries, 1),
         sink_tokens=_int_flag("--sink-tokens", ns.sink_tokens, 1), dtype=ns.dtype,
-        threads=_int_flag("--threads", ns.threads, 1),
+        threads=_int_flag("--threads", ns.threads, 1), device=_device_flag(ns.device),
         from_report=ns.from_report, kl_tiers=tuple(Candidate.parse(t, base, "--kl-tiers").name for t in (ns.kl_tiers or "").split(",") if t.strip()))
 
 

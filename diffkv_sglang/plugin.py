@@ -18,7 +18,9 @@ hook                                                    effect
 resolution step ``handle_attention_backend_compatibility``  forces ``--attention-backend diffkv`` (a different
                                                         one typed is logged as overridden), the page
                                                         size, no CUDA graphs; refuses unsupported setups
-                                                        (:class:`~.integration.args.Refusal`)
+                                                        (:class:`~.integration.args.Refusal`); then
+                                                        calibrates per-layer tiers
+                                                        (:mod:`.integration.calibration`)
 ``create_memory_pool_configurator`` (around)            sizes the pool at the compressed cost per token
 ``KVCacheConfigurator._build_mha_kv_pool`` (around)     builds :class:`DiffKVKVPool`
 ``KVCacheConfigurator._build_token_to_kv_pool_allocator``  builds :class:`DiffKVPagedAllocator`
@@ -76,17 +78,19 @@ def _prepare_server_args(original, argv):
     probe = argparse.ArgumentParser(add_help=False)
     cli.add_cli_args(probe)
     ns, _ = probe.parse_known_args(argv)
-    config = None
+    config = calibration = None
     if ns.kv_pool == "diffkv":
         try:
             config = cli.config_from_namespace(ns)
+            calibration = cli.calibration_from_namespace(ns)
         except ConfigError as error:
             given = {flag.field for flag in cli.FLAGS if getattr(ns, flag.dest) is not None}
             given |= {"alpha_prune"} if ns.diffkv_alpha_low is not None else set()
+            given |= {"calibration"} if ns.diffkv_calibration is not None else set()
             _fail(cli.flag_error_message(error, given))
-    elif any(getattr(ns, flag.dest) is not None for flag in cli.FLAGS) or ns.diffkv_config:
+    elif any(getattr(ns, flag.dest) is not None for flag in cli.FLAGS) or ns.diffkv_config or ns.diffkv_calibration:
         _fail("--diffkv-* flags need --kv-pool diffkv")
-    cli.publish(ns.kv_pool, config)
+    cli.publish(ns.kv_pool, config, calibration)
     server_args._diffkv_from_cli = True          # read by _resolve_once (ServerArgs keeps underscore bookkeeping)
     return server_args
 
@@ -145,6 +149,7 @@ def _resolve(server_args, previous):
         logger.warning("--kv-pool diffkv: --attention-backend %s is overridden: the attention backend is 'diffkv', "
                        "the only one that reads the DiffKV pool", typed)
     _refuse_unsupported_model(server_args)
+    config = _calibrate(server_args, config)
     try:
         wants_graphs = cuda_graph_enabled()
     except ValueError:
@@ -171,6 +176,22 @@ def _resolve(server_args, previous):
                     else f"off ({no_kernels}: captured graphs need the DiffKV kernels)")
     logger.warning("--kv-pool diffkv: the attention backend is 'diffkv'; prefill CUDA graphs are off; decode CUDA "
                    "graphs are %s", decode_state)
+
+
+def _calibrate(server_args, config: DiffKVConfig) -> DiffKVConfig:
+    """The config with per-layer tiers from ``--diffkv-calibration`` (:mod:`.integration.calibration`),
+    published again for SGLang's subprocesses, which are started after resolution."""
+    calibration = cli.published_calibration()
+    if calibration.mode == "off":
+        return config
+    from .integration.calibration import calibrated_config
+
+    cfg = upstream.resolving_view(server_args)                     # the resolved device, not the typed one
+    calibrated = calibrated_config(config, calibration, server_args.model_path, cfg.device,
+                                   server_args.base_gpu_id or 0, server_args.load_format)
+    if calibrated is not config:
+        cli.publish("diffkv", calibrated, calibration)
+    return calibrated
 
 
 def _flag(field: str) -> str:

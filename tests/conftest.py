@@ -16,6 +16,13 @@ if not torch.cuda.is_available():
 # with benchmarks and the demo (server launcher, tiny model, gauges) is the diffkv_devtools package at the repo root.
 sys.path.insert(0, str(Path(__file__).parent / "kernel_support"))
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_cache(tmp_path_factory):
+    """Start-up calibrations of this session (servers inherit the environment) go to a fresh folder, never the
+    user's ``~/.cache``: each model's first start measures, later ones read the cache."""
+    os.environ["DIFFKV_CACHE_DIR"] = str(tmp_path_factory.mktemp("diffkv-cache"))
+
 from kernel_stores import needs_interpreter  # noqa: E402
 
 

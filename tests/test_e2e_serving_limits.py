@@ -20,6 +20,7 @@ from diffkv_devtools.e2e_common import DIFFKV, PAGE, STORY, generate
 from diffkv_devtools.gauges import gauge
 from diffkv_devtools.sglang_server import SGLangServer, cpu_env
 from diffkv_devtools.teacher_forced import compare, greedy_continuation, score
+from diffkv_sglang.config import DiffKVConfig
 
 pytestmark = pytest.mark.server
 # float32 weights and activations: summing in another order moves a log-probability by ~1e-6; the margin also
@@ -78,22 +79,32 @@ def test_prompts_limited_by_arena_bytes_wait_and_never_crash(tiny_model):
         assert gauge(server, "sealed_pages") == 0 and gauge(server, "staged_pages") == 1
 
 
-def test_engine_offline(tiny_model):
+def test_engine_offline(tiny_model, tmp_path):
+    """``sglang.Engine`` with the DiffKV keywords and no precision chosen: the start-up calibration runs (its
+    result lands in the cache directory given) and the engine generates with the calibrated pool."""
+    cache = tmp_path / "calibration"
     script = textwrap.dedent(f"""
+        import json
         import sglang
         if __name__ == "__main__":
             engine = sglang.Engine(model_path="{tiny_model}", kv_pool="diffkv", diffkv_window=16,
-                                   diffkv_page_size=16, device="cpu", sampling_backend="pytorch",
+                                   diffkv_page_size=16, diffkv_calibration="{cache}", device="cpu",
+                                   sampling_backend="pytorch",
                                    max_total_tokens=2048, skip_server_warmup=True, disable_overlap_schedule=True,
                                    log_level="warning")
             outs = engine.generate([{STORY!r} * 2, "Hello"], {{"max_new_tokens": 12, "temperature": 0,
                                                                 "ignore_eos": True}})
             engine.shutdown()
             print("LENGTHS", [o["meta_info"]["completion_tokens"] for o in outs])
+            from diffkv_sglang.integration.args import published_config     # what the schedulers inherited
+            print("SERVED", json.dumps(published_config().to_dict()))
     """)
     done = subprocess.run([sys.executable, "-c", script], env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "LENGTHS [12, 12]" in done.stdout
+    [cached] = cache.glob("*.json")
+    served = done.stdout.split("SERVED ", 1)[1].splitlines()[0]
+    assert DiffKVConfig.parse(served) == DiffKVConfig.parse(cached.read_text())
 
 
 def test_tensor_parallel_and_chunked_prefill_keep_the_output(tiny_model):

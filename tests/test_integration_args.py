@@ -7,6 +7,7 @@ import pytest
 
 from diffkv_sglang.config import ConfigError, DiffKVConfig, TierSpec
 from diffkv_sglang.integration import args as cli
+from diffkv_sglang.integration.calibration import CalibrationSetting
 
 
 def parse(argv):
@@ -69,28 +70,63 @@ def test_bad_json_config_names_the_config_flag():
     assert cli.flag_error_message(info.value, set()).startswith("argument --diffkv-config: field 'alpha_low'")
 
 
-def test_engine_keywords():
+def test_engine_keywords(tmp_path):
     kwargs = {"model_path": "m", "kv_pool": "diffkv", "diffkv_alpha_low": 0.0, "diffkv_window": 8}
-    pool, cfg = cli.split_engine_kwargs(kwargs)
+    pool, cfg, calibration = cli.split_engine_kwargs(kwargs)
     assert pool == "diffkv" and cfg.alpha_prune == 0.0 and cfg.window == 8 and kwargs == {"model_path": "m"}
-    assert cli.split_engine_kwargs({}) == ("default", None)
+    assert calibration == CalibrationSetting("auto")                 # no precision keyword: calibrate
+    assert cli.split_engine_kwargs({"kv_pool": "diffkv", "diffkv_tiers": "k8v4"})[2] == CalibrationSetting("off")
+    assert cli.split_engine_kwargs({"kv_pool": "diffkv", "diffkv_calibration": str(tmp_path)})[2] == \
+        CalibrationSetting("auto", tmp_path.resolve())
+    assert cli.split_engine_kwargs({}) == ("default", None, None)
     with pytest.raises(ValueError, match="need kv_pool='diffkv'"):
         cli.split_engine_kwargs({"diffkv_window": 8})
+    with pytest.raises(ValueError, match="need kv_pool='diffkv'"):
+        cli.split_engine_kwargs({"diffkv_calibration": "off"})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="diffkv_calibration: .*allowed: off, auto, or a directory"):
+        cli.split_engine_kwargs({"kv_pool": "diffkv", "diffkv_calibration": str(tmp_path / "file")})
     with pytest.raises(ValueError, match="diffkv_window"):
         cli.split_engine_kwargs({"kv_pool": "diffkv", "diffkv_window": -1})
     with pytest.raises(ValueError, match="kv_pool"):
         cli.split_engine_kwargs({"kv_pool": "paged"})
 
 
-def test_publish_round_trip(monkeypatch):
-    monkeypatch.delenv(cli.ENV_POOL, raising=False)
-    monkeypatch.delenv(cli.ENV_CONFIG, raising=False)
-    assert cli.published_config() is None
+def test_publish_round_trip(monkeypatch, tmp_path):
+    for name in (cli.ENV_POOL, cli.ENV_CONFIG, cli.ENV_CALIBRATION):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.published_config() is None and cli.published_calibration() == CalibrationSetting("off")
     cfg = DiffKVConfig(window=8, alpha_prune=0.0)
-    cli.publish("diffkv", cfg)
-    assert cli.published_config() == cfg
+    for setting in (CalibrationSetting("auto"), CalibrationSetting("auto", tmp_path), CalibrationSetting("off")):
+        cli.publish("diffkv", cfg, setting)
+        assert cli.published_config() == cfg and cli.published_calibration() == setting
     cli.publish("default", None)
-    assert cli.published_config() is None
+    assert cli.published_config() is None and cli.published_calibration() == CalibrationSetting("off")
+
+
+@pytest.mark.parametrize("argv, mode", [
+    ([], "auto"),                                                  # nothing chosen: calibrate
+    (["--diffkv-window", "8"], "auto"),                            # not a precision flag
+    (["--diffkv-tiers", "k8v4,k4v2"], "off"), (["--diffkv-groups", "1x1,2x4"], "off"),
+    (["--diffkv-thresholds", "1.0"], "off"), (["--diffkv-config", "{}"], "off"),
+    (["--diffkv-tiers", "k8v4,k4v2", "--diffkv-calibration", "auto"], "auto"),
+    (["--diffkv-calibration", "off"], "off"),
+])
+def test_calibration_defaults_to_auto_when_no_precision_is_chosen(argv, mode):
+    assert cli.calibration_from_namespace(parse(["--kv-pool", "diffkv", *argv])) == CalibrationSetting(mode)
+
+
+def test_bad_calibration_value_names_the_flag(tmp_path):
+    (tmp_path / "file").write_text("")
+    ns = parse(["--kv-pool", "diffkv", "--diffkv-calibration", str(tmp_path / "file")])
+    with pytest.raises(ConfigError) as info:
+        cli.calibration_from_namespace(ns)
+    assert cli.flag_error_message(info.value, {"calibration"}) == (
+        f"argument --diffkv-calibration: invalid value {str(tmp_path / 'file')!r}; allowed: off, auto, or a "
+        "directory for the calibration cache")
+    new_dir = tmp_path / "not" / "yet"                             # created on first use
+    assert cli.calibration_from_namespace(parse(["--kv-pool", "diffkv", "--diffkv-calibration", str(new_dir)])) == \
+        CalibrationSetting("auto", new_dir.resolve())
 
 
 def test_coexists_with_a_native_kv_pool_flag():

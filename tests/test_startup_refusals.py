@@ -1,8 +1,9 @@
 """Start-up with real SGLang (server tests): every stage that can reject a launch prints one line and exits 2;
 ``sglang.Engine`` callers get the :class:`~diffkv_sglang.integration.args.Refusal` (a ValueError) instead of an
 exit; an ``--attention-backend`` the pool replaces is logged as overridden in one line; decode CUDA graphs stay as
-SGLang configures them on CUDA unless something rules them out; ``--help`` lists the flags. All of it happens in
-SGLang's argument resolution, before any model is loaded.
+SGLang configures them on CUDA unless something rules them out; the start-up calibration runs once per model and
+is cached; ``--help`` lists the flags. All of it happens in SGLang's argument resolution, before SGLang loads the
+model.
 
 The command lines run in children of one interpreter that imported SGLang once (:mod:`diffkv_devtools.preloaded`:
 the import is 11 of the 17 s each launch costs on 2 cores). ``test_bad_kernel_switch_fails_at_start_up`` runs in
@@ -53,6 +54,9 @@ BAD_LAUNCHES = {
     "hierarchical cache": (["--kv-pool", "diffkv", "--enable-hierarchical-cache"], {},
                            f"argument --enable-hierarchical-cache: invalid value True{REFUSED}(KV offloading is not "
                            "supported); allowed: off (flag not given)"),
+    "calibration": (["--kv-pool", "diffkv", "--diffkv-calibration", "{model}/config.json"], {},
+                    "argument --diffkv-calibration: invalid value '{model}/config.json'; allowed: off, auto, or a "
+                    "directory for the calibration cache"),
     "cuda graph switch": (["--kv-pool", "diffkv"], {"DIFFKV_CUDA_GRAPH": "yes"},
                           f"environment variable DIFFKV_CUDA_GRAPH: invalid value 'yes'{REFUSED}(it switches "
                           "SGLang's decode CUDA graphs); allowed: 0 (off) or 1 (on, the default)"),
@@ -103,6 +107,17 @@ RESOLVE_BACKEND = textwrap.dedent("""
     print("BACKEND", resolving_view(args).attention_backend)
 """)
 
+RESOLVE_CONFIG = textwrap.dedent("""
+    import sys
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    from sglang.srt.server_args import prepare_server_args
+    from diffkv_sglang.integration.args import published_config
+    args = prepare_server_args(sys.argv[1:])
+    args.resolve_once()
+    print("LAYER_TIERS", {layer: [t.name for t in tiers] for layer, tiers in published_config().layer_tiers.items()})
+""")
+
 SWITCHES = ("DIFFKV_CUDA_GRAPH", "DIFFKV_KERNELS")
 
 
@@ -114,14 +129,19 @@ def launches(tiny_model, tmp_path_factory) -> dict[str, subprocess.CompletedProc
     config = json.loads((head_dim_48 / "config.json").read_text())
     (head_dim_48 / "config.json").write_text(json.dumps({**config, "head_dim": 48}))
 
-    jobs = {f"bad {name}": Job(["--model-path", str(tiny_model), "--device", "cpu", "--port", "1", *args],
-                               module=LAUNCHER, env=env)
+    jobs = {f"bad {name}": Job(["--model-path", str(tiny_model), "--device", "cpu", "--port", "1",
+                                *(arg.format(model=tiny_model) for arg in args)], module=LAUNCHER, env=env)
             for name, (args, env, _) in BAD_LAUNCHES.items()}
     for name, (env, device, _, _) in GRAPH_CASES.items():
         model = head_dim_48 if name == "head_dim 48" else tiny_model
         unset = {switch: None for switch in SWITCHES if switch not in env}
-        jobs[f"graphs {name}"] = Job(["--model-path", str(model), "--device", device, "--kv-pool", "diffkv"],
-                                     code=RESOLVE_GRAPHS, env={**unset, **env})
+        jobs[f"graphs {name}"] = Job(["--model-path", str(model), "--device", device, "--kv-pool", "diffkv",
+                                      "--diffkv-calibration", "off"], code=RESOLVE_GRAPHS, env={**unset, **env})
+    calibrate = ["--model-path", str(tiny_model), "--device", "cpu", "--kv-pool", "diffkv",
+                 "--diffkv-calibration", str(tmp_path_factory.mktemp("calibration-cache"))]
+    for start in ("first", "second"):                    # the second start finds the first one's result
+        jobs[f"calibration {start}"] = Job(calibrate, code=RESOLVE_CONFIG)
+    jobs["calibration with tiers"] = Job([*calibrate[:-2], "--diffkv-tiers", "k8v4,k4v2"], code=RESOLVE_CONFIG)
     jobs["help"] = Job(["--help"], module=LAUNCHER)
     jobs["engine"] = Job([str(tiny_model)], code=ENGINE)
     jobs["overridden backend"] = Job(["--model-path", str(tiny_model), "--device", "cpu", "--kv-pool", "diffkv",
@@ -143,8 +163,22 @@ def refusal_lines(done: subprocess.CompletedProcess) -> list[str]:
 
 
 @pytest.mark.parametrize("name", BAD_LAUNCHES)
-def test_bad_launches_fail_at_start_up(launches, name):
-    assert refusal_lines(launches[f"bad {name}"]) == [ERROR + BAD_LAUNCHES[name][2]]
+def test_bad_launches_fail_at_start_up(launches, tiny_model, name):
+    assert refusal_lines(launches[f"bad {name}"]) == [ERROR + BAD_LAUNCHES[name][2].format(model=tiny_model)]
+
+
+def test_start_up_calibration_is_measured_once_and_cached(launches):
+    """No precision flags: resolution calibrates the model in a subprocess and publishes its per-layer tiers for
+    the schedulers; the next start reads the cache. Tiers given on the command line are served as given."""
+    first, second, given = (launches[f"calibration {start}"] for start in ("first", "second", "with tiers"))
+    for done in (first, second, given):
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "DiffKV calibration: measuring" in first.stderr and "DiffKV calibration (measured in" in first.stderr
+    assert "DiffKV calibration (from the cache" in second.stderr and "measuring" not in second.stderr
+    chosen = first.stdout.strip().splitlines()[-1]
+    assert chosen.startswith("LAYER_TIERS ") and second.stdout.strip().splitlines()[-1] == chosen
+    assert "DiffKV calibration" not in given.stderr
+    assert given.stdout.strip().splitlines()[-1] == "LAYER_TIERS {}"
 
 
 def test_bad_kernel_switch_fails_at_start_up(tiny_model):
@@ -173,7 +207,8 @@ def test_help_lists_the_flags(launches):
     done = launches["help"]
     assert done.returncode == 0, done.stderr[-3000:]
     for flag in ("--kv-pool {default,diffkv}", "--diffkv-config", "--diffkv-tiers", "--diffkv-alpha-high",
-                 "--diffkv-alpha-low", "--diffkv-window", "--diffkv-page-size", "--diffkv-arena-fraction"):
+                 "--diffkv-alpha-low", "--diffkv-window", "--diffkv-page-size", "--diffkv-arena-fraction",
+                 "--diffkv-calibration"):
         assert flag in done.stdout, flag
 
 

@@ -17,10 +17,15 @@ import os
 from typing import Any
 
 from ..config import ROTATIONS, PRUNE_SCOPES, ConfigError, DiffKVConfig, build_config
+from .calibration import FLAG as CALIBRATION_FLAG
+from .calibration import CalibrationSetting
 
 POOL_CHOICES = ("default", "diffkv")
 ENV_POOL = "SGLANG_DIFFKV_POOL"
 ENV_CONFIG = "SGLANG_DIFFKV_CONFIG"
+ENV_CALIBRATION = "SGLANG_DIFFKV_CALIBRATION"
+# fields whose flags choose the precision: when none is given, --diffkv-calibration defaults to auto
+PRECISION_FIELDS = ("tiers", "groups", "thresholds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,7 @@ FLAGS = (
          "fraction of it, in [0, 1] (default 0.25)"),
 )
 _FLAG_OF_FIELD = {flag.field: flag.name for flag in FLAGS} | {"alpha_prune": "--diffkv-alpha-low"}
+_FLAG_OF_FIELD["calibration"] = CALIBRATION_FLAG
 
 
 class Refusal(ValueError):
@@ -98,6 +104,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     for flag in FLAGS:
         group.add_argument(flag.name, default=None, help=flag.help, choices=flag.choices,
                            type=flag.kind if flag.kind is not str else None)
+    group.add_argument(CALIBRATION_FLAG, default=None,
+                       help="per-layer tiers measured at start-up on the serving device and cached: 'off', 'auto' "
+                            "(the default when no --diffkv-config, --diffkv-tiers, --diffkv-groups or "
+                            "--diffkv-thresholds is given) or a cache directory (auto, cached there)")
 
 
 def flag_error_message(error: ConfigError, from_flags: set[str]) -> str:
@@ -115,13 +125,29 @@ def config_from_namespace(ns: argparse.Namespace) -> DiffKVConfig:
     return build_config(getattr(ns, "diffkv_config", None), overrides)
 
 
-def publish(kv_pool: str, config: DiffKVConfig | None) -> None:
+def calibration_from_namespace(ns: argparse.Namespace) -> CalibrationSetting:
+    """``--diffkv-calibration`` from parsed CLI args (raises ConfigError with field ``calibration``)."""
+    chosen = bool(getattr(ns, "diffkv_config", None)) or any(
+        getattr(ns, flag.dest, None) is not None for flag in FLAGS if flag.field in PRECISION_FIELDS)
+    return CalibrationSetting.parse(getattr(ns, "diffkv_calibration", None), chosen)
+
+
+def publish(kv_pool: str, config: DiffKVConfig | None, calibration: CalibrationSetting | None = None) -> None:
     """Record the choice in this process's environment, inherited by SGLang's spawned subprocesses."""
     os.environ[ENV_POOL] = kv_pool
     if config is not None:
         os.environ[ENV_CONFIG] = json.dumps(config.to_dict())
     else:
         os.environ.pop(ENV_CONFIG, None)
+    if calibration is not None:
+        os.environ[ENV_CALIBRATION] = calibration.to_text()
+    else:
+        os.environ.pop(ENV_CALIBRATION, None)
+
+
+def published_calibration() -> CalibrationSetting:
+    """The calibration setting published by the launching process (``off`` when none was)."""
+    return CalibrationSetting.parse(os.environ.get(ENV_CALIBRATION) or "off", True)
 
 
 def published_config() -> DiffKVConfig | None:
@@ -131,23 +157,32 @@ def published_config() -> DiffKVConfig | None:
     return DiffKVConfig.parse(os.environ.get(ENV_CONFIG) or None)
 
 
-def split_engine_kwargs(kwargs: dict[str, Any]) -> tuple[str, DiffKVConfig | None]:
-    """Pop ``kv_pool``, ``diffkv_config`` and ``diffkv_<field>`` keyword arguments of ``sglang.Engine``.
+def split_engine_kwargs(kwargs: dict[str, Any]) -> tuple[str, DiffKVConfig | None, CalibrationSetting | None]:
+    """Pop ``kv_pool``, ``diffkv_config``, ``diffkv_calibration`` and ``diffkv_<field>`` keyword arguments of
+    ``sglang.Engine``.
 
-    Returns ``(kv_pool, config or None)``; raises ValueError naming the argument on a bad value.
+    Returns ``(kv_pool, config or None, calibration or None)``; raises ValueError naming the argument on a bad
+    value.
     """
     kv_pool = kwargs.pop("kv_pool", "default") or "default"
     if kv_pool not in POOL_CHOICES:
         raise ValueError(f"kv_pool={kv_pool!r} is invalid; allowed: {POOL_CHOICES}")
     source = kwargs.pop("diffkv_config", None)
+    calibration = kwargs.pop("diffkv_calibration", None)
     overrides = {flag.field: kwargs.pop(flag.dest, None) for flag in FLAGS}
     if kv_pool != "diffkv":
         given = [k for k, v in overrides.items() if v is not None] + (["diffkv_config"] if source else [])
+        given += ["diffkv_calibration"] if calibration is not None else []
         if given:
             raise ValueError(f"DiffKV arguments {given} need kv_pool='diffkv'")
-        return kv_pool, None
+        return kv_pool, None, None
+    chosen = bool(source) or any(overrides[field] is not None for field in PRECISION_FIELDS)
     try:
-        return kv_pool, build_config(source, overrides)
+        setting = CalibrationSetting.parse(calibration, chosen)
+    except ConfigError as error:
+        raise ValueError(f"diffkv_calibration: {error}") from None
+    try:
+        return kv_pool, build_config(source, overrides), setting
     except ConfigError as error:
         field = error.field.split("[")[0].split(".")[0]
         arg = "diffkv_" + field if field in overrides and overrides[field] is not None else "diffkv_config"
