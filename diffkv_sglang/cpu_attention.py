@@ -357,8 +357,8 @@ class CodeDecodePlan:
         page_valid = torch.zeros(batch, num_staged, dtype=torch.bool, device=device)
         pages[b, rank], columns[b, rank], page_valid[b, rank] = table[b, c], c, True
         offsets = store.arena.block_offset[store.slots(pages.reshape(-1))].permute(1, 0, 2)  # [L, B*S, H] bytes
-        keys = torch.where(page_valid.reshape(1, -1, 1), offsets, 0) // fmt.element_bytes
-        elements = torch.stack([keys, keys + fmt.values_start // fmt.element_bytes], 1)
+        keys = fmt.key_elements(torch.where(page_valid.reshape(1, -1, 1), offsets, 0))
+        elements = torch.stack([keys, keys + fmt.values_elements], 1)
         in_page = torch.arange(page, device=device)
         positions = (columns[:, :, None] * page + in_page).reshape(batch, -1)                 # [B, S*P]
         token_valid = page_valid.repeat_interleave(page, 1) & (positions < seq_lens[:, None])
@@ -368,7 +368,7 @@ class CodeDecodePlan:
         targets = ((target_b[:, None] * heads + head_ids) * token_valid.shape[1] + target_t[:, None])   # [n, H]
         at = offsets.unflatten(1, (batch, num_staged))[:, target_b, target_page]           # [L, n, H] bytes
         in_page_t = (target_t % page)[None, :, None]
-        statistics = torch.stack([(at + fmt.score_start) // 4 + in_page_t, (at + fmt.seen_start) // 4 + in_page_t], 1)
+        statistics = torch.stack([fmt.score_index(at, in_page_t), fmt.seen_index(at, in_page_t)], 1)
         increments = torch.ones(2 * targets.numel(), device=device)
         return _StagedRows(elements, token_valid.repeat_interleave(heads, 0), targets,
                            statistics.reshape(store.num_layers, -1), increments)

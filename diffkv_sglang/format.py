@@ -280,6 +280,26 @@ class StagedBlockFormat:
     def nbytes(self) -> int:
         return align_up(self.seen_start + 4 * self.page_size)
 
+    # Addressing from block byte offsets, for readers that view the arena as a flat tensor. Offsets are int64
+    # tensors (any shape); ``in_page`` broadcasts against them.
+    @property
+    def values_elements(self) -> int:
+        """Model-dtype elements from a block's first key element to its first value element."""
+        return self.values_start // self.element_bytes
+
+    def key_elements(self, offsets: torch.Tensor) -> torch.Tensor:
+        """Model-dtype element index of the first key element of the blocks at byte ``offsets``."""
+        return offsets // self.element_bytes
+
+    def score_index(self, offsets: torch.Tensor, in_page=0) -> torch.Tensor:
+        """float32 element index of ``score_sum[in_page]`` of the blocks at byte ``offsets``; ``seen`` follows
+        ``page_size`` elements later."""
+        return (offsets + self.score_start) // 4 + in_page
+
+    def seen_index(self, offsets: torch.Tensor, in_page=0) -> torch.Tensor:
+        """float32 element index of ``seen[in_page]`` of the blocks at byte ``offsets``."""
+        return (offsets + self.seen_start) // 4 + in_page
+
 
 class LayerFormats:
     """The sealed-block format of every layer of a model, shared between identical layers.

@@ -159,7 +159,7 @@ class CompressedKVStore:
         """The kernels' view of the blocks; also refreshes the overlapping-row views :meth:`write_tokens` puts
         key and value rows through (row ``i`` starts at model-dtype element ``i``, or ``values_start`` later)."""
         rows = self._rows(self.dtype, self.head_dim)
-        self._token_rows_views = rows, rows[self.formats.staged.values_start // self.formats.staged.element_bytes:]
+        self._token_rows_views = rows, rows[self.formats.staged.values_elements:]
         return BlockView(self.arena.data, self.arena.block_offset, self.page_state, self.tier_counts, self.formats,
                          self.num_kv_heads)
 
@@ -177,8 +177,7 @@ class CompressedKVStore:
 
     def _staged_elements(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
         """``[n, H]`` element index (in model-dtype units) of the staged blocks of ``pages`` in ``layer``."""
-        offsets = self.arena.block_offset[self.slots(pages, layer)]
-        return offsets // self.formats.staged.element_bytes
+        return self.formats.staged.key_elements(self.arena.block_offset[self.slots(pages, layer)])
 
     def _rows(self, dtype: torch.dtype, width: int) -> torch.Tensor:
         """The arena as overlapping rows of ``width`` ``dtype`` elements, row ``i`` starting at element ``i``:
@@ -210,7 +209,7 @@ class CompressedKVStore:
         staged = self.formats.staged
         offsets = self.arena.allocate(slots, torch.full_like(slots, staged.nbytes))
         statistics = self._rows(torch.float32, 2 * self.page_size)          # score_sum and seen are contiguous
-        statistics[(offsets + staged.score_start) // 4] = 0.0
+        statistics[staged.score_index(offsets)] = 0.0
         self.page_state[pages] = PageState.STAGED
 
     def token_rows(self, locs: torch.Tensor, layer: int | None = None) -> torch.Tensor:
@@ -225,7 +224,7 @@ class CompressedKVStore:
         if layer is None:
             offsets = self.arena.block_offset[:self._num_page_slots].view(self.num_pages, self.num_layers,
                                                                           self.num_kv_heads)[pages]     # [m, L, H]
-            rows = offsets // self.formats.staged.element_bytes + (in_page * self.head_dim)[:, None, None]
+            rows = self.formats.staged.key_elements(offsets) + (in_page * self.head_dim)[:, None, None]
             return rows.transpose(0, 1).contiguous()
         return self._staged_elements(layer, pages) + (in_page * self.head_dim)[:, None]
 
@@ -262,8 +261,8 @@ class CompressedKVStore:
         pages, in_page = locs // self.page_size, locs % self.page_size
         staged = self.formats.staged
         offsets = self.arena.block_offset[self.slots(pages, layer)]                          # [m, H]
-        score_at = (offsets + staged.score_start) // 4 + in_page[:, None]
-        seen_at = (offsets + staged.seen_start) // 4 + in_page[:, None]
+        score_at = staged.score_index(offsets, in_page[:, None])
+        seen_at = staged.seen_index(offsets, in_page[:, None])
         as_f32 = self.arena.data.view(torch.float32)
         as_f32.index_put_((score_at.reshape(-1),), score.float().reshape(-1), accumulate=accumulate)
         as_f32.index_put_((seen_at.reshape(-1),), seen.float()[:, None].expand_as(seen_at).reshape(-1),
@@ -272,16 +271,15 @@ class CompressedKVStore:
     def _read_staged_kv(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the dense K/V of the staged blocks at byte ``offsets`` ``[...]``: ``[..., P, D]`` (store dtype)."""
         staged = self.formats.staged
-        elements = offsets // staged.element_bytes
+        elements = staged.key_elements(offsets)
         blocks = self._rows(self.dtype, self.page_size * self.head_dim)
         shape = (*offsets.shape, self.page_size, self.head_dim)
-        return (blocks[elements].reshape(shape),
-                blocks[elements + staged.values_start // staged.element_bytes].reshape(shape))
+        return blocks[elements].reshape(shape), blocks[elements + staged.values_elements].reshape(shape)
 
     def _read_statistics(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``score_sum``, ``seen`` ``[..., P]`` float32 of the staged blocks at byte ``offsets`` ``[...]``."""
         staged = self.formats.staged
-        statistics = self._rows(torch.float32, 2 * self.page_size)[(offsets + staged.score_start) // 4]
+        statistics = self._rows(torch.float32, 2 * self.page_size)[staged.score_index(offsets)]
         return statistics[..., :self.page_size], statistics[..., self.page_size:]
 
     # ---------------------------------------------------------------------------------------- sealing

@@ -820,7 +820,7 @@ class DecodePlan:
             layer, self.staged_cap, scale * math.log2(math.e),
             BLOCK_G=max(16, group_block), BLOCK_N=self.block_n, CHUNKS=triton.cdiv(kv.page_size, self.block_n),
             KG=max(consts["KEY_GROUPS"]), VG=max(consts["VALUE_GROUPS"]),
-            KV_ELEMENT_BYTES=staged.element_bytes, KV_VALUES_START=staged.values_start // staged.element_bytes,
+            KV_ELEMENT_BYTES=staged.element_bytes, KV_VALUES_START=staged.values_elements,
             PARTS=parts, STAGED_IEEE=parts == 2 or kv.dtype == torch.float32, UNROLL=cfg.unroll,
             num_warps=cfg.num_warps, **self._shape_constants(), **consts,
             **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
