@@ -88,3 +88,11 @@ def test_measured_once_then_read_from_the_cache(tiny_model, tmp_path, caplog):
     assert "from the cache" in caplog.text and "measuring" not in caplog.text
     other_base = BASE.replace(window=BASE.window * 2)              # another base config: another cache entry
     assert cal.cache_key(model_fingerprint(tiny_model), other_base, "cpu", "float32") != cached[0].stem
+
+
+def test_an_unreadable_cached_result_warns_and_serves_the_base(tiny_model, tmp_path, caplog):
+    key = cal.cache_key(model_fingerprint(tiny_model), BASE, "cpu", "float32")
+    (tmp_path / f"{key}.json").write_text('{"tiers": ["k9v9"]}')
+    with caplog.at_level(logging.WARNING, LOGGER):
+        assert calibrated_config(BASE, CalibrationSetting("auto", tmp_path), str(tiny_model), "cpu") is BASE
+    assert "unreadable cached config" in caplog.text and "serving the uncalibrated tiers" in caplog.text
