@@ -136,7 +136,7 @@ CONFIGS = {c.name: c for c in (
     _diffkv("diffkv-ah4-al0.1", "diffkv", "alpha_high 4, alpha_low 0.1", "--diffkv-alpha-high", "4",
             "--diffkv-alpha-low", "0.1"),
     # the retrieval-safety variants of the issue
-    _diffkv("diffkv-noprune", "diffkv, no pruning", "K8V4 / K4V2, alpha_high 1, pruning off (the shipped defaults)",
+    _diffkv("diffkv-noprune", "diffkv, no pruning", "K8V4 / K4V2, alpha_high 1, pruning off (the shipped tiers, uncalibrated)",
             "--diffkv-alpha-low", "0"),
     _diffkv("diffkv-noprune-ah4", "diffkv, no pruning", "K8V4 / K4V2, alpha_high 4, pruning off",
             "--diffkv-alpha-high", "4", "--diffkv-alpha-low", "0"),
@@ -663,7 +663,8 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
              "the Observations section; it is rewritten on every run).", "",
              f"Server: the real SGLang {results.get('meta', {}).get('sglang', '?')} server on CPU, one "
              "configuration at a time, greedy decoding. DiffKV rows: `--kv-pool diffkv --diffkv-page-size 16 "
-             "--diffkv-window 32` (observation window 64) plus the flags in the config table; `dense`: SGLang's "
+             "--diffkv-window 32` (observation window 64) plus the flags in the config table, with the start-up "
+             "calibration off unless a row's flags set `--diffkv-calibration`; `dense`: SGLang's "
              "own pool, `--attention-backend torch_native --page-size 16`. **ratio**: physical compression of the "
              "sealed pages (bf16 bytes / every byte they use, metadata included) read from "
              "`sglang:diffkv_sealed_compression_ratio` after each task; **held**: the same over every held page "

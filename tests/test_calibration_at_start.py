@@ -78,8 +78,10 @@ def test_measured_once_then_read_from_the_cache(tiny_model, tmp_path, caplog):
     with caplog.at_level(logging.INFO, LOGGER):
         measured = calibrated_config(BASE, setting, str(tiny_model), "cpu")
     assert "measured in" in caplog.text
-    cached = sorted(tmp_path.glob("*.json"))
+    cached = [p for p in tmp_path.glob("*.json") if not p.name.endswith(".report.json")]
     assert len(cached) == 1 and measured == DiffKVConfig.parse(cached[0].read_text())
+    report = json.loads(cached[0].with_suffix(".report.json").read_text())      # every measurement, for the user
+    assert report["config"] == measured.to_dict() and len(report["layers"]) == 4
     assert measured.replace(layer_tiers={}) == BASE                # only the per-layer tiers are chosen
     assert all(len(tiers) == BASE.num_tiers for tiers in measured.layer_tiers.values())
     caplog.clear()

@@ -10,10 +10,10 @@ each layer's sensitivity before SGLang starts its schedulers and serves the cali
   the first :data:`SAMPLE_TOKENS` tokens of a text shipped in the wheel (:data:`SAMPLE_TEXT`), with the policy
   metric only (one forward pass, no KL), the base config the flags give and calibrate's default fallbacks. A
   layer keeps the base tiers unless their error exceeds calibrate's ``--max-error``.
-* **Cache**: the chosen config is stored as ``<cache>/<key>.json`` (with the calibration's log beside it), the
-  key hashing the model's files (names, sizes, and the first and last MiB of each weight file: a fingerprint,
-  not a full hash), the base config and the calibration settings. The next start with the same model and flags
-  reads it in milliseconds. ``<cache>`` is ``DIR`` when given, else ``$DIFFKV_CACHE_DIR/calibration``, else
+* **Cache**: the chosen config is stored as ``<cache>/<key>.json`` (with the calibration's log and report beside
+  it), the key hashing the model's files (names, sizes, and the first and last MiB of each weight file: a
+  fingerprint, not a full hash), the base config and the calibration settings. The next start with the same model
+  and flags reads it in milliseconds. ``<cache>`` is ``DIR`` when given, else ``$DIFFKV_CACHE_DIR/calibration``, else
   ``~/.cache/diffkv-sglang/calibration``.
 * **Never fatal**: random weights (``--load-format dummy``), a model that is not on local disk yet (SGLang
   downloads Hugging Face ids after this step) or a failed measurement log a warning naming the reason, and the
@@ -204,6 +204,7 @@ def calibrated_config(base: DiffKVConfig, setting: CalibrationSetting, model_pat
             with tempfile.TemporaryDirectory(dir=cache) as scratch:
                 out = Path(scratch) / "config.json"
                 _measure(base, model_dir, cal_device, dtype, out, cache / f"{key}.log")
+                os.replace(out.with_suffix(".report.json"), cache / f"{key}.report.json")   # every measurement
                 os.replace(out, path)                  # atomic: a concurrent start reads all of it or nothing
         except (OSError, RuntimeError) as exc:
             logger.warning("DiffKV calibration: failed (%s); " + skip, exc, tiers, FLAG)
