@@ -123,7 +123,9 @@ def test_bad_calibration_value_names_the_flag(tmp_path):
         cli.calibration_from_namespace(ns)
     assert cli.flag_error_message(info.value, {"calibration"}) == (
         f"argument --diffkv-calibration: invalid value {str(tmp_path / 'file')!r}; allowed: off, auto, or a "
-        "directory for the calibration cache")
+        "directory for the calibration cache (an existing one, or a path containing '/')")
+    with pytest.raises(ConfigError):                               # a typo of 'off' is not a new directory
+        cli.calibration_from_namespace(parse(["--kv-pool", "diffkv", "--diffkv-calibration", "of"]))
     new_dir = tmp_path / "not" / "yet"                             # created on first use
     assert cli.calibration_from_namespace(parse(["--kv-pool", "diffkv", "--diffkv-calibration", str(new_dir)])) == \
         CalibrationSetting("auto", new_dir.resolve())

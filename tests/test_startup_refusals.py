@@ -56,7 +56,7 @@ BAD_LAUNCHES = {
                            "supported); allowed: off (flag not given)"),
     "calibration": (["--kv-pool", "diffkv", "--diffkv-calibration", "{model}/config.json"], {},
                     "argument --diffkv-calibration: invalid value '{model}/config.json'; allowed: off, auto, or a "
-                    "directory for the calibration cache"),
+                    "directory for the calibration cache (an existing one, or a path containing '/')"),
     "cuda graph switch": (["--kv-pool", "diffkv"], {"DIFFKV_CUDA_GRAPH": "yes"},
                           f"environment variable DIFFKV_CUDA_GRAPH: invalid value 'yes'{REFUSED}(it switches "
                           "SGLang's decode CUDA graphs); allowed: 0 (off) or 1 (on, the default)"),

@@ -75,9 +75,12 @@ class CalibrationSetting:
         if value in MODES:
             return cls(value)
         path = Path(value).expanduser()
-        if value and (path.is_dir() or not path.exists()):
+        # a new directory must be written as a path, so that a mistyped 'of' or 'atuo' is refused, not created
+        looks_like_path = os.sep in value or value.startswith(("~", "."))
+        if path.is_dir() or (looks_like_path and not path.exists()):
             return cls("auto", path.resolve())
-        raise ConfigError("calibration", text, "off, auto, or a directory for the calibration cache")
+        raise ConfigError("calibration", text, "off, auto, or a directory for the calibration cache (an existing "
+                                               "one, or a path containing '/')")
 
     def to_text(self) -> str:
         """The form :meth:`parse` reads back (how the launcher hands it to its own resolution step)."""
