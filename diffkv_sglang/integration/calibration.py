@@ -88,6 +88,8 @@ class CalibrationSetting:
 
 
 def default_cache_dir() -> Path:
+    """Where calibrated configs go without ``--diffkv-calibration DIR``: ``$DIFFKV_CACHE_DIR/calibration``, else
+    ``~/.cache/diffkv-sglang/calibration``."""
     root = os.environ.get(ENV_CACHE_ROOT)
     return (Path(root) if root else Path.home() / ".cache" / "diffkv-sglang") / "calibration"
 
@@ -133,6 +135,8 @@ def calibration_device(device: str | None, base_gpu_id: int) -> tuple[str, str]:
 
 
 def cache_key(fingerprint: str, base: DiffKVConfig, device: str, dtype: str) -> str:
+    """32 hex digits naming a calibration: the model fingerprint, the base config, the device type and dtype, and
+    what :data:`SETTINGS_VERSION` covers (the sample text and length, the calibrate options)."""
     settings = {"version": SETTINGS_VERSION, "model": fingerprint, "base": base.to_dict(), "dtype": dtype,
                 "device_type": device.split(":")[0], "tokens": SAMPLE_TOKENS,
                 "text": hashlib.sha256(SAMPLE_TEXT.read_bytes()).hexdigest()}
