@@ -149,7 +149,7 @@ def _resolve(server_args, previous):
         logger.warning("--kv-pool diffkv: --attention-backend %s is overridden: the attention backend is 'diffkv', "
                        "the only one that reads the DiffKV pool", typed)
     _refuse_unsupported_model(server_args)
-    config = _calibrate(server_args, config)
+    config = _calibrate(server_args, cfg, config)
     try:
         wants_graphs = cuda_graph_enabled()
     except ValueError:
@@ -178,15 +178,15 @@ def _resolve(server_args, previous):
                    "graphs are %s", decode_state)
 
 
-def _calibrate(server_args, config: DiffKVConfig) -> DiffKVConfig:
-    """The config with per-layer tiers from ``--diffkv-calibration`` (:mod:`.integration.calibration`),
-    published again for SGLang's subprocesses, which are started after resolution."""
+def _calibrate(server_args, cfg, config: DiffKVConfig) -> DiffKVConfig:
+    """The config with per-layer tiers from ``--diffkv-calibration`` (:mod:`.integration.calibration`), on the
+    resolved device (``cfg``, the resolving view), published again for SGLang's subprocesses, which are started
+    after resolution."""
     calibration = cli.published_calibration()
     if calibration.mode == "off":
         return config
     from .integration.calibration import calibrated_config
 
-    cfg = upstream.resolving_view(server_args)                     # the resolved device, not the typed one
     calibrated = calibrated_config(config, calibration, server_args.model_path, cfg.device,
                                    server_args.base_gpu_id or 0, server_args.load_format)
     if calibrated is not config:

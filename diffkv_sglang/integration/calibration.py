@@ -225,8 +225,9 @@ def calibrated_config(base: DiffKVConfig, setting: CalibrationSetting, model_pat
         logger.warning("DiffKV calibration: unreadable cached config %s (%s); " + skip, path, exc, tiers, FLAG)
         return base
     changed = {layer: ",".join(t.name for t in tl) for layer, tl in sorted(config.layer_tiers.items())}
-    logger.info("DiffKV calibration (%s): %s in %d of %d layers%s", source, tiers,
-                _num_layers(model_dir) - len(changed), _num_layers(model_dir),
+    num_layers = _num_layers(model_dir)
+    logger.info("DiffKV calibration (%s): %s in %d of %d layers%s", source, tiers, num_layers - len(changed),
+                num_layers,
                 "; more precise tiers in layer " + ", ".join(f"{layer} ({names})" for layer, names in changed.items())
                 if changed else "")
     return config
