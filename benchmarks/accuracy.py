@@ -147,6 +147,18 @@ CONFIGS = {c.name: c for c in (
     _diffkv("diffkv-3tier-k2v2", "diffkv, K2V2 instead of pruning",
             "K8V4 / K4V2 / K2V2 (1 group), thresholds 1 and 0.02, pruning off",
             "--diffkv-tiers", "k8v4,k4v2,k2v2", "--diffkv-thresholds", "1.0,0.02", "--diffkv-alpha-low", "0"),
+    # per-channel keys (KIVI-style, tier suffix +kc): uniform tiers, then DiffKV's tiers with per-channel low tiers
+    _diffkv("k4v2kc", "uniform, per-channel keys", "one tier K4V2+kc, no pruning", "--diffkv-tiers", "k4v2+kc",
+            "--diffkv-alpha-low", "0"),
+    _diffkv("k2v2kc", "uniform, per-channel keys", "one tier K2V2+kc, no pruning", "--diffkv-tiers", "k2v2+kc",
+            "--diffkv-alpha-low", "0"),
+    _diffkv("diffkv-kc", "diffkv, per-channel keys", "K8V4 / K4V2+kc, alpha_high 1, pruning off",
+            "--diffkv-tiers", "k8v4,k4v2+kc", "--diffkv-alpha-low", "0"),
+    _diffkv("diffkv-3tier-kc", "diffkv, per-channel keys",
+            "K8V4 / K4V2+kc / K2V2+kc, thresholds 1 and 0.02, pruning off",
+            "--diffkv-tiers", "k8v4,k4v2+kc,k2v2+kc", "--diffkv-thresholds", "1.0,0.02", "--diffkv-alpha-low", "0"),
+    _diffkv("auto-kc", "diffkv, calibrated", "K8V4 / K4V2+kc with the start-up calibration (per-layer tiers)",
+            "--diffkv-tiers", "k8v4,k4v2+kc", "--diffkv-calibration", "auto"),
     _diffkv("calibrated", "diffkv, calibrated", "configs/<model>.json (per-layer tiers) with pruning off",
             "--diffkv-config", "{configs}/{model}.json", "--diffkv-alpha-low", "0"),
     # what a server started with no precision flags serves: the defaults, calibrated per layer at start-up

@@ -5,7 +5,10 @@ that lands it in the wanted tier (or pruned), seals, and divides the bf16 bytes 
 the store then uses for them: block bytes (codes, per-group scale/zero, token indices, per-block meta scale,
 padding) plus the descriptor-table rows. Writes ``benchmarks/results/format.json``.
 
-    python benchmarks/format_ratio.py [--out benchmarks/results/format.json]
+    python benchmarks/format_ratio.py [--tiers k8v4,k4v2] [--out benchmarks/results/format.json]
+
+``--tiers`` takes the two tiers (high, low) as ``--diffkv-tiers`` does, e.g. ``k8v4,k4v2+kc`` for per-channel keys in
+the low tier (``benchmarks/results/format-kc.json``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 
 import torch
 
-from diffkv_sglang.config import DiffKVConfig
+from diffkv_sglang.config import build_config
 from diffkv_sglang.store import CompressedKVStore
 
 PAGES, LAYERS, HEADS, CONTEXT = 32, 2, 2, 1000
@@ -64,10 +67,13 @@ def measure(head_dim: int, mix: tuple[float, float, float], config: DiffKVConfig
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiers", default="k8v4,k4v2", help="high and low tier, comma-separated (default: k8v4,k4v2)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "format.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = DiffKVConfig(alpha_prune=0.02)
+    config = build_config(None, {"tiers": args.tiers, "alpha_low": 0.02})
+    if config.num_tiers != 2:
+        parser.error(f"argument --tiers: invalid value {args.tiers!r}; allowed: two tiers, high then low")
     results: dict = {"config": config.to_dict(), "head_dim": {}}
     print(f"{'head_dim':>8} {'mix':>15} {'B/token/head':>13} {'bf16':>6} {'ratio':>6}")
     for head_dim in (64, 128):

@@ -63,15 +63,16 @@ from typing import Any
 import torch
 
 from .config import ConfigError, DiffKVConfig, TierSpec, build_config
-from .format import META_BYTES, TierLayout
+from .format import META_BYTES, BlockFormat
 from .policy import PRUNED, classify_with_config, relative_importance, window_importance, window_seen_counts
 from .quant import meta_scale, rotate, round_trip, unrotate
 
 ATTN_NAME = "diffkv_calibrate"
 METRICS = ("policy", "attn", "kl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEFAULT_CANDIDATES = ("k8v8,k8v4,k8v2,k4v4,k4v2,k2v2,k4v2g2x4,k4v2g4x4,k4v2+hk,k4v2+hkv,k4v2g2x4+hk,k2v2+hkv")
-DEFAULT_FALLBACKS = "k8v4,k4v2g2x4;k8v4,k4v4;k8v4,k8v2;k8v8,k8v4"
+DEFAULT_CANDIDATES = ("k8v8,k8v4,k8v2,k4v4,k4v2,k2v2,k4v2g2x4,k4v2g4x4,k4v2+hk,k4v2+hkv,k4v2g2x4+hk,k2v2+hkv,k4v2+kc,"
+                      "k4v4+kc")
+DEFAULT_FALLBACKS = "k8v4,k4v2+kc;k8v4,k4v2g2x4;k8v4,k4v4+kc;k8v4,k4v4;k8v4,k8v2;k8v8,k8v4"
 DEFAULT_MAX_ERROR = {"policy": 0.05, "attn": 0.15, "kl": 0.02}
 ROTATION_SUFFIXES = {"none": ("none", "none"), "hk": ("hadamard", "none"), "hv": ("none", "hadamard"),
                      "hkv": ("hadamard", "hadamard")}
@@ -99,9 +100,10 @@ class Candidate:
 
     Written ``TIER[+ROTATION][+KEYMODE]`` (suffixes in any order, at most one of each): rotations ``+hk``, ``+hv``,
     ``+hkv`` (Hadamard on keys / values / both), ``+none`` (none given: the base config's rotations); key modes
-    ``+kc`` (``channel``: per-channel scale and zero over the tier's tokens of a block) and ``+ko``
-    (``channel_offset``: per-channel offset, then per-token codes), none given: ``token`` (the format's today).
-    ``+kc`` takes no key groups (its scales are per channel). The name is canonical: rotation before key mode.
+    ``+kc`` (``channel``: per-channel scale and zero over the tier's tokens of a block, the block format's
+    ``TierSpec.key_mode == "channel"``) and ``+ko`` (``channel_offset``: per-channel offset, then per-token codes;
+    measured only, not in the format), none given: ``token``. ``+kc`` takes no key groups (its scales are per
+    channel). The name is canonical: rotation before key mode.
     """
 
     name: str
@@ -129,20 +131,25 @@ class Candidate:
                                                f"e.g. '{TierSpec(tier.key_bits, tier.value_bits).name}+kc'")
         rotations = ROTATION_SUFFIXES[rotation[0]] if rotation else (base.key_rotation, base.value_rotation)
         name = "+".join([tier.name, *rotation, *mode])
+        if key_mode == "channel":
+            tier = dataclasses.replace(tier, key_mode="channel")
         return cls(name, tier, *rotations, key_mode)
+
+    @classmethod
+    def of_tier(cls, tier: TierSpec, base: DiffKVConfig) -> Candidate:
+        """A config tier as the cache stores it: the base config's rotations, the tier's own key mode."""
+        return cls(tier.name, tier, base.key_rotation, base.value_rotation, tier.key_mode)
 
     def bytes_per_token(self, head_dim: int, page_size: int) -> float:
         """Bytes one token costs in a block whose ``page_size`` tokens are all in this tier: codes, per-token
-        metadata and index (:class:`~diffkv_sglang.format.TierLayout`), plus the key mode's per-channel float16
-        metadata spread over the page (``channel``: a (scale, zero) pair per channel instead of the per-token key
-        metadata; ``channel_offset``: one offset per channel on top of it). The block's 8-byte meta scale and
-        16-byte alignment are not counted, as for every tier."""
-        layout = TierLayout(self.tier, head_dim)
-        if self.key_mode == "channel":
-            return layout.bytes_per_token - layout.key_meta_bytes + head_dim * META_BYTES / page_size
+        metadata and index, plus the per-channel metadata spread over the page
+        (:meth:`~diffkv_sglang.format.BlockFormat.bytes_per_token`; ``channel_offset``: one float16 offset per
+        channel on top of the per-token metadata). The block's 8-byte meta scale and 16-byte alignment are not
+        counted, as for every tier."""
+        per_token = BlockFormat((self.tier,), head_dim, page_size).bytes_per_token(0)
         if self.key_mode == "channel_offset":
-            return layout.bytes_per_token + head_dim * (META_BYTES // 2) / page_size
-        return float(layout.bytes_per_token)
+            return per_token + head_dim * (META_BYTES // 2) / page_size
+        return per_token
 
 
 def parse_candidates(text: str, base: DiffKVConfig, required: Sequence[TierSpec]) -> list[Candidate]:
@@ -152,7 +159,7 @@ def parse_candidates(text: str, base: DiffKVConfig, required: Sequence[TierSpec]
         raise CalibrationError("--candidates", text, "a comma-separated list of tiers such as 'k8v4,k4v2,k4v2+hk'")
     out = {c.name: c for c in (Candidate.parse(t, base) for t in items)}
     for tier in required:
-        out.setdefault(tier.name, Candidate(tier.name, tier, base.key_rotation, base.value_rotation))
+        out.setdefault(tier.name, Candidate.of_tier(tier, base))
     return list(out.values())
 
 
@@ -414,15 +421,22 @@ def list_error(entry: dict[str, Any], tiers: Sequence[TierSpec], metric: str) ->
     return max(entry[metric][t.name] for t in tiers)
 
 
-def expected_bytes(entry: dict[str, Any], tiers: Sequence[TierSpec], head_dim: int) -> float:
+def expected_bytes(entry: dict[str, Any], tiers: Sequence[TierSpec], head_dim: int, page_size: int) -> float:
     """Bytes per sealed token and KV head of a tier list in this layer: the policy's tier shares times each
-    tier's bytes per token in a block (codes, metadata, index; :class:`~diffkv_sglang.format.TierLayout`)."""
+    tier's bytes per token in a block (codes, per-token metadata, index), plus each tier's per-block bytes
+    (per-channel key metadata) over the page, weighted by the chance that a page holds one of its tokens
+    (``1 - (1 - share)^page_size``, tokens taken as independent)."""
     shares = entry["policy_shares"]
-    return sum(shares[f"tier{i}"] * TierLayout(t, head_dim).bytes_per_token for i, t in enumerate(tiers))
+    fmt = BlockFormat(tuple(tiers), head_dim, page_size)
+    total = 0.0
+    for t, layout in enumerate(fmt.tiers):
+        share = shares[f"tier{t}"]
+        total += share * layout.bytes_per_token + (1 - (1 - share) ** page_size) * layout.block_fixed_bytes / page_size
+    return total
 
 
 def select_tiers(entry: dict[str, Any], lists: Sequence[tuple[TierSpec, ...]], metric: str, max_error: float,
-                 head_dim: int):
+                 head_dim: int, page_size: int):
     """``lists[0]`` (the base tiers) if its error is <= max_error; else the fallback with the fewest expected bytes
     among those that pass (ties: the smaller error); else the list with the smallest error."""
     errors = [list_error(entry, tiers, metric) for tiers in lists]
@@ -430,7 +444,7 @@ def select_tiers(entry: dict[str, Any], lists: Sequence[tuple[TierSpec, ...]], m
         return lists[0], errors[0]
     passing = [i for i in range(1, len(lists)) if errors[i] <= max_error]
     if passing:
-        best = min(passing, key=lambda i: (expected_bytes(entry, lists[i], head_dim), errors[i]))
+        best = min(passing, key=lambda i: (expected_bytes(entry, lists[i], head_dim, page_size), errors[i]))
     else:
         best = min(range(len(lists)), key=errors.__getitem__)
     return lists[best], errors[best]
@@ -578,9 +592,10 @@ def _select_and_write(report: dict[str, Any], opts: Options, lists) -> dict[str,
     base, layers, head_dim = opts.base_config, report["layers"], report["shape"]["head_dim"]
     overrides = {}
     for entry in layers:
-        tiers, err = select_tiers(entry, lists, opts.metric, opts.max_error, head_dim)
+        tiers, err = select_tiers(entry, lists, opts.metric, opts.max_error, head_dim, base.page_size)
         entry["chosen"] = {"tiers": [t.name for t in tiers], "error": err}
-        entry["policy_bytes"] = {",".join(t.name for t in tl): expected_bytes(entry, tl, head_dim) for tl in lists}
+        entry["policy_bytes"] = {",".join(t.name for t in tl): expected_bytes(entry, tl, head_dim, base.page_size)
+                                 for tl in lists}
         if tiers != base.tiers:
             overrides[str(entry["layer"])] = [t.name for t in tiers]
     config = base.replace(layer_tiers=overrides)

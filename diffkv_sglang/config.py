@@ -36,8 +36,12 @@ MAX_TIERS = 4
 MAX_PAGE_SIZE = 256  # in-page token indices are stored as uint8
 ROTATIONS = ("none", "hadamard")
 PRUNE_SCOPES = ("head", "layer")
+# How a tier's keys are quantized in a sealed block (values always per token): "token", min-max per token and group;
+# "channel", min-max per channel over the tier's tokens of the block (KIVI-style), written with the suffix "+kc".
+KEY_MODES = ("token", "channel")
+CHANNEL_SUFFIX = "+kc"
 
-_TIER_NAME = re.compile(r"^k(\d+)v(\d+)(?:g(\d+)(?:x(\d+))?)?$")
+_TIER_NAME = re.compile(r"^k(\d+)v(\d+)(?:g(\d+)(?:x(\d+))?)?(\+kc)?$")
 
 
 class ConfigError(ValueError):
@@ -50,19 +54,21 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TierSpec:
-    """One precision tier: bit widths and quantization groups for keys and values.
+    """One precision tier: bit widths and quantization groups for keys and values, and the keys' mode.
 
     A group is a contiguous slice of ``head_dim`` with its own scale and zero point, so ``key_groups=1``
-    quantizes the whole key vector of a token with one (scale, zero) pair.
+    quantizes the whole key vector of a token with one (scale, zero) pair. With ``key_mode="channel"`` the keys
+    instead get one (scale, zero) pair per channel over the tier's tokens of a block (one key group).
 
     Written compactly as ``k{key_bits}v{value_bits}`` with optional ``g{key_groups}`` or
-    ``g{key_groups}x{value_groups}``: ``"k8v4"``, ``"k4v2g2x4"``.
+    ``g{key_groups}x{value_groups}`` and ``+kc`` for per-channel keys: ``"k8v4"``, ``"k4v2g2x4"``, ``"k4v2+kc"``.
     """
 
     key_bits: int
     value_bits: int
     key_groups: int = 1
     value_groups: int = 1
+    key_mode: str = "token"
 
     @classmethod
     def parse(cls, spec: str | Mapping[str, Any] | TierSpec, field: str = "tiers") -> TierSpec:
@@ -72,13 +78,15 @@ class TierSpec:
         elif isinstance(spec, str):
             match = _TIER_NAME.match(spec.strip().lower())
             if not match:
-                raise ConfigError(field, spec, "tier names like 'k8v4', 'k4v2', 'k4v2g2x4' (g<key groups>x<value groups>)")
-            kb, vb, kg, vg = match.groups()
-            tier = cls(int(kb), int(vb), int(kg or 1), int(vg or kg or 1))
+                raise ConfigError(field, spec, "tier names like 'k8v4', 'k4v2', 'k4v2g2x4' (g<key groups>x<value groups>), "
+                                               "'k4v2+kc' (per-channel keys)")
+            kb, vb, kg, vg, channel = match.groups()
+            tier = cls(int(kb), int(vb), int(kg or 1), int(vg or kg or 1), "channel" if channel else "token")
         elif isinstance(spec, Mapping):
             unknown = set(spec) - {f.name for f in dataclasses.fields(cls)}
             if unknown:
-                raise ConfigError(field, dict(spec), f"keys key_bits, value_bits, key_groups, value_groups (unknown: {sorted(unknown)})")
+                raise ConfigError(field, dict(spec), "keys key_bits, value_bits, key_groups, value_groups, key_mode "
+                                                     f"(unknown: {sorted(unknown)})")
             try:
                 tier = cls(**spec)
             except TypeError as exc:
@@ -104,6 +112,11 @@ class TierSpec:
             groups = getattr(self, name)
             if not isinstance(groups, int) or groups < 1 or groups & (groups - 1):
                 raise ConfigError(f"{field}.{name}", groups, "a power of two >= 1 that divides head_dim")
+        if self.key_mode not in KEY_MODES:
+            raise ConfigError(f"{field}.key_mode", self.key_mode, f"one of {KEY_MODES}")
+        if self.key_mode == "channel" and self.key_groups != 1:
+            raise ConfigError(f"{field}.key_groups", self.key_groups,
+                              "1 with per-channel keys (key_mode 'channel' has a scale per channel, not per group)")
 
     def validate_head_dim(self, head_dim: int, field: str = "tiers") -> None:
         """Check that every group is a whole number of bytes of codes and at least 8 elements wide."""
@@ -116,11 +129,11 @@ class TierSpec:
 
     @property
     def name(self) -> str:
-        """Compact name, e.g. ``k8v4`` or ``k4v2g2x4``."""
+        """Compact name, e.g. ``k8v4``, ``k4v2g2x4`` or ``k4v2+kc``."""
         base = f"k{self.key_bits}v{self.value_bits}"
-        if (self.key_groups, self.value_groups) == (1, 1):
-            return base
-        return f"{base}g{self.key_groups}x{self.value_groups}"
+        if (self.key_groups, self.value_groups) != (1, 1):
+            base = f"{base}g{self.key_groups}x{self.value_groups}"
+        return base + (CHANNEL_SUFFIX if self.key_mode == "channel" else "")
 
     def data_bits_per_element(self) -> float:
         """Bits per K or V element averaged over both, ignoring metadata: (kb + vb) / 2."""

@@ -18,11 +18,14 @@ products::
     logit = sigma * m * sum_j (s_j (q_j . c_j) + z_j sum(q_j))       out += m * sum_j ((p s_j) @ c_j + (p @ z_j))
 
 for the ``J`` quantization groups ``j`` of a tier (``q_j``, ``c_j``: the group's columns; ``m``: the block's
-power-of-two meta scale; a tier with fewer groups than the layer's most repeats its scale and zero). Groups go into
-the M dimension of the product (block ``j`` of the stacked query holds the query's group-``j`` columns), like the GPU
-kernel. At small batches a chunk holds many layers: a layer's ``run`` is then a few dozen small torch ops, where
-each costs more in dispatch than in arithmetic (one tier at a time with per-layer unpacking took about three hundred,
-and a single-request decode step 1.4x longer at 512 tokens); at large batches a chunk is one layer, still in cache
+power-of-two meta scale; a tier with fewer groups than the layer's most repeats its scale and zero). A tier with
+per-channel keys has no per-token key scale and zero: its key codes are dequantized when unpacked, ``c * s + z``
+elementwise with the ``[D]`` (scale, zero) of each token's block (the reference's float32 operations), and enter
+the products with scale 1 and zero 0 (token-only formats skip this). Groups go into the M dimension of the
+product (block ``j`` of the stacked query holds the query's group-``j`` columns), like the GPU kernel. At small
+batches a chunk holds many layers: a layer's ``run`` is then a few dozen small torch ops, where each costs more in
+dispatch than in arithmetic (one tier at a time with per-layer unpacking took about three hundred, and a
+single-request decode step 1.4x longer at 512 tokens); at large batches a chunk is one layer, still in cache
 when it is used. Buffers are reused from step to step (:class:`_Workspace`). Hadamard rotation: sealed keys see the
 rotated query, sealed values are summed in the rotated space and rotated back once. Staged pages are read dense
 from the arena at run time (the step's new token is written there between plan and run). Tokens of every tier and
@@ -85,8 +88,10 @@ class _LayerCodes:
 
     Attributes:
         keys, values: ``[R, M, D]`` float32 codes in the row's element order (the rotated space where the format
-            rotates).
-        key_scale, key_zero: ``[R, Jk, M]`` float32, times the block's key meta scale (0 on padding).
+            rotates); the keys of a tier with per-channel keys dequantized (``code * scale + zero``, before the
+            meta scale).
+        key_scale, key_zero: ``[R, Jk, M]`` float32, times the block's key meta scale (0 on padding; 1 and 0
+            for per-channel keys).
         value_scale, value_zero: ``[R, Jv, M]`` float32, times the value meta scale (0 on padding).
         bias: ``[R, 1, M]`` float32, 0 on a real, visible token and ``-inf`` on padding or beyond the request.
     """
@@ -316,18 +321,25 @@ class CodeDecodePlan:
         bias = take("bias", (count, rows, 1, total), device).zero_()
         at = 0
         for rows_of, width in entries:
-            tier, spec = rows_of.tier, fmt.tiers[rows_of.tier].spec
+            tier, layout = rows_of.tier, fmt.tiers[rows_of.tier]
+            spec = layout.spec
             starts, valid = rows_of.starts[first:end, ..., :width], rows_of.valid[first:end, :, :width]
             span = slice(at, at + width)
             unpack_codes_into(keys[:, :, span], gather_rows(data, starts[:, KEYS], fmt.row_bytes(KEYS, tier)),
                               spec.key_bits)
             unpack_codes_into(values[:, :, span], gather_rows(data, starts[:, VALUES], fmt.row_bytes(VALUES, tier)),
                               spec.value_bits)
+            if layout.channel_keys:                 # keys dequantized here with their block's per-channel pairs
+                self._dequantize_channels(keys[:, :, span], starts[:, KEY_META], valid, layout.fixed_bytes(KEY_META))
             meta_scales = gather_rows(data, starts[:, len(_SECTIONS) - 1], META_SCALE_BYTES).view(torch.float32)
             for meta, kind, groups, column in ((key_meta, KEY_META, spec.key_groups, 0),
                                                (value_meta, VALUE_META, spec.value_groups, 1)):
-                pairs = gather_rows(data, starts[:, kind], groups * 4).view(torch.float16).float()
-                pairs = pairs.reshape(*valid.shape, groups, 2) * meta_scales[..., column, None, None]
+                if kind == KEY_META and layout.channel_keys:                                # scale 1, zero 0
+                    pairs = meta_scales.new_tensor([1.0, 0.0]).expand(*valid.shape, 1, 2)
+                else:
+                    pairs = gather_rows(data, starts[:, kind], groups * 4).view(torch.float16).float()
+                    pairs = pairs.reshape(*valid.shape, groups, 2)
+                pairs = pairs * meta_scales[..., column, None, None]
                 pairs = pairs.masked_fill_(~valid[..., None, None], 0.0)                     # [Lc, R, w, j, 2]
                 # [2, Lc, R, J, w] with each of the tier's groups repeated over the J / j finer ones
                 meta[..., span].unflatten(3, (groups, -1)).copy_(pairs.permute(4, 0, 1, 3, 2)[..., None, :])
@@ -335,6 +347,16 @@ class CodeDecodePlan:
             at += width
         per_layer = zip(keys, values, *key_meta, *value_meta, bias)
         return {layer: _LayerCodes(*codes) for layer, codes in zip(layers, per_layer)}
+
+    def _dequantize_channels(self, codes: torch.Tensor, meta_starts: torch.Tensor, valid: torch.Tensor,
+                             meta_bytes: int) -> None:
+        """Dequantize per-channel key ``codes`` ``[Lc, R, w, D]`` (float32, in place) to ``c * scale + zero`` with
+        the (scale, zero) float16 pairs ``[D, 2]`` of each token's block at ``meta_starts`` ``[Lc, R, w]`` (the
+        tier's key meta section: no per-token rows; ``meta_bytes`` bytes); 0 where not ``valid`` (padding points
+        anywhere: any bits, NaN too)."""
+        pairs = gather_rows(self.store.arena.data, meta_starts, meta_bytes).view(torch.float16)
+        pairs = pairs.unflatten(-1, (codes.shape[-1], 2))                                     # [Lc, R, w, D, 2]
+        codes.mul_(pairs[..., 0]).add_(pairs[..., 1]).masked_fill_(~valid[..., None], 0.0)
 
     def _visible(self, index_starts, col, seq_lens, heads) -> torch.Tensor:
         """``[Lg, R, width]`` bool: the tokens whose in-page index byte is at ``index_starts``, in page column

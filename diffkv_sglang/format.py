@@ -17,6 +17,7 @@ Storage is organised in *blocks*, one per (logical page, layer, KV head). A bloc
       keys        tier 0 .. T-1     [counts[t], head_dim * key_bits[t] / 8]     uint8 packed codes
       values      tier 0 .. T-1     [counts[t], head_dim * value_bits[t] / 8]   uint8 packed codes
       key meta    tier 0 .. T-1     [counts[t], key_groups[t], 2]               float16 (scale, zero)
+                                    or [head_dim, 2] if counts[t] > 0 and the tier's keys are per channel
       value meta  tier 0 .. T-1     [counts[t], value_groups[t], 2]             float16 (scale, zero)
       meta scale                    [2]                                         float32 (keys, values)
       token index tier 0 .. T-1     [counts[t]]                                 uint8 in-page index
@@ -28,8 +29,14 @@ Storage is organised in *blocks*, one per (logical page, layer, KV head). A bloc
   ``(code * scale + zero) * meta_scale`` computed in float32. Codes are packed little-endian: element ``j`` of
   a row lives in byte ``j * bits // 8`` at bit ``(j * bits) % 8``.
 
-Every section start is a linear function of the per-tier counts: ``start = counts @ coeffs.T + const``.
-:meth:`BlockFormat.section_coefficients` exports that table so kernels compute the same offsets.
+  A tier with per-channel keys (``TierSpec.key_mode == "channel"``, :data:`~diffkv_sglang.config.KEY_MODES`)
+  stores no key metadata per token: its key meta section is one (scale, zero) pair per channel, the min-max over
+  the tier's tokens of the block, ``key[i, c] = (code[i, c] * scale[c] + zero[c]) * meta_scale``. The section is
+  present only when the tier holds a token, so an empty tier costs nothing.
+
+Every section start is an affine function of the per-tier counts and of which tiers are non-empty:
+``start = counts @ coeffs.T + (counts > 0) @ presence.T + const``. :meth:`BlockFormat.section_coefficients`
+exports that table so kernels compute the same offsets.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -114,10 +122,16 @@ def align_up(nbytes, align: int = BLOCK_ALIGN):
 
 @dataclasses.dataclass(frozen=True)
 class TierLayout:
-    """Byte sizes of one tier's per-token rows for a given ``head_dim``."""
+    """Byte sizes of one tier's sections for a given ``head_dim``: per-token rows, and the per-block bytes a
+    non-empty tier adds (per-channel key metadata)."""
 
     spec: TierSpec
     head_dim: int
+
+    @property
+    def channel_keys(self) -> bool:
+        """Whether keys are quantized per channel over the tier's tokens of a block (else per token)."""
+        return self.spec.key_mode == "channel"
 
     @property
     def key_row_bytes(self) -> int:
@@ -129,7 +143,8 @@ class TierLayout:
 
     @property
     def key_meta_bytes(self) -> int:
-        return self.spec.key_groups * META_BYTES
+        """Per-token key metadata (0 with per-channel keys: see :meth:`fixed_bytes`)."""
+        return 0 if self.channel_keys else self.spec.key_groups * META_BYTES
 
     @property
     def value_meta_bytes(self) -> int:
@@ -139,10 +154,20 @@ class TierLayout:
         """Bytes one token occupies in section ``kind`` (KEYS, VALUES, KEY_META, VALUE_META or INDEX)."""
         return (self.key_row_bytes, self.value_row_bytes, self.key_meta_bytes, self.value_meta_bytes, INDEX_BYTES)[kind]
 
+    def fixed_bytes(self, kind: int) -> int:
+        """Bytes section ``kind`` holds whatever the tier's count, when it is not 0: ``head_dim`` (scale, zero)
+        pairs in KEY_META with per-channel keys, else nothing."""
+        return self.head_dim * META_BYTES if kind == KEY_META and self.channel_keys else 0
+
     @property
     def bytes_per_token(self) -> int:
-        """All bytes one token of this tier costs inside a block (codes, metadata, index)."""
+        """Bytes one token of this tier costs inside a block (codes, per-token metadata, index)."""
         return sum(self.row_bytes(kind) for kind in range(5))
+
+    @property
+    def block_fixed_bytes(self) -> int:
+        """Bytes a non-empty tier adds to a block besides its tokens' (per-channel key metadata)."""
+        return sum(self.fixed_bytes(kind) for kind in range(5))
 
 
 class BlockFormat:
@@ -166,31 +191,41 @@ class BlockFormat:
         self.page_size = page_size
         self.key_rotation = key_rotation
         self.value_rotation = value_rotation
-        coeffs, const = self._build_coefficients()
+        coeffs, presence, const = self._build_coefficients()
         self._coeffs = coeffs            # [5, T, T] int64: start of (kind, tier) = counts @ coeffs[kind, tier]
+        self._presence = presence        # [5, T, T] int64: ... + (counts > 0) @ presence[kind, tier]
         self._const = const              # [5] int64
         self._token_bytes = torch.tensor([t.bytes_per_token for t in self.tiers], dtype=torch.int64)
+        self._fixed_bytes = torch.tensor([t.block_fixed_bytes for t in self.tiers], dtype=torch.int64)
 
     @property
     def num_tiers(self) -> int:
         return len(self.tiers)
 
-    def _build_coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _build_coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         num_tiers = len(self.tiers)
         coeffs = torch.zeros(5, num_tiers, num_tiers, dtype=torch.int64)
-        for kind in range(5):
-            for tier in range(num_tiers):
-                for other in range(num_tiers):
-                    earlier_kinds = sum(self.tiers[other].row_bytes(k) for k in range(kind))
-                    same_kind_before = self.tiers[other].row_bytes(kind) if other < tier else 0
-                    coeffs[kind, tier, other] = earlier_kinds + same_kind_before
+        presence = torch.zeros(5, num_tiers, num_tiers, dtype=torch.int64)
+        for table, size in ((coeffs, TierLayout.row_bytes), (presence, TierLayout.fixed_bytes)):
+            for kind in range(5):
+                for tier in range(num_tiers):
+                    for other, layout in enumerate(self.tiers):
+                        earlier_kinds = sum(size(layout, k) for k in range(kind))
+                        same_kind_before = size(layout, kind) if other < tier else 0
+                        table[kind, tier, other] = earlier_kinds + same_kind_before
         const = torch.tensor([0, 0, 0, 0, META_SCALE_BYTES], dtype=torch.int64)
-        return coeffs, const
+        return coeffs, presence, const
 
-    def section_coefficients(self) -> tuple[list[list[list[int]]], list[int]]:
-        """``(coeffs, const)`` as Python lists: the start of section ``kind`` of tier ``t`` for counts ``n`` is
-        ``sum(n[u] * coeffs[kind][t][u] for u) + const[kind]``. Kernels receive these as constants."""
-        return self._coeffs.tolist(), self._const.tolist()
+    @property
+    def has_fixed_bytes(self) -> bool:
+        """Whether a tier adds per-block bytes when non-empty (then section starts depend on ``counts > 0``)."""
+        return any(t.block_fixed_bytes for t in self.tiers)
+
+    def section_coefficients(self) -> tuple[list[list[list[int]]], list[list[list[int]]], list[int]]:
+        """``(coeffs, presence, const)`` as Python lists: the start of section ``kind`` of tier ``t`` for counts
+        ``n`` is ``sum(n[u] * coeffs[kind][t][u] + (n[u] > 0) * presence[kind][t][u] for u) + const[kind]``.
+        Kernels receive these as constants."""
+        return self._coeffs.tolist(), self._presence.tolist(), self._const.tolist()
 
     def section_starts(self, counts: torch.Tensor) -> torch.Tensor:
         """Byte offset, inside the block, of every (kind, tier) section.
@@ -201,30 +236,49 @@ class BlockFormat:
             ``[..., 5, T]`` int64 offsets (kinds KEYS, VALUES, KEY_META, VALUE_META, INDEX).
         """
         counts = counts.to(torch.int64)
-        coeffs = self._coeffs.to(counts.device)
-        starts = (counts[..., None, None, :] * coeffs).sum(-1)        # (CUDA has no int64 einsum)
+        starts = (counts[..., None, None, :] * self._coeffs.to(counts.device)).sum(-1)   # (CUDA has no int64 einsum)
+        if self.has_fixed_bytes:
+            nonempty = (counts > 0).to(torch.int64)
+            starts = starts + (nonempty[..., None, None, :] * self._presence.to(counts.device)).sum(-1)
         return starts + self._const.to(counts.device)[:, None]
+
+    def meta_scale_coefficients(self) -> tuple[list[int], list[int]]:
+        """``(per_token, presence)``: the meta scales start at ``sum(n[u] * per_token[u] + (n[u] > 0) *
+        presence[u] for u)`` for tier counts ``n``."""
+        per_token = [sum(t.row_bytes(kind) for kind in range(INDEX)) for t in self.tiers]
+        return per_token, [t.block_fixed_bytes for t in self.tiers]
 
     def meta_scale_start(self, counts: torch.Tensor) -> torch.Tensor:
         """``[...]`` int64 byte offset of the two float32 meta scales."""
         counts = counts.to(torch.int64)
         per_token = sum(self._row_bytes_tensor(kind, counts.device) for kind in range(INDEX))
-        return (counts * per_token).sum(-1)
+        return (counts * per_token).sum(-1) + self._fixed_nbytes(counts)
+
+    def _fixed_nbytes(self, counts: torch.Tensor) -> torch.Tensor:
+        """``[...]`` int64 per-block bytes of the non-empty tiers of ``counts`` ``[..., T]`` (int64)."""
+        return ((counts > 0).to(torch.int64) * self._fixed_bytes.to(counts.device)).sum(-1)
 
     def data_nbytes(self, counts: torch.Tensor) -> torch.Tensor:
         """``[...]`` int64 bytes a block uses before padding."""
         counts = counts.to(torch.int64)
-        return (counts * self._token_bytes.to(counts.device)).sum(-1) + META_SCALE_BYTES
+        return (counts * self._token_bytes.to(counts.device)).sum(-1) + self._fixed_nbytes(counts) + META_SCALE_BYTES
 
     def block_nbytes(self, counts: torch.Tensor) -> torch.Tensor:
         """``[...]`` int64 size of a block with these ``[..., T]`` tier counts, padded to BLOCK_ALIGN."""
         return align_up(self.data_nbytes(counts))
 
-    @property
+    @functools.cached_property
     def max_block_nbytes(self) -> int:
-        """Largest block: every token of a page in the most expensive tier."""
-        most = max(t.bytes_per_token for t in self.tiers)
-        return align_up(self.page_size * most + META_SCALE_BYTES)
+        """Largest block: over every set of non-empty tiers, one token in each and the rest of the page in the
+        set's most expensive tier."""
+        largest = 0
+        for chosen in itertools.product((False, True), repeat=self.num_tiers):
+            tiers = [t for t, c in zip(self.tiers, chosen) if c]
+            if tiers and len(tiers) <= self.page_size:
+                nbytes = (sum(t.bytes_per_token + t.block_fixed_bytes for t in tiers)
+                          + (self.page_size - len(tiers)) * max(t.bytes_per_token for t in tiers))
+                largest = max(largest, nbytes)
+        return align_up(largest + META_SCALE_BYTES)
 
     def _row_bytes_tensor(self, kind: int, device) -> torch.Tensor:
         return torch.tensor([t.row_bytes(kind) for t in self.tiers], dtype=torch.int64, device=device)
@@ -233,9 +287,12 @@ class BlockFormat:
         """Bytes per token of section ``kind`` in ``tier``."""
         return self.tiers[tier].row_bytes(kind)
 
-    def bytes_per_token(self, tier: int) -> int:
-        """All bytes a token of ``tier`` costs in a sealed block (excluding the per-block meta scale and padding)."""
-        return self.tiers[tier].bytes_per_token
+    def bytes_per_token(self, tier: int) -> float:
+        """Bytes a token of ``tier`` costs in a sealed block whose whole page is in that tier: its rows plus the
+        tier's per-block bytes (per-channel key metadata) over ``page_size`` tokens; the per-block meta scale and
+        padding are not counted."""
+        layout = self.tiers[tier]
+        return layout.bytes_per_token + layout.block_fixed_bytes / self.page_size
 
     def __repr__(self) -> str:
         names = ",".join(t.spec.name for t in self.tiers)

@@ -13,11 +13,12 @@ Rounding the zero point down and the scale up keeps every element of the group i
 ``|x - x_hat| <= scale / 2`` holds for every element with the *stored* scale (plus float32 rounding), including
 constant vectors and values far outside the float16 range (the per-block power-of-two meta scale absorbs those).
 
-Key modes (:data:`KEY_MODES`, reference functions only; the block format stores ``token`` keys): ``token`` is the
-above; ``channel`` (:func:`quantize_channels`) takes min and max per channel over the tokens of one (block, tier)
-instead of per token, so scale and zero are ``[D]`` per block and tier; ``channel_offset``
-(:func:`quantize_channel_offset`) subtracts a per-channel float16 offset (the channel's midrange over those tokens)
-and quantizes the residual per token. Both keep the rounding conventions and the ``scale / 2`` bound.
+Key modes (:data:`KEY_MODES`): ``token`` is the above; ``channel`` (:func:`quantize_channels`) takes min and max per
+channel over the tokens of one (block, tier) instead of per token, so scale and zero are ``[D]`` per block and tier;
+``channel_offset`` (:func:`quantize_channel_offset`) subtracts a per-channel float16 offset (the channel's midrange
+over those tokens) and quantizes the residual per token. Both keep the rounding conventions and the ``scale / 2``
+bound. The block format stores ``token`` and ``channel`` keys (``TierSpec.key_mode``, the config's
+:data:`~diffkv_sglang.config.KEY_MODES`); ``channel_offset`` is measured by the calibration only.
 
 Block level: :func:`write_sealed_blocks` and :func:`read_sealed_blocks` move whole (page, layer, head)
 blocks between dense tensors and the byte arena, following :mod:`diffkv_sglang.format`.
@@ -339,11 +340,16 @@ def write_sealed_blocks(fmt: BlockFormat, data: torch.Tensor, offsets: torch.Ten
         for name, code_kind, meta_kind, bits, groups in (
                 ("k", KEYS, KEY_META, layout.spec.key_bits, layout.spec.key_groups),
                 ("v", VALUES, VALUE_META, layout.spec.value_bits, layout.spec.value_groups)):
-            x = rotated[name][block, pos] / scales[name][block, None]
-            codes, scale, zero = quantize(x, bits, groups)
+            if name == "k" and layout.channel_keys:
+                codes, scale, zero = quantize_channels(rotated["k"] / scales["k"][:, None, None], bits, tiers == t)
+                codes, nonempty = codes[block, pos], counts[:, t] > 0
+                meta = torch.stack([scale[nonempty], zero[nonempty]], -1).reshape(int(nonempty.sum()), -1)  # [m, 2D]
+                _scatter_rows(data, starts[nonempty, KEY_META, t], _as_bytes(meta))
+            else:
+                codes, scale, zero = quantize(rotated[name][block, pos] / scales[name][block, None], bits, groups)
+                meta = torch.stack([scale, zero], -1).reshape(block.numel(), -1)         # [m, 2G] float16
+                _scatter_rows(data, starts[block, meta_kind, t] + rank * layout.row_bytes(meta_kind), _as_bytes(meta))
             _scatter_rows(data, starts[block, code_kind, t] + rank * layout.row_bytes(code_kind), pack_codes(codes, bits))
-            meta = torch.stack([scale, zero], -1).reshape(block.numel(), -1)         # [m, 2G] float16
-            _scatter_rows(data, starts[block, meta_kind, t] + rank * layout.row_bytes(meta_kind), _as_bytes(meta))
         _scatter_rows(data, starts[block, INDEX, t] + rank, pos.to(torch.uint8)[:, None])
     meta_scales = torch.stack([scales["k"], scales["v"]], -1)                       # [n, 2] float32
     _scatter_rows(data, offsets + fmt.meta_scale_start(counts), _as_bytes(meta_scales))
@@ -384,9 +390,14 @@ def read_sealed_blocks(fmt: BlockFormat, data: torch.Tensor, offsets: torch.Tens
                 ("v", 1, VALUES, VALUE_META, layout.spec.value_bits)):
             packed = gather_rows(data, starts[block, code_kind, t] + rank * layout.row_bytes(code_kind),
                                   layout.row_bytes(code_kind))
-            meta = gather_rows(data, starts[block, meta_kind, t] + rank * layout.row_bytes(meta_kind),
-                                layout.row_bytes(meta_kind)).view(torch.float16).reshape(block.numel(), -1, 2)
-            x = dequantize(unpack_codes(packed, bits), meta[..., 0], meta[..., 1])
+            if name == "k" and layout.channel_keys:             # one (scale, zero) per channel of each block
+                meta = gather_rows(data, starts[block, KEY_META, t], layout.fixed_bytes(KEY_META))
+                meta = meta.view(torch.float16).reshape(block.numel(), dim, 2)
+                x = dequantize_channels(unpack_codes(packed, bits)[:, None], meta[..., 0], meta[..., 1])[:, 0]
+            else:
+                meta = gather_rows(data, starts[block, meta_kind, t] + rank * layout.row_bytes(meta_kind),
+                                    layout.row_bytes(meta_kind)).view(torch.float16).reshape(block.numel(), -1, 2)
+                x = dequantize(unpack_codes(packed, bits), meta[..., 0], meta[..., 1])
             out[name][block, pos] = x * meta_scales[block, scale_col, None]
     keys, values = out["k"], out["v"]
     if undo_rotation:

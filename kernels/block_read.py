@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 
-import torch
 import triton
 import triton.language as tl
 
@@ -35,10 +34,22 @@ SUPPORTED_BITS = (2, 4, 8)
 
 
 @triton.jit
+def _if_present(n, bytes_if_nonempty: tl.constexpr):
+    """``bytes_if_nonempty`` where the tier count ``n`` is not 0, else 0 (no instruction when the constant is 0)."""
+    if bytes_if_nonempty != 0:
+        out = tl.where(n > 0, bytes_if_nonempty, 0)
+    else:
+        out = 0
+    return out
+
+
+@triton.jit
 def section_start(n0, n1, n2, n3, C: tl.constexpr, t: tl.constexpr):
-    """Byte offset of tier ``t``'s section inside a block: ``sum_u n_u * C[5t + u] + C[5t + 4]`` (format.py's
-    linear coefficients, padded to four tiers)."""
-    return C[5 * t + 4] + n0 * C[5 * t] + n1 * C[5 * t + 1] + n2 * C[5 * t + 2] + n3 * C[5 * t + 3]
+    """Byte offset of tier ``t``'s section inside a block: ``sum_u (n_u * C[9t + u] + (n_u > 0) * C[9t + 4 + u])
+    + C[9t + 8]`` (format.py's coefficients, presence coefficients and constant, padded to four tiers)."""
+    start = C[9 * t + 8] + n0 * C[9 * t] + n1 * C[9 * t + 1] + n2 * C[9 * t + 2] + n3 * C[9 * t + 3]
+    return (start + _if_present(n0, C[9 * t + 4]) + _if_present(n1, C[9 * t + 5]) + _if_present(n2, C[9 * t + 6])
+            + _if_present(n3, C[9 * t + 7]))
 
 
 @triton.jit
@@ -179,8 +190,11 @@ def describe_block(page, ok, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS, NU
 
 @triton.jit
 def meta_scale_start(n0, n1, n2, n3, META_SCALE_SEC: tl.constexpr):
-    """Byte offset of a block's two float32 meta scales (keys, values): linear in the tier counts, no constant."""
-    return n0 * META_SCALE_SEC[0] + n1 * META_SCALE_SEC[1] + n2 * META_SCALE_SEC[2] + n3 * META_SCALE_SEC[3]
+    """Byte offset of a block's two float32 meta scales (keys, values): ``sum_u (n_u * M[u] + (n_u > 0) *
+    M[4 + u])``."""
+    start = n0 * META_SCALE_SEC[0] + n1 * META_SCALE_SEC[1] + n2 * META_SCALE_SEC[2] + n3 * META_SCALE_SEC[3]
+    return (start + _if_present(n0, META_SCALE_SEC[4]) + _if_present(n1, META_SCALE_SEC[5])
+            + _if_present(n2, META_SCALE_SEC[6]) + _if_present(n3, META_SCALE_SEC[7]))
 
 
 # ------------------------------------------------------------------------------------------- host side
@@ -189,19 +203,22 @@ def sealed_format_constants(fmt: BlockFormat) -> dict:
     """A layer's sealed-block format as ``tl.constexpr`` kernel arguments, tiers padded to MAX_TIERS (cached: one
     dict per format, so launches pay nothing and equal formats compile once).
 
-    Section tuples hold, per tier ``t``, the five numbers ``(c_0, c_1, c_2, c_3, const)`` with
-    ``start = sum_u counts[u] * c_u + const`` (from :meth:`BlockFormat.section_coefficients`); META_SCALE_SEC the
-    four coefficients of :meth:`BlockFormat.meta_scale_start`.
+    Section tuples hold, per tier ``t``, the nine numbers ``(c_0, c_1, c_2, c_3, p_0, p_1, p_2, p_3, const)`` with
+    ``start = sum_u (counts[u] * c_u + (counts[u] > 0) * p_u) + const`` (from
+    :meth:`BlockFormat.section_coefficients`); META_SCALE_SEC the four per-token and four presence coefficients of
+    :meth:`BlockFormat.meta_scale_coefficients`. KEY_CHANNEL flags the tiers whose keys are per channel: their key
+    meta section is ``head_dim`` (scale, zero) words, one per channel.
     """
     num_tiers = fmt.num_tiers
-    coeffs, const = fmt.section_coefficients()
+    coeffs, presence, const = fmt.section_coefficients()
     pad = [0] * (MAX_TIERS - num_tiers)
 
     def section(kind: int) -> tuple[int, ...]:
         flat: list[int] = []
         for t in range(MAX_TIERS):
             row = coeffs[kind][t] if t < num_tiers else [0] * num_tiers
-            flat += [*row, *pad, const[kind]]
+            fixed = presence[kind][t] if t < num_tiers else [0] * num_tiers
+            flat += [*row, *pad, *fixed, *pad, const[kind]]
         return tuple(flat)
 
     specs = [layout.spec for layout in fmt.tiers]
@@ -211,7 +228,8 @@ def sealed_format_constants(fmt: BlockFormat) -> dict:
                              f"{spec.key_bits}/{spec.value_bits}")
     row_bytes = [layout.row_bytes(kind) for layout in fmt.tiers for kind in (KEYS, VALUES, KEY_META, VALUE_META)]
     packed = [n for spec in specs for n in (fmt.head_dim * spec.key_bits // 8, fmt.head_dim * spec.value_bits // 8,
-                                            META_BYTES * spec.key_groups, META_BYTES * spec.value_groups)]
+                                            META_BYTES * spec.key_groups * (spec.key_mode == "token"),
+                                            META_BYTES * spec.value_groups)]
     if row_bytes != packed:             # the kernel unpacks dense little-endian codes and (scale, zero) pairs
         raise ValueError(f"kernels: {fmt} rows {row_bytes} are not the packed layout it reads ({packed})")
     for name in ("key_rotation", "value_rotation"):
@@ -221,7 +239,7 @@ def sealed_format_constants(fmt: BlockFormat) -> dict:
     def per_tier(field: str, fill: int) -> tuple[int, ...]:
         return tuple(getattr(spec, field) for spec in specs) + (fill,) * (MAX_TIERS - num_tiers)
 
-    unit = torch.eye(num_tiers, dtype=torch.int64)
+    per_token, fixed = fmt.meta_scale_coefficients()
     code_rows = [layout.row_bytes(kind) for layout in fmt.tiers for kind in (KEYS, VALUES)]
     return dict(
         T=num_tiers,
@@ -229,7 +247,8 @@ def sealed_format_constants(fmt: BlockFormat) -> dict:
         KEY_GROUPS=per_tier("key_groups", 1), VALUE_GROUPS=per_tier("value_groups", 1),
         KEY_SEC=section(KEYS), VALUE_SEC=section(VALUES), KEY_META_SEC=section(KEY_META),
         VALUE_META_SEC=section(VALUE_META), INDEX_SEC=section(INDEX),
-        META_SCALE_SEC=tuple(fmt.meta_scale_start(unit).tolist()) + tuple(pad),
+        META_SCALE_SEC=(*per_token, *pad, *fixed, *pad),
+        KEY_CHANNEL=tuple(layout.channel_keys for layout in fmt.tiers) + (False,) * (MAX_TIERS - num_tiers),
         CODE_ALIGN=math.gcd(16, *code_rows),      # code sections come first: rows start at multiples of this
         KEY_ROT=fmt.key_rotation == "hadamard", VALUE_ROT=fmt.value_rotation == "hadamard",
     )

@@ -170,14 +170,16 @@ def block_layout(fmt: BlockFormat, staged: StagedBlockFormat) -> tuple[int, ...]
     lines = []
     for name, align in zip(names, aligns):
         for t in range(tiers):
-            line = (*consts[name][5 * t:5 * t + tiers], consts[name][5 * t + 4])
+            line = (*consts[name][9 * t:9 * t + tiers], consts[name][9 * t + 8])
+            if any(consts[name][9 * t + 4:9 * t + 8]):
+                raise ValueError(f"CUDA decode kernel: {fmt} has per-block section bytes (per-channel keys)")
             if any(n % align for n in line):
                 raise ValueError(f"CUDA decode kernel: {fmt} section {name} {line} is not aligned for its loads")
             lines += line
     meta_scales = consts["META_SCALE_SEC"][:tiers]
     if any(n % 4 for n in meta_scales):
         raise ValueError(f"CUDA decode kernel: {fmt} meta scales {meta_scales} are not 4-byte aligned")
-    per_row = [fmt.bytes_per_token(t) if t < fmt.num_tiers else 0 for t in range(tiers)]
+    per_row = [fmt.tiers[t].bytes_per_token if t < fmt.num_tiers else 0 for t in range(tiers)]
     empty = int(fmt.data_nbytes(torch.zeros(fmt.num_tiers, dtype=torch.int64)))
     return (*lines, *meta_scales, *per_row, empty, BLOCK_ALIGN, staged.values_start, int(PageState.STAGED),
             int(PageState.SEALED))

@@ -43,6 +43,23 @@ the rounded query, so a logit is exactly ``m * (q~ . k^)`` up to float32 accumul
 group's partial dot products (free while ``J * G <= 16``, the tensor cores' minimum M); for values block ``j``
 of the weights holds ``p * s_j`` and the output keeps block ``j`` on group ``j``'s columns.
 
+Per-channel key tiers (``+kc``, ``KEY_CHANNEL``: one (scale, zero) pair per channel over the tier's tokens of the
+block, read once per item as ``D`` words) have their scale on the columns, so it goes into the query instead::
+
+    logit = m * ((q o s) . c + q . z)           (s, z: the tier's [D] scale and zero of the block)
+
+``q o s`` (``q``: the float32 query keys see, rotated with key rotation) is formed in float32 per item and tier,
+scaled per query row by the power of two putting its largest entry in [2^14, 2^15), rounded to float16 (a pair
+for a float32 query) and multiplied with the tier's codes in a product of its own; the power of two is undone on
+the float32 result and ``q . z`` (float32) is added on the tier's rows. The error is that of the token path in
+another place: the float16 rounding of ``q o s`` is a relative 2^-11 per element (2^-22 for a pair), the same bound
+as rounding ``q``, plus 2^-24 for the float32 product ``q * s``; the zero term sees the unrounded query. It
+multiplies the code part of the key, ``m * s * c = k - m * z``, instead of ``k``: at most the channel's range over
+the tier's tokens of the block (up to float16 roundings), so at most about three times their largest dequantized
+``|k|`` in that channel (the bound the tests use, derived in ``tests/test_kernel_decode.py``). Token
+tiers keep their single product; a layer without per-channel tiers compiles to the same code as before (the
+branches are on constants).
+
 Precision follows the query's dtype. A 16-bit query (what a model passes) gets one float16 product per operand
 (relative rounding 2^-11 of ``q`` and of ``p * s``, below the 2^-9 rounding of a bfloat16 output); staged
 tiles use the model dtype (a 16-bit query in that dtype is exact; ``p`` rounds to it, as in a dense kernel).
@@ -177,12 +194,14 @@ def _fetch_tier(block, n0, n1, n2, n3, row0, t: tl.constexpr, KEY_BITS: tl.const
                 KEY_GROUPS: tl.constexpr, VALUE_GROUPS: tl.constexpr, MAX_KEY_GROUPS: tl.constexpr,
                 MAX_VALUE_GROUPS: tl.constexpr, KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr,
                 KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr, CODE_ALIGN: tl.constexpr,
-                D: tl.constexpr, BLOCK_N: tl.constexpr):
+                D: tl.constexpr, BLOCK_N: tl.constexpr, KEY_CHANNEL: tl.constexpr):
     """Tier ``t``'s part of an item: of the block's rows ordered by tier, rows ``row0 .. row0 + BLOCK_N``
     that belong to tier ``t`` (``block``: the block's start as an int32 pointer). Masked by the tier's row
     range, so nothing is read for other rows or non-sealed pages; 0 there. As int32 words (four bytes to a
     register): packed key and value codes ``[BLOCK_N, row_bytes / 4]`` and key and value (scale, zero) words
-    (:func:`_meta`). Sections start at multiples of 4 bytes (code rows do: ``head_dim`` is a multiple of 16)."""
+    (:func:`_meta`). Sections start at multiples of 4 bytes (code rows do: ``head_dim`` is a multiple of 16).
+    With per-channel keys (``KEY_CHANNEL``) the key words are the block's ``[D]`` per-channel (scale, zero)
+    pairs instead, read once for the item when it has rows of the tier (0 otherwise)."""
     rank = row0 + tl.arange(0, BLOCK_N) - _tier_start(n0, n1, n2, t)       # row inside the tier's sections
     in_tier = (rank >= 0) & (rank < tier_count(n0, n1, n2, n3, t))
     key_row: tl.constexpr = D * KEY_BITS // 32
@@ -193,8 +212,15 @@ def _fetch_tier(block, n0, n1, n2, n3, row0, t: tl.constexpr, KEY_BITS: tl.const
                         mask=in_tier[:, None], other=0)
     value_words = tl.load(block + value_at + rank[:, None] * value_row + tl.arange(0, value_row)[None, :],
                           mask=in_tier[:, None], other=0)
-    key_meta = _meta(block, section_start(n0, n1, n2, n3, KEY_META_SEC, t) >> 2, rank, in_tier, KEY_GROUPS,
-                     MAX_KEY_GROUPS)
+    if KEY_CHANNEL:
+        first = row0 - _tier_start(n0, n1, n2, t)
+        has = (first < tier_count(n0, n1, n2, n3, t)) & (first + BLOCK_N > 0)      # then the section exists
+        channel = tl.arange(0, D)
+        key_meta = tl.load(block + (section_start(n0, n1, n2, n3, KEY_META_SEC, t) >> 2) + channel,
+                           mask=channel < tl.where(has, D, 0), other=0)
+    else:
+        key_meta = _meta(block, section_start(n0, n1, n2, n3, KEY_META_SEC, t) >> 2, rank, in_tier, KEY_GROUPS,
+                         MAX_KEY_GROUPS)
     value_meta = _meta(block, section_start(n0, n1, n2, n3, VALUE_META_SEC, t) >> 2, rank, in_tier, VALUE_GROUPS,
                        MAX_VALUE_GROUPS)
     return key_words, value_words, key_meta, value_meta
@@ -205,7 +231,7 @@ def _fetch_item(U32, desc, row0, T: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_
                 KEY_GROUPS: tl.constexpr, VALUE_GROUPS: tl.constexpr, MAX_KEY_GROUPS: tl.constexpr,
                 MAX_VALUE_GROUPS: tl.constexpr, KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr,
                 KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr, META_SCALE_SEC: tl.constexpr,
-                CODE_ALIGN: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+                CODE_ALIGN: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, KEY_CHANNEL: tl.constexpr):
     """Everything a sealed item needs from its block: the float32 meta scales (keys, values) and, per tier,
     :func:`_fetch_tier` (tiers past T repeat tier 0). For other items nothing is read."""
     state, base, n0, n1, n2, n3 = desc
@@ -216,22 +242,22 @@ def _fetch_item(U32, desc, row0, T: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_
     value_ms = tl.load(block + scales_at + 1, mask=sealed, other=0).to(tl.float32, bitcast=True)
     tiles0 = _fetch_tier(block, n0, n1, n2, n3, row0, 0, KEY_BITS[0], VALUE_BITS[0], KEY_GROUPS[0], VALUE_GROUPS[0],
                          MAX_KEY_GROUPS, MAX_VALUE_GROUPS, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC,
-                         CODE_ALIGN, D, BLOCK_N)
+                         CODE_ALIGN, D, BLOCK_N, KEY_CHANNEL[0])
     tiles1 = tiles0
     tiles2 = tiles0
     tiles3 = tiles0
     if T > 1:
         tiles1 = _fetch_tier(block, n0, n1, n2, n3, row0, 1, KEY_BITS[1], VALUE_BITS[1], KEY_GROUPS[1],
                              VALUE_GROUPS[1], MAX_KEY_GROUPS, MAX_VALUE_GROUPS, KEY_SEC, VALUE_SEC, KEY_META_SEC,
-                             VALUE_META_SEC, CODE_ALIGN, D, BLOCK_N)
+                             VALUE_META_SEC, CODE_ALIGN, D, BLOCK_N, KEY_CHANNEL[1])
     if T > 2:
         tiles2 = _fetch_tier(block, n0, n1, n2, n3, row0, 2, KEY_BITS[2], VALUE_BITS[2], KEY_GROUPS[2],
                              VALUE_GROUPS[2], MAX_KEY_GROUPS, MAX_VALUE_GROUPS, KEY_SEC, VALUE_SEC, KEY_META_SEC,
-                             VALUE_META_SEC, CODE_ALIGN, D, BLOCK_N)
+                             VALUE_META_SEC, CODE_ALIGN, D, BLOCK_N, KEY_CHANNEL[2])
     if T > 3:
         tiles3 = _fetch_tier(block, n0, n1, n2, n3, row0, 3, KEY_BITS[3], VALUE_BITS[3], KEY_GROUPS[3],
                              VALUE_GROUPS[3], MAX_KEY_GROUPS, MAX_VALUE_GROUPS, KEY_SEC, VALUE_SEC, KEY_META_SEC,
-                             VALUE_META_SEC, CODE_ALIGN, D, BLOCK_N)
+                             VALUE_META_SEC, CODE_ALIGN, D, BLOCK_N, KEY_CHANNEL[3])
     return key_ms, value_ms, tiles0, tiles1, tiles2, tiles3
 
 
@@ -258,6 +284,47 @@ def _tier_keys(prod, k_meta, tiles, q_hi, q_lo, present, KEY_BITS: tl.constexpr,
 
 
 @triton.jit
+def _channel_keys(s_ch, tiles, q_key, in_tier, present, logit_scale, KEY_BITS: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr):
+    """Add a per-channel key tier's logits ``logit_scale * ((q o s) . c + q . z)`` to ``s_ch`` ``[BLOCK_G,
+    BLOCK_N]`` if ``present`` (a branch otherwise): ``q_key`` ``[BLOCK_G, D]`` float32, ``s``, ``z`` the block's
+    ``[D]`` per-channel scale and zero of the tier (``tiles``' key meta words), ``in_tier`` ``[BLOCK_N]`` the
+    tier's rows (its codes are 0 on the others, so only the zero term needs the mask). ``q o s`` is scaled per
+    row by a power of two putting the row's largest entry in [2^14, 2^15), rounded to float16 (a high part and,
+    with ``PARTS == 2``, the rounded remainder) and multiplied with the codes in one product of its own; the
+    power of two is undone on the float32 result."""
+    if present:
+        key_words, value_words, key_meta, value_meta = tiles
+        qs = q_key * half_to_float(key_meta)[None, :]                             # [BLOCK_G, D] float32
+        biased = (tl.max(tl.abs(qs), 1).to(tl.int32, bitcast=True) >> 23) & 255
+        shift = tl.minimum(tl.maximum(141 - biased, -126), 127)                   # 0 rows: 2^127 * 0 = 0
+        x = qs * ((shift + 127) << 23).to(tl.float32, bitcast=True)[:, None]
+        x_hi = x.to(tl.float16)
+        codes_t = tl.trans(unpack_codes(key_words, KEY_BITS, BLOCK_N, D))
+        prod = _mma(x_hi, codes_t, tl.zeros([BLOCK_G, BLOCK_N], tl.float32), False)
+        if PARTS == 2:
+            prod = _mma((x - x_hi.to(tl.float32)).to(tl.float16), codes_t, prod, False)
+        unscale = ((127 - shift) << 23).to(tl.float32, bitcast=True) * logit_scale      # 2^-shift (0 for 0 rows)
+        q_zero = tl.sum(q_key * half_to_float(key_meta >> 16)[None, :], 1) * logit_scale
+        s_ch += prod * unscale[:, None] + tl.where(in_tier[None, :], q_zero[:, None], 0.0)
+    return s_ch
+
+
+@triton.jit
+def _tier_keys_any(prod, k_meta, s_ch, tiles, q_hi, q_lo, q_key, rows, n0, n1, n2, n3, present, logit_scale,
+                   t: tl.constexpr, KEY_CHANNEL: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr):
+    """Tier ``t``'s keys: :func:`_channel_keys` into ``s_ch`` for per-channel keys, else :func:`_tier_keys`."""
+    if KEY_CHANNEL:
+        rank = rows - _tier_start(n0, n1, n2, t)
+        in_tier = (rank >= 0) & (rank < tier_count(n0, n1, n2, n3, t))
+        s_ch = _channel_keys(s_ch, tiles, q_key, in_tier, present, logit_scale, KEY_BITS, BLOCK_G, BLOCK_N, D, PARTS)
+    else:
+        prod, k_meta = _tier_keys(prod, k_meta, tiles, q_hi, q_lo, present, KEY_BITS, BLOCK_N, D, PARTS)
+    return prod, k_meta, s_ch
+
+
+@triton.jit
 def _tier_values(acc, v_meta, tiles, w_hi, w_lo, present, VALUE_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
                  D: tl.constexpr, PARTS: tl.constexpr):
     """Add a tier's part of the value product ``w @ codes`` to ``acc`` if ``present`` (a branch otherwise)."""
@@ -271,11 +338,12 @@ def _tier_values(acc, v_meta, tiles, w_hi, w_lo, present, VALUE_BITS: tl.constex
 
 
 @triton.jit
-def _attend_sealed(m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, U8, base, n0, n1, n2, n3, row0, valid,
-                   key_qk_scale, T: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
+def _attend_sealed(m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, q_key, U8, base, n0, n1, n2, n3, row0, valid,
+                   key_qk_scale, qk_scale, T: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
                    KG: tl.constexpr, VG: tl.constexpr, INDEX_SEC: tl.constexpr, BLOCK_G: tl.constexpr,
                    D: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr,
-                   VALUE_ROT: tl.constexpr):
+                   VALUE_ROT: tl.constexpr, KEY_CHANNEL: tl.constexpr, CHANNEL_KEYS: tl.constexpr,
+                   TOKEN_KEYS: tl.constexpr):
     """A sealed item: its rows (the block's tokens ordered by tier, rows ``row0 .. row0 + BLOCK_N``) as one tile
     whatever their tiers: each tier present adds its part of the key and value products (its codes are 0 on the
     other tiers' rows), and there is one online-softmax step. A row counts unless its token lies past the
@@ -288,7 +356,11 @@ def _attend_sealed(m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, U8, base, n0
     ``p * s * 2^16`` with the codes, accumulates into it directly; the item switches the unit to its own.
     ``l_i`` and ``z_acc`` (the zero points' share of every output column, units of ``acc``) are ``[BLOCK_G,
     BLOCK_N]`` per-column partial sums. With KG (VG) groups, row block ``j`` of the key (value) product belongs
-    to group ``j``."""
+    to group ``j``.
+
+    Per-channel key tiers (``KEY_CHANNEL``; the layer has some if CHANNEL_KEYS, and token tiers if TOKEN_KEYS)
+    go through :func:`_channel_keys` instead, with the float32 ``q_key`` (the query sealed keys see), into
+    ``s_ch``, already in logit units: ``key_ms * softmax scale * ((q o s) . c + q . z)``, 0 on other rows."""
     key_ms, value_ms, tiles0, tiles1, tiles2, tiles3 = item
     q_hi, q_lo, q_sum = q_ops
     rows = row0 + tl.arange(0, BLOCK_N)
@@ -301,28 +373,50 @@ def _attend_sealed(m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, U8, base, n0
     has2 = _has_rows(n0, n1, n2, n3, row0, 2, BLOCK_N)
     has3 = _has_rows(n0, n1, n2, n3, row0, 3, BLOCK_N)
     prod = tl.zeros([KG * BLOCK_G, BLOCK_N], tl.float32)
-    k_meta = tl.zeros_like(tiles0[2])
-    prod, k_meta = _tier_keys(prod, k_meta, tiles0, q_hi, q_lo, has0, KEY_BITS[0], BLOCK_N, D, PARTS)
+    if KG == 1:
+        k_meta = tl.zeros([BLOCK_N], tl.int32)
+    else:
+        k_meta = tl.zeros([KG, BLOCK_N], tl.int32)
+    if CHANNEL_KEYS:
+        s_ch = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+        logit_scale = key_ms * qk_scale
+    else:
+        s_ch = prod                                   # placeholders, never touched
+        logit_scale = qk_scale
+    prod, k_meta, s_ch = _tier_keys_any(prod, k_meta, s_ch, tiles0, q_hi, q_lo, q_key, rows, n0, n1, n2, n3, has0,
+                                        logit_scale, 0, KEY_CHANNEL[0], KEY_BITS[0], BLOCK_G, BLOCK_N, D, PARTS)
     v_meta = tiles0[3]
     if T > 1:
-        prod, k_meta = _tier_keys(prod, k_meta, tiles1, q_hi, q_lo, has1, KEY_BITS[1], BLOCK_N, D, PARTS)
+        prod, k_meta, s_ch = _tier_keys_any(prod, k_meta, s_ch, tiles1, q_hi, q_lo, q_key, rows, n0, n1, n2, n3,
+                                            has1, logit_scale, 1, KEY_CHANNEL[1], KEY_BITS[1], BLOCK_G, BLOCK_N, D,
+                                            PARTS)
         v_meta = v_meta | tiles1[3]
     if T > 2:
-        prod, k_meta = _tier_keys(prod, k_meta, tiles2, q_hi, q_lo, has2, KEY_BITS[2], BLOCK_N, D, PARTS)
+        prod, k_meta, s_ch = _tier_keys_any(prod, k_meta, s_ch, tiles2, q_hi, q_lo, q_key, rows, n0, n1, n2, n3,
+                                            has2, logit_scale, 2, KEY_CHANNEL[2], KEY_BITS[2], BLOCK_G, BLOCK_N, D,
+                                            PARTS)
         v_meta = v_meta | tiles2[3]
     if T > 3:
-        prod, k_meta = _tier_keys(prod, k_meta, tiles3, q_hi, q_lo, has3, KEY_BITS[3], BLOCK_N, D, PARTS)
+        prod, k_meta, s_ch = _tier_keys_any(prod, k_meta, s_ch, tiles3, q_hi, q_lo, q_key, rows, n0, n1, n2, n3,
+                                            has3, logit_scale, 3, KEY_CHANNEL[3], KEY_BITS[3], BLOCK_G, BLOCK_N, D,
+                                            PARTS)
         v_meta = v_meta | tiles3[3]
-    if KG == 1:
-        k_scale = tl.where(live, half_to_float(k_meta), 0.0)               # no NaN from rows past the request
-        k_zero = tl.where(live, half_to_float(k_meta >> 16), 0.0)
-        s = prod * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
+    if TOKEN_KEYS:
+        if KG == 1:
+            k_scale = tl.where(live, half_to_float(k_meta), 0.0)               # no NaN from rows past the request
+            k_zero = tl.where(live, half_to_float(k_meta >> 16), 0.0)
+            s = prod * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
+        else:
+            k_scale = tl.where(live[None, :], half_to_float(k_meta), 0.0)            # [KG, BLOCK_N]
+            k_zero = tl.where(live[None, :], half_to_float(k_meta >> 16), 0.0)
+            s = tl.sum(prod.reshape(KG, BLOCK_G, BLOCK_N) * k_scale[:, None, :]
+                       + q_sum[:, :, None] * k_zero[:, None, :], 0)
+        if CHANNEL_KEYS:                              # token tiers' rows of s_ch are 0, channel tiers' of s
+            s = tl.where(live[None, :], s * (key_ms * key_qk_scale) + s_ch, float("-inf"))
+        else:
+            s = tl.where(live[None, :], s * (key_ms * key_qk_scale), float("-inf"))
     else:
-        k_scale = tl.where(live[None, :], half_to_float(k_meta), 0.0)            # [KG, BLOCK_N]
-        k_zero = tl.where(live[None, :], half_to_float(k_meta >> 16), 0.0)
-        s = tl.sum(prod.reshape(KG, BLOCK_G, BLOCK_N) * k_scale[:, None, :] + q_sum[:, :, None] * k_zero[:, None, :],
-                   0)
-    s = tl.where(live[None, :], s * (key_ms * key_qk_scale), float("-inf"))
+        s = tl.where(live[None, :], s_ch, float("-inf"))
     m_i, alpha, p = _softmax_step(m_i, s)
     l_i = tl.fma(l_i, alpha[:, None], p)
     rescale = (alpha * _pow2_ratio(unit, value_ms))[:, None]               # to the item's unit
@@ -420,7 +514,7 @@ def _decode_split_kernel(
         VALUE_META_SEC: tl.constexpr, INDEX_SEC: tl.constexpr, META_SCALE_SEC: tl.constexpr,
         CODE_ALIGN: tl.constexpr, KV_ELEMENT_BYTES: tl.constexpr, KV_VALUES_START: tl.constexpr,
         KEY_ROT: tl.constexpr, VALUE_ROT: tl.constexpr, PARTS: tl.constexpr, STAGED_IEEE: tl.constexpr,
-        UNROLL: tl.constexpr):
+        UNROLL: tl.constexpr, KEY_CHANNEL: tl.constexpr, CHANNEL_KEYS: tl.constexpr, TOKEN_KEYS: tl.constexpr):
     """One split of one (request, KV head): online softmax over the split's pages for all G query heads.
 
     Items (pages, or BLOCK_N-row chunks of pages: CHUNKS per page) are visited in order with a hand-made
@@ -482,13 +576,13 @@ def _decode_split_kernel(
         page_2 = _page_id(table, w_lo + 2, w_hi, CHUNKS)
         item = _fetch_item(U32, desc, (w_lo % CHUNKS) * BLOCK_N, T, KEY_BITS, VALUE_BITS, KEY_GROUPS, VALUE_GROUPS,
                            KG, VG, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC, META_SCALE_SEC, CODE_ALIGN, D,
-                           BLOCK_N)
+                           BLOCK_N, KEY_CHANNEL)
         for w in tl.range(w_lo, w_hi, loop_unroll_factor=UNROLL):
             # the next item's tiles (its descriptor came during the previous item), the descriptor two items
             # ahead, the page three ahead: their latencies overlap this item's arithmetic
             item_1 = _fetch_item(U32, desc_1, ((w + 1) % CHUNKS) * BLOCK_N, T, KEY_BITS, VALUE_BITS, KEY_GROUPS,
                                  VALUE_GROUPS, KG, VG, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC,
-                                 META_SCALE_SEC, CODE_ALIGN, D, BLOCK_N)
+                                 META_SCALE_SEC, CODE_ALIGN, D, BLOCK_N, KEY_CHANNEL)
             desc_2 = describe_block(page_2, w + 2 < w_hi, layer, h, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS,
                                     NUM_LAYERS, NUM_KV_HEADS, T)
             page_2 = _page_id(table, w + 3, w_hi, CHUNKS)
@@ -498,9 +592,9 @@ def _decode_split_kernel(
             if state == SEALED:
                 if n0 + n1 + n2 + n3 > row0:                 # all-pruned blocks (and chunks past the rows): nothing
                     m_i, l_i, acc, z_acc, acc_st, unit = _attend_sealed(
-                        m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, U8, base, n0, n1, n2, n3, row0, valid,
-                        key_qk_scale, T, KEY_BITS, VALUE_BITS, KG, VG, INDEX_SEC, BLOCK_G, D, P, BLOCK_N, PARTS,
-                        VALUE_ROT)
+                        m_i, l_i, acc, z_acc, acc_st, unit, item, q_ops, q_key, U8, base, n0, n1, n2, n3, row0,
+                        valid, key_qk_scale, qk_scale, T, KEY_BITS, VALUE_BITS, KG, VG, INDEX_SEC, BLOCK_G, D, P,
+                        BLOCK_N, PARTS, VALUE_ROT, KEY_CHANNEL, CHANNEL_KEYS, TOKEN_KEYS)
             elif state == STAGED:
                 srank = tl.load(ranks + w // CHUNKS)
                 m_i, l_i, acc, z_acc, acc_st = _attend_staged(
@@ -822,6 +916,7 @@ class DecodePlan:
             KG=max(consts["KEY_GROUPS"]), VG=max(consts["VALUE_GROUPS"]),
             KV_ELEMENT_BYTES=staged.element_bytes, KV_VALUES_START=staged.values_elements,
             PARTS=parts, STAGED_IEEE=parts == 2 or kv.dtype == torch.float32, UNROLL=cfg.unroll,
+            CHANNEL_KEYS=any(consts["KEY_CHANNEL"]), TOKEN_KEYS=not all(consts["KEY_CHANNEL"][:consts["T"]]),
             num_warps=cfg.num_warps, **self._shape_constants(), **consts,
             **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
         return self.merge(out, layer, self.num_splits)

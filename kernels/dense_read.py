@@ -11,9 +11,11 @@ tier counts) says what it is.
 * Staged: the dense ``[P, D]`` keys and values are copied.
 * Sealed: per tier, the tier's rows (code words, (scale, zero) words, in-page token index) are loaded as tiles
   and dequantized as the reference does, ``(code * scale + zero) * meta_scale`` in float32 with no fused
-  multiply-add (so the result is bit-identical to ``quant.read_sealed_blocks`` without rotation); a rotated
-  kind is multiplied by the normalized Hadamard matrix (IEEE float32 products: the reference's butterfly
-  differs by float32 rounding). Rows are scattered to their in-page slots; the slots no tier holds are zeroed.
+  multiply-add (so the result is bit-identical to ``quant.read_sealed_blocks`` without rotation); a tier with
+  per-channel keys (``KEY_CHANNEL``) loads the block's ``D`` key (scale, zero) words once, shared by its rows,
+  instead of per-row words (a constexpr branch: token-only formats compile as before). A rotated kind is
+  multiplied by the normalized Hadamard matrix (IEEE float32 products: the reference's butterfly differs by
+  float32 rounding). Rows are scattered to their in-page slots; the slots no tier holds are zeroed.
 
 Block offsets come only from :mod:`diffkv_sglang.format` through :mod:`diffkv_sglang.kernels.block_read`
 (descriptor, section starts, code unpacking; shared with the decode and seal kernels).
@@ -38,18 +40,22 @@ __all__ = ["read_pages_dense"]
 
 @triton.jit
 def _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t: tl.constexpr, BITS: tl.constexpr,
-               GROUPS: tl.constexpr, SEC: tl.constexpr, META_SEC: tl.constexpr, meta_scale, ROT: tl.constexpr,
-               CODE_ALIGN: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr):
+               GROUPS: tl.constexpr, CHANNEL: tl.constexpr, SEC: tl.constexpr, META_SEC: tl.constexpr, meta_scale,
+               ROT: tl.constexpr, CODE_ALIGN: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr):
     """Tier ``t``'s rows ``rank`` (``[BLOCK_P]``, masked by ``in_tier``) of one kind (keys or values) of a sealed
-    block, dequantized: ``[BLOCK_P, D]`` float32 (zeros outside the tier)."""
+    block, dequantized: ``[BLOCK_P, D]`` float32 (zeros outside the tier). ``CHANNEL``: the kind's (scale, zero)
+    are per channel of the block (``[D]`` words) instead of per row and group."""
     row_words: tl.constexpr = D * BITS // 32
     at = tl.multiple_of((base + section_start(n0, n1, n2, n3, SEC, t)) >> 2, CODE_ALIGN // 4)
     words = tl.load(U32 + at + rank[:, None] * row_words + tl.arange(0, row_words)[None, :], mask=in_tier[:, None],
                     other=0)
     codes = unpack_codes(words, BITS, BLOCK_P, D).to(tl.float32)
-    group = tl.arange(0, D) // (D // GROUPS)
     meta_at = (base + section_start(n0, n1, n2, n3, META_SEC, t)) >> 2
-    meta = tl.load(U32 + meta_at + rank[:, None] * GROUPS + group[None, :], mask=in_tier[:, None], other=0)
+    if CHANNEL:                 # [1, D]: present only when the tier holds a token
+        meta = tl.load(U32 + meta_at + tl.arange(0, D)[None, :], mask=tier_count(n0, n1, n2, n3, t) > 0, other=0)
+    else:                       # [BLOCK_P, D]: each row's group word
+        group = tl.arange(0, D) // (D // GROUPS)
+        meta = tl.load(U32 + meta_at + rank[:, None] * GROUPS + group[None, :], mask=in_tier[:, None], other=0)
     x = (codes * half_to_float(meta) + half_to_float(meta >> 16)) * meta_scale
     x = tl.where(in_tier[:, None], x, 0.0)
     if ROT:
@@ -61,10 +67,10 @@ def _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t: tl.constexpr, B
 @triton.jit
 def _store_tier(U8, U32, K_OUT, V_OUT, PRESENT, HAD, base, n0, n1, n2, n3, out_row, key_ms, value_ms,
                 t: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_GROUPS: tl.constexpr,
-                VALUE_GROUPS: tl.constexpr, KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr,
-                KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr, INDEX_SEC: tl.constexpr,
-                KEY_ROT: tl.constexpr, VALUE_ROT: tl.constexpr, CODE_ALIGN: tl.constexpr, D: tl.constexpr,
-                BLOCK_P: tl.constexpr):
+                VALUE_GROUPS: tl.constexpr, KEY_CHANNEL: tl.constexpr, KEY_SEC: tl.constexpr,
+                VALUE_SEC: tl.constexpr, KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr,
+                INDEX_SEC: tl.constexpr, KEY_ROT: tl.constexpr, VALUE_ROT: tl.constexpr, CODE_ALIGN: tl.constexpr,
+                D: tl.constexpr, BLOCK_P: tl.constexpr):
     """Dequantize tier ``t`` of a sealed block and scatter its rows to their in-page slots; returns the slots
     ``[BLOCK_P]`` (-1 past the tier's rows)."""
     rank = tl.arange(0, BLOCK_P)
@@ -72,10 +78,10 @@ def _store_tier(U8, U32, K_OUT, V_OUT, PRESENT, HAD, base, n0, n1, n2, n3, out_r
     slot = tl.load(U8 + base + section_start(n0, n1, n2, n3, INDEX_SEC, t) + rank, mask=in_tier, other=0)
     rows = out_row + slot.to(tl.int64)
     d = tl.arange(0, D)
-    keys = _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t, KEY_BITS, KEY_GROUPS, KEY_SEC, KEY_META_SEC,
-                      key_ms, KEY_ROT, CODE_ALIGN, D, BLOCK_P)
+    keys = _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t, KEY_BITS, KEY_GROUPS, KEY_CHANNEL, KEY_SEC,
+                      KEY_META_SEC, key_ms, KEY_ROT, CODE_ALIGN, D, BLOCK_P)
     tl.store(K_OUT + rows[:, None] * D + d[None, :], round_to(keys, K_OUT.dtype.element_ty), mask=in_tier[:, None])
-    values = _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t, VALUE_BITS, VALUE_GROUPS, VALUE_SEC,
+    values = _tier_rows(U32, HAD, base, n0, n1, n2, n3, rank, in_tier, t, VALUE_BITS, VALUE_GROUPS, False, VALUE_SEC,
                         VALUE_META_SEC, value_ms, VALUE_ROT, CODE_ALIGN, D, BLOCK_P)
     tl.store(V_OUT + rows[:, None] * D + d[None, :], round_to(values, V_OUT.dtype.element_ty), mask=in_tier[:, None])
     tl.store(PRESENT + rows, tl.full([BLOCK_P], 1, tl.uint8), mask=in_tier)
@@ -95,8 +101,8 @@ def _dense_read_kernel(U8, U32, KV, PAGES, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS
                        KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_GROUPS: tl.constexpr,
                        VALUE_GROUPS: tl.constexpr, KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr,
                        KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr, INDEX_SEC: tl.constexpr,
-                       META_SCALE_SEC: tl.constexpr, KEY_ROT: tl.constexpr, VALUE_ROT: tl.constexpr,
-                       CODE_ALIGN: tl.constexpr):
+                       META_SCALE_SEC: tl.constexpr, KEY_CHANNEL: tl.constexpr, KEY_ROT: tl.constexpr,
+                       VALUE_ROT: tl.constexpr, CODE_ALIGN: tl.constexpr):
     """One (page, KV head) block of ``PAGES`` into its ``[P, D]`` rows of the outputs (``U8``, ``U32``, ``KV``:
     the arena as bytes, int32 words and the model dtype)."""
     i = tl.program_id(0)
@@ -124,9 +130,9 @@ def _dense_read_kernel(U8, U32, KV, PAGES, PAGE_STATE, BLOCK_OFFSET, TIER_COUNTS
             value_ms = tl.load(U32 + scales_at + 1).to(tl.float32, bitcast=True)
             for t in tl.static_range(T):
                 slots = _store_tier(U8, U32, K_OUT, V_OUT, PRESENT, HAD, base, n0, n1, n2, n3, out_row, key_ms,
-                                    value_ms, t, KEY_BITS[t], VALUE_BITS[t], KEY_GROUPS[t], VALUE_GROUPS[t], KEY_SEC,
-                                    VALUE_SEC, KEY_META_SEC, VALUE_META_SEC, INDEX_SEC, KEY_ROT, VALUE_ROT,
-                                    CODE_ALIGN, D, BLOCK_P)
+                                    value_ms, t, KEY_BITS[t], VALUE_BITS[t], KEY_GROUPS[t], VALUE_GROUPS[t],
+                                    KEY_CHANNEL[t], KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC, INDEX_SEC,
+                                    KEY_ROT, VALUE_ROT, CODE_ALIGN, D, BLOCK_P)
                 covered = covered | _covered(slots, BLOCK_P)
         empty = in_page & ~covered                                              # pruned slots, EMPTY pages
         zeros = tl.zeros([BLOCK_P, D], K_OUT.dtype.element_ty)

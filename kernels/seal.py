@@ -1,13 +1,14 @@
 """Seal kernel: quantize, pack and write sealed blocks, one launch for every block of one format.
 
 The kernel writes exactly the bytes :func:`diffkv_sglang.quant.write_sealed_blocks` writes (codes, float16
-scale/zero with the zero rounded down and the scale rounded up, round-half-even codes with saturation, per-block
-power-of-two meta scales over the kept tokens, token indices) and leaves every other byte alone, padding
-included. It reads the dense K/V either from ``[n, P, D]`` tensors or straight from the staged blocks in the
-arena. Launcher: :func:`seal_blocks`.
+scale/zero with the zero rounded down and the scale rounded up, per token and group or, for the keys of a tier
+with per-channel keys, per channel of the block; round-half-even codes with saturation, per-block power-of-two
+meta scales over the kept tokens, token indices) and leaves every other byte alone, padding included. It reads
+the dense K/V either from ``[n, P, D]`` tensors or straight from the staged blocks in the arena. Launcher:
+:func:`seal_blocks`.
 
 One program seals one block (one page, layer and KV head), ``ROWS`` tokens at a time (the whole page when it fits
-the tile; else a first pass for the meta scales and a second for the rest)::
+the tile; else a first pass for the meta scales and per-channel key extremes, and a second for the rest)::
 
     tier  [P]     int8, -1 = pruned                        -> counts n0..n3, section starts, each token's rank
     K, V  [P, D]  model dtype, from tensors or staged       -> float32, Hadamard-rotated if the format says
@@ -17,9 +18,17 @@ the tile; else a first pass for the meta scales and a second for the rest)::
         lo, hi = min, max of q over the finest groups of all tiers (once)
         per tier t: zero = fp16_down(lo), scale = fp16_up((hi - zero) / qmax_t) over the tier's groups;
                     store the (scale, zero) words of the tier's tokens
+        keys of a per-channel tier t (KEY_CHANNEL[t], quant.quantize_channels), instead:
+                    lo, hi = min, max per channel of x over the tier's tokens of the block   [TIERS, D] tile
+                             (row t), then divided by m (exact and monotonic, so the extremes of q)
+                    zero, scale as above per channel; if n_t > 0, store the D (scale, zero) words at the
+                    tier's key meta section
         codes  = round_half_even(min((q - zero) / scale, qmax))   with each token's own tier's zero and scale
         per tier t: pack codes into little-endian int32 words, store the rows of the tier's tokens
     meta scales (float32 keys, values), uint8 token index rows, counts
+
+The per-channel code sits behind ``tl.constexpr`` branches on ``KEY_CHANNEL``: for formats without such tiers
+the compiled kernel is the token-only one, instruction for instruction.
 
 Section starts come only from :meth:`BlockFormat.section_coefficients`, as ``tl.constexpr`` tuples through
 :mod:`diffkv_sglang.kernels.block_read`, the same encoding the decode and dense-read kernels read.
@@ -32,10 +41,10 @@ byte bit for bit on any device, and the kernel follows the same definitions:
 
 * Hadamard rotation: ``quant.rotate`` is a fast Walsh-Hadamard transform in a fixed butterfly order, then a
   multiplication by ``quant.hadamard_scale(D)`` (``float32(1 / sqrt(D))``); the kernel does the same stages.
-* Signed zeros: ``quant.quantize`` adds ``+0.0`` before the group min/max, so a -0.0 extreme is stored as +0.0;
-  the kernel does the same.
-* Scale division: ``quant.quantize`` divides ``(max - zero)`` by a tensor (correctly rounded on CUDA too), as the
-  kernel's ``div_rn`` does.
+* Signed zeros: ``quant.quantize`` and ``quant.quantize_channels`` add ``+0.0`` before the min/max, so a -0.0
+  extreme is stored as +0.0; the kernel does the same.
+* Scale division: ``quant._minmax_codes`` divides ``(max - zero)`` by a tensor (correctly rounded on CUDA too),
+  as the kernel's ``div_rn`` does.
 
 Limits: ``head_dim`` must be a power of two (tiles are ``[ROWS, D]``); code widths 2, 4 or 8 bits.
 
@@ -51,10 +60,14 @@ import torch
 import triton
 import triton.language as tl
 
+from diffkv_sglang.config import MAX_TIERS
 from diffkv_sglang.format import BlockFormat, hadamard_scale
-from diffkv_sglang.kernels.block_read import meta_scale_start, section_start, sealed_format_constants
+from diffkv_sglang.kernels.block_read import meta_scale_start, section_start, sealed_format_constants, tier_count
 
 __all__ = ["seal_blocks", "SEAL_CONFIG"]
+
+TIERS = tl.constexpr(MAX_TIERS)                 # rows of the per-channel tiles (tier t: row t)
+PER_TOKEN = tl.constexpr((False,) * MAX_TIERS)  # values are quantized per token in every tier
 
 SEAL_CONFIG = {"tile_elements": 4096, "elements_per_warp": 512, "max_warps": 8, "max_registers": 64}
 """A program quantizes ``ROWS = tile_elements / head_dim`` tokens at a time (at most ``next_pow2(P)``; a page that
@@ -150,18 +163,72 @@ def _meta_scale(amax):
 
 
 @triton.jit
+def _minmax_params(lo, hi, qmax):
+    """Zero point (rounded down) and scale (rounded up) of the grids spanning ``[lo, hi]`` with ``qmax`` steps
+    (float32 tensors of one shape, signed zeros already made positive; ``quant._minmax_codes``). Returns the
+    stored words ``scale | zero << 16`` (int32), the zero and the divisor (the scale, or 1 where it is 0)."""
+    zero_bits, zero = _fp16_round_down(lo)
+    scale_bits, scale = _fp16_round_up(tl.math.div_rn(hi - zero, qmax))
+    divisor = tl.where(scale > 0, scale, 1.0)
+    return scale_bits | (zero_bits << 16), zero, divisor
+
+
+@triton.jit
 def _tier_params(lo, hi, ROWS: tl.constexpr, GF: tl.constexpr, G: tl.constexpr, QMAX: tl.constexpr):
     """Zero point (rounded down) and scale (rounded up) of a tier with ``G`` groups (``quant.quantize``), from the
     min/max ``lo``, ``hi`` ``[ROWS, GF]`` of the ``GF >= G`` finest groups. Returns the stored words
     ``scale | zero << 16`` ``[ROWS, G]`` and zero and divisor (the scale, or 1 where it is 0) per fine group."""
     lo = tl.min(tl.reshape(lo, (ROWS, G, GF // G)), axis=2) + 0.0      # + 0.0: a -0.0 extreme becomes +0.0
     hi = tl.max(tl.reshape(hi, (ROWS, G, GF // G)), axis=2) + 0.0
-    zero_bits, zero = _fp16_round_down(lo)
-    scale_bits, scale = _fp16_round_up(tl.math.div_rn(hi - zero, tl.full((ROWS, G), QMAX, tl.float32)))
-    divisor = tl.where(scale > 0, scale, 1.0)
+    words, zero, divisor = _minmax_params(lo, hi, tl.full((ROWS, G), QMAX, tl.float32))
     zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (ROWS, G, GF // G)), (ROWS, GF))
     divisor = tl.reshape(tl.broadcast_to(divisor[:, :, None], (ROWS, G, GF // G)), (ROWS, GF))
-    return scale_bits | (zero_bits << 16), zero, divisor
+    return words, zero, divisor
+
+
+@triton.jit
+def _channel_extremes(x, tier, lo, hi, CHANNEL: tl.constexpr, NUM_TIERS: tl.constexpr):
+    """``lo``, ``hi`` ``[TIERS, D]`` (row ``t``: tier ``t``) updated with the per-channel min and max of the rows of
+    ``x`` ``[ROWS, D]`` (tokens' tiers ``tier`` ``[ROWS]``) of each tier whose keys are per channel (``CHANNEL``);
+    the other rows are kept."""
+    row = tl.arange(0, TIERS)[:, None]
+    for t in tl.static_range(NUM_TIERS):
+        if CHANNEL[t]:
+            member = (tier == t)[:, None]
+            lo = tl.where(row == t, tl.minimum(lo, tl.min(tl.where(member, x, float("inf")), axis=0)[None, :]), lo)
+            hi = tl.where(row == t, tl.maximum(hi, tl.max(tl.where(member, x, float("-inf")), axis=0)[None, :]), hi)
+    return lo, hi
+
+
+@triton.jit
+def _channel_params(lo, hi, pre, inv, n0, n1, n2, n3, block_i32, BITS: tl.constexpr, META_SEC: tl.constexpr,
+                    CHANNEL: tl.constexpr, NUM_TIERS: tl.constexpr, D: tl.constexpr):
+    """Per-channel zero points and scales of the tiers with per-channel keys (``quant.quantize_channels``), from
+    the extremes ``lo``, ``hi`` ``[TIERS, D]`` of each tier's keys over the block (:func:`_channel_extremes`,
+    before the division by the meta scale ``x / m == (x * pre) * inv``). Stores the ``D`` (scale, zero) words of
+    each such non-empty tier at its key meta section; returns zero and divisor ``[TIERS, D]`` (rows of the other
+    tiers are meaningless)."""
+    row = tl.arange(0, TIERS)
+    qmax = tl.full((TIERS,), 1.0, tl.float32)
+    meta_word = tl.zeros((TIERS,), tl.int32)
+    store = tl.zeros((TIERS,), dtype=tl.int1)
+    for t in tl.static_range(NUM_TIERS):
+        if CHANNEL[t]:
+            qmax = tl.where(row == t, (1 << BITS[t]) - 1, qmax)
+            meta_word = tl.where(row == t, section_start(n0, n1, n2, n3, META_SEC, t) // 4, meta_word)
+            store = store | ((row == t) & (tier_count(n0, n1, n2, n3, t) > 0))
+    # the division by m is exact and monotonic: the extremes of x / m are those of x, divided. + 0.0: -0.0 -> +0.0
+    lo = (lo * pre) * inv + 0.0
+    hi = (hi * pre) * inv + 0.0
+    words, zero, divisor = _minmax_params(lo, hi, tl.broadcast_to(qmax[:, None], (TIERS, D)))
+    tl.store(block_i32 + meta_word[:, None] + tl.arange(0, D)[None, :], words, mask=store[:, None])
+    return zero, divisor
+
+
+@triton.jit
+def _tier_row(x, t: tl.constexpr):
+    """Row ``t`` of ``x`` ``[TIERS, D]`` float32 as ``[D]`` (exact: a max against -inf)."""
+    return tl.max(tl.where(tl.arange(0, TIERS)[:, None] == t, x, float("-inf")), axis=0)
 
 
 @triton.jit
@@ -181,13 +248,15 @@ def _store_rows(block_i32, first_word, rank, member, rows, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32,
+def _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32, channel_zero, channel_divisor,
                CODE_SEC: tl.constexpr, META_SEC: tl.constexpr, BITS: tl.constexpr, GROUPS: tl.constexpr,
-               GF: tl.constexpr, NUM_TIERS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+               GF: tl.constexpr, CHANNEL: tl.constexpr, NUM_TIERS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
     """Quantize rows ``q`` ``[ROWS, D]`` (already divided by the meta scale) with each token's tier and write their
     code rows and (scale, zero) rows at the tokens' ``rank`` within their tier (``quant.quantize`` +
     ``pack_codes``). Min and max are taken once over the ``GF`` finest groups of all tiers; per tier only the
-    group parameters are computed, and each element is divided once, by its own tier's scale."""
+    group parameters are computed, and each element is divided once, by its own tier's scale. The tiers flagged
+    in ``CHANNEL`` take the block's per-channel zero and divisor instead (``channel_zero``, ``channel_divisor``
+    ``[TIERS, D]`` from :func:`_channel_params`, which stores their words; unused without such tiers)."""
     fine = tl.reshape(q, (ROWS, GF, D // GF))
     lo = tl.min(fine, axis=2)
     hi = tl.max(fine, axis=2)
@@ -195,15 +264,21 @@ def _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32,
     divisor = tl.full((ROWS, GF), 1.0, tl.float32)       # rows of no tier (pruned) divide by 1
     qmax = tl.zeros((ROWS, 1), dtype=tl.float32)
     for t in tl.static_range(NUM_TIERS):
-        words, zero_t, divisor_t = _tier_params(lo, hi, ROWS, GF, GROUPS[t], (1 << BITS[t]) - 1)
         member = tier == t
-        meta_word = section_start(n0, n1, n2, n3, META_SEC, t) // 4
-        _store_rows(block_i32, meta_word, rank, member, words, GROUPS[t])
-        zero = tl.where(member[:, None], zero_t, zero)
-        divisor = tl.where(member[:, None], divisor_t, divisor)
+        if not CHANNEL[t]:
+            words, zero_t, divisor_t = _tier_params(lo, hi, ROWS, GF, GROUPS[t], (1 << BITS[t]) - 1)
+            meta_word = section_start(n0, n1, n2, n3, META_SEC, t) // 4
+            _store_rows(block_i32, meta_word, rank, member, words, GROUPS[t])
+            zero = tl.where(member[:, None], zero_t, zero)
+            divisor = tl.where(member[:, None], divisor_t, divisor)
         qmax = tl.where(member[:, None], (1 << BITS[t]) - 1, qmax)
     zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (ROWS, GF, D // GF)), (ROWS, D))
     divisor = tl.reshape(tl.broadcast_to(divisor[:, :, None], (ROWS, GF, D // GF)), (ROWS, D))
+    for t in tl.static_range(NUM_TIERS):
+        if CHANNEL[t]:
+            member = (tier == t)[:, None]
+            zero = tl.where(member, _tier_row(channel_zero, t)[None, :], zero)
+            divisor = tl.where(member, _tier_row(channel_divisor, t)[None, :], divisor)
     # q >= zero, so y >= 0; where the scale is 0 the group is constant and y = 0. Round half to even: adding and
     # subtracting 2^23 rounds y (< 2^23) to an integer in round-to-nearest-even float32 arithmetic.
     y = tl.minimum(tl.math.div_rn(q - zero, divisor), qmax)
@@ -221,14 +296,15 @@ def _kept_max(x, kept):
 
 @triton.jit
 def _seal_chunk(keys, values, tier, p, seen0, seen1, seen2, seen3, key_pre, key_inv, value_pre, value_inv,
-                n0, n1, n2, n3, block_i32, block_u8,
+                channel_zero, channel_divisor, n0, n1, n2, n3, block_i32, block_u8,
                 KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_GROUPS: tl.constexpr, VALUE_GROUPS: tl.constexpr,
-                KEY_GF: tl.constexpr, VALUE_GF: tl.constexpr, KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr,
-                KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr, INDEX_SEC: tl.constexpr,
-                NUM_TIERS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+                KEY_GF: tl.constexpr, VALUE_GF: tl.constexpr, KEY_CHANNEL: tl.constexpr, KEY_SEC: tl.constexpr,
+                VALUE_SEC: tl.constexpr, KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr,
+                INDEX_SEC: tl.constexpr, NUM_TIERS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
     """Quantize and write the rows of tokens ``p`` (tiers ``tier``, K/V ``[ROWS, D]`` float32, rotated): codes,
-    (scale, zero) rows and token indices. ``seen0..3`` count each tier's tokens in earlier chunks; returns them
-    updated."""
+    (scale, zero) rows and token indices; the keys of the ``KEY_CHANNEL`` tiers with the block's per-channel
+    ``channel_zero``, ``channel_divisor`` ``[TIERS, D]``. ``seen0..3`` count each tier's tokens in earlier chunks;
+    returns them updated."""
     rank, seen0 = _chunk_ranks(tier, seen0, 0)                 # each token's row within its tier
     if NUM_TIERS > 1:
         rank_t, seen1 = _chunk_ranks(tier, seen1, 1)
@@ -241,11 +317,11 @@ def _seal_chunk(keys, values, tier, p, seen0, seen1, seen2, seen3, key_pre, key_
         rank = tl.where(tier == 3, rank_t, rank)
     kept = (tier >= 0)[:, None]
     q = tl.where(kept, (keys * key_pre) * key_inv, 0.0)        # x / m exactly
-    _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32, KEY_SEC, KEY_META_SEC, KEY_BITS, KEY_GROUPS, KEY_GF,
-               NUM_TIERS, ROWS, D)
+    _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32, channel_zero, channel_divisor, KEY_SEC, KEY_META_SEC,
+               KEY_BITS, KEY_GROUPS, KEY_GF, KEY_CHANNEL, NUM_TIERS, ROWS, D)
     q = tl.where(kept, (values * value_pre) * value_inv, 0.0)
-    _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32, VALUE_SEC, VALUE_META_SEC, VALUE_BITS, VALUE_GROUPS,
-               VALUE_GF, NUM_TIERS, ROWS, D)
+    _seal_rows(q, tier, rank, n0, n1, n2, n3, block_i32, None, None, VALUE_SEC, VALUE_META_SEC, VALUE_BITS,
+               VALUE_GROUPS, VALUE_GF, PER_TOKEN, NUM_TIERS, ROWS, D)
     for t in tl.static_range(NUM_TIERS):
         index = section_start(n0, n1, n2, n3, INDEX_SEC, t)
         tl.store(block_u8 + index + rank, p.to(tl.uint8), mask=tier == t)
@@ -265,7 +341,7 @@ def _seal_kernel(
     T: tl.constexpr,                        # the format (block_read.sealed_format_constants), tiers padded to 4
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_GROUPS: tl.constexpr, VALUE_GROUPS: tl.constexpr,
     KEY_SEC: tl.constexpr, VALUE_SEC: tl.constexpr, KEY_META_SEC: tl.constexpr, VALUE_META_SEC: tl.constexpr,
-    INDEX_SEC: tl.constexpr, META_SCALE_SEC: tl.constexpr, CODE_ALIGN: tl.constexpr,
+    INDEX_SEC: tl.constexpr, META_SCALE_SEC: tl.constexpr, KEY_CHANNEL: tl.constexpr, CODE_ALIGN: tl.constexpr,
     KEY_ROT: tl.constexpr, VALUE_ROT: tl.constexpr,
     KEY_GF: tl.constexpr, VALUE_GF: tl.constexpr,           # finest group count over the tiers
     HAD_SCALE: tl.constexpr, STAGED: tl.constexpr, ELEMENT_BYTES: tl.constexpr,
@@ -290,6 +366,8 @@ def _seal_kernel(
     seen1 = n0 * 0
     seen2 = n0 * 0
     seen3 = n0 * 0
+    key_lo = tl.full((TIERS, D), float("inf"), tl.float32)     # per-channel key extremes of the KEY_CHANNEL tiers
+    key_hi = tl.full((TIERS, D), float("-inf"), tl.float32)
     if ROWS >= BLOCK_P:
         # the whole page in registers: one load, max |x| over the kept tokens -> meta scales, quantize
         p = tl.arange(0, ROWS)
@@ -298,22 +376,30 @@ def _seal_kernel(
         values = _load_rows(value_src, p, P, D, VALUE_ROT, LOG2_D, HAD_SCALE, ROWS)
         key_scale, key_pre, key_inv = _meta_scale(_kept_max(keys, tier >= 0))
         value_scale, value_pre, value_inv = _meta_scale(_kept_max(values, tier >= 0))
+        key_lo, key_hi = _channel_extremes(keys, tier, key_lo, key_hi, KEY_CHANNEL, T)
+        channel_zero, channel_divisor = _channel_params(key_lo, key_hi, key_pre, key_inv, n0, n1, n2, n3, block_i32,
+                                                        KEY_BITS, KEY_META_SEC, KEY_CHANNEL, T, D)
         _seal_chunk(keys, values, tier, p, seen0, seen1, seen2, seen3, key_pre, key_inv, value_pre, value_inv,
-                    n0, n1, n2, n3, block_i32, block_u8, KEY_BITS, VALUE_BITS, KEY_GROUPS, VALUE_GROUPS, KEY_GF,
-                    VALUE_GF, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC, INDEX_SEC, T, ROWS, D)
+                    channel_zero, channel_divisor, n0, n1, n2, n3, block_i32, block_u8, KEY_BITS, VALUE_BITS,
+                    KEY_GROUPS, VALUE_GROUPS, KEY_GF, VALUE_GF, KEY_CHANNEL, KEY_SEC, VALUE_SEC, KEY_META_SEC,
+                    VALUE_META_SEC, INDEX_SEC, T, ROWS, D)
     else:
-        # pass 1: max |x| over the kept tokens, ROWS tokens at a time -> meta scales
+        # pass 1: max |x| over the kept tokens, ROWS tokens at a time -> meta scales; per-channel key extremes
         key_max = tl.zeros((ROWS, D), dtype=tl.float32)
         value_max = tl.zeros((ROWS, D), dtype=tl.float32)
         for c in range(0, BLOCK_P, ROWS):
             p = c + tl.arange(0, ROWS)
-            kept = (tl.load(tiers + b * P + p, mask=p < P, other=-1) >= 0)[:, None]
+            tier = tl.load(tiers + b * P + p, mask=p < P, other=-1)
+            kept = (tier >= 0)[:, None]
             x = _load_rows(key_src, p, P, D, KEY_ROT, LOG2_D, HAD_SCALE, ROWS)
             key_max = tl.maximum(key_max, tl.where(kept, tl.abs(x), 0.0))
+            key_lo, key_hi = _channel_extremes(x, tier, key_lo, key_hi, KEY_CHANNEL, T)
             x = _load_rows(value_src, p, P, D, VALUE_ROT, LOG2_D, HAD_SCALE, ROWS)
             value_max = tl.maximum(value_max, tl.where(kept, tl.abs(x), 0.0))
         key_scale, key_pre, key_inv = _meta_scale(tl.max(tl.max(key_max, axis=1), axis=0))
         value_scale, value_pre, value_inv = _meta_scale(tl.max(tl.max(value_max, axis=1), axis=0))
+        channel_zero, channel_divisor = _channel_params(key_lo, key_hi, key_pre, key_inv, n0, n1, n2, n3, block_i32,
+                                                        KEY_BITS, KEY_META_SEC, KEY_CHANNEL, T, D)
         # pass 2: load again (from L1/L2 by now), quantize and write
         for c in range(0, BLOCK_P, ROWS):
             p = c + tl.arange(0, ROWS)
@@ -322,8 +408,9 @@ def _seal_kernel(
             values = _load_rows(value_src, p, P, D, VALUE_ROT, LOG2_D, HAD_SCALE, ROWS)
             seen0, seen1, seen2, seen3 = _seal_chunk(
                 keys, values, tier, p, seen0, seen1, seen2, seen3, key_pre, key_inv, value_pre, value_inv,
-                n0, n1, n2, n3, block_i32, block_u8, KEY_BITS, VALUE_BITS, KEY_GROUPS, VALUE_GROUPS, KEY_GF,
-                VALUE_GF, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC, INDEX_SEC, T, ROWS, D)
+                channel_zero, channel_divisor, n0, n1, n2, n3, block_i32, block_u8, KEY_BITS, VALUE_BITS, KEY_GROUPS,
+                VALUE_GROUPS, KEY_GF, VALUE_GF, KEY_CHANNEL, KEY_SEC, VALUE_SEC, KEY_META_SEC, VALUE_META_SEC,
+                INDEX_SEC, T, ROWS, D)
 
     # meta scales: float32 (keys, values) right before the index section
     meta_word = meta_scale_start(n0, n1, n2, n3, META_SCALE_SEC) // 4

@@ -22,12 +22,12 @@ TOKENS = 256
 
 
 @pytest.mark.parametrize("rotation", ["none", "hadamard"])
-@pytest.mark.parametrize("tier", ["k8v4", "k4v2", "k4v2g2x4", "k2v2g4x4", "k8v8g2x2"])
+@pytest.mark.parametrize("tier", ["k8v4", "k4v2", "k4v2g2x4", "k2v2g4x4", "k8v8g2x2", "k4v2+kc", "k2v2g1x4+kc"])
 def test_fake_quantize_is_what_a_sealed_block_stores(seeded, tier, rotation):
     spec, page, heads, dim, pages = TierSpec.parse(tier), 16, 3, 64, 4
     keys = torch.randn(pages * page, heads, dim) * torch.rand(1, heads, dim) * 4
     values = torch.randn(pages * page, heads, dim) + 0.5
-    cand = cal.Candidate(spec.name, spec, rotation, rotation)
+    cand = cal.Candidate(spec.name, spec, rotation, rotation, spec.key_mode)
     kq, vq = cal.quantize_kv(keys, values, cand, page)
     fmt = BlockFormat([spec], dim, page, rotation, rotation)
     blocks = lambda x: x.reshape(pages, page, heads, dim).permute(0, 2, 1, 3).reshape(pages * heads, page, dim)
@@ -212,11 +212,33 @@ def test_selection_keeps_passing_base_else_cheapest_passing_fallback():
     lists = [base, fb_dear, fb_cheap]
     entry = {"policy_prune_only": 0.01, "policy_shares": {"pruned": 0.1, "tier0": 0.2, "tier1": 0.7},
              "policy": {"k8v4,k4v2": 0.05, "k8v8,k8v4": 0.012, "k8v4,k4v4": 0.03}}
-    assert cal.select_tiers(entry, lists, "policy", 0.045, 64)[0] == base               # 0.04 above the floor
-    assert cal.select_tiers(entry, lists, "policy", 0.03, 64)[0] == fb_cheap            # both pass: fewer bytes
-    assert cal.select_tiers(entry, lists, "policy", 0.01, 64)[0] == fb_dear             # only it passes
-    assert cal.select_tiers(entry, lists, "policy", 0.0, 64)[0] == fb_dear              # none: smallest error
-    assert cal.expected_bytes(entry, fb_cheap, 64) < cal.expected_bytes(entry, fb_dear, 64)
+    assert cal.select_tiers(entry, lists, "policy", 0.045, 64, 32)[0] == base           # 0.04 above the floor
+    assert cal.select_tiers(entry, lists, "policy", 0.03, 64, 32)[0] == fb_cheap        # both pass: fewer bytes
+    assert cal.select_tiers(entry, lists, "policy", 0.01, 64, 32)[0] == fb_dear         # only it passes
+    assert cal.select_tiers(entry, lists, "policy", 0.0, 64, 32)[0] == fb_dear          # none: smallest error
+    assert cal.expected_bytes(entry, fb_cheap, 64, 32) < cal.expected_bytes(entry, fb_dear, 64, 32)
+
+
+def test_expected_bytes_count_per_channel_metadata_by_the_chance_a_page_holds_the_tier():
+    tiers = (TierSpec.parse("k8v4"), TierSpec.parse("k4v2+kc"))
+    per_token = [64 + 32 + 4 + 4 + 1, 32 + 16 + 4 + 1]                  # k4v2+kc: no per-token key metadata
+    for low_share in (0.0, 0.01, 0.7, 1.0):
+        entry = {"policy_shares": {"pruned": 0.0, "tier0": 1 - low_share, "tier1": low_share}}
+        expected = (1 - low_share) * per_token[0] + low_share * per_token[1] + (1 - (1 - low_share) ** 32) * 256 / 32
+        assert cal.expected_bytes(entry, tiers, 64, 32) == pytest.approx(expected)
+
+
+def test_candidate_key_modes():
+    base = DiffKVConfig()
+    kc = cal.Candidate.parse("k4v2+hk+kc", base)
+    assert (kc.name, kc.tier, kc.key_rotation, kc.key_mode) == ("k4v2+hk+kc", TierSpec(4, 2, key_mode="channel"),
+                                                               "hadamard", "channel")
+    assert kc.bytes_per_token(64, 32) == 32 + 16 + 4 + 1 + 64 * 4 / 32
+    ko = cal.Candidate.parse("k4v2+ko", base)
+    assert ko.tier == TierSpec(4, 2) and ko.bytes_per_token(64, 32) == 57 + 64 * 2 / 32
+    assert cal.Candidate.of_tier(TierSpec.parse("k4v2+kc"), base).key_mode == "channel"
+    with pytest.raises(cal.CalibrationError, match="one key group"):
+        cal.Candidate.parse("k4v2g2x2+kc", base)
 
 
 def test_from_report_redoes_only_the_selection(calibrated, tmp_path):

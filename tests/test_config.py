@@ -19,6 +19,8 @@ def test_defaults_are_diffkv():
     ("k4v2g2", TierSpec(4, 2, 2, 2)),
     ("k4v2g2x4", TierSpec(4, 2, 2, 4)),
     ("k2v2g8x8", TierSpec(2, 2, 8, 8)),
+    ("k4v2+kc", TierSpec(4, 2, 1, 1, "channel")),
+    ("k2v2g1x4+KC", TierSpec(2, 2, 1, 4, "channel")),
 ])
 def test_tier_names_round_trip(text, expected):
     tier = TierSpec.parse(text)
@@ -77,6 +79,8 @@ def test_alpha_names_and_replace():
     ({"arena_fraction": 0}, "arena_fraction"),
     ({"arena_fraction": 1.5}, "arena_fraction"),
     ({"compaction_trigger": -0.1}, "compaction_trigger"),
+    ({"tiers": ["k8v4", "k4v2g2+kc"]}, "tiers.key_groups"),
+    ({"tiers": ["k8v4", {"key_bits": 4, "value_bits": 2, "key_mode": "offset"}]}, "tiers.key_mode"),
 ])
 def test_bad_values_name_the_field(data, field):
     with pytest.raises(ConfigError) as info:

@@ -8,6 +8,7 @@ from diffkv_sglang.format import (BLOCK_ALIGN, INDEX, KEY_META, KEYS, META_SCALE
                                   BlockFormat, LayerFormats, StagedBlockFormat)
 
 DEFAULT = (TierSpec(8, 4), TierSpec(4, 2))
+CHANNEL = TierSpec(4, 2, key_mode="channel")        # k4v2+kc
 
 
 def test_hand_computed_layout_default_tiers_head_dim_128():
@@ -25,7 +26,32 @@ def test_hand_computed_layout_default_tiers_head_dim_128():
     assert fmt.max_block_nbytes == 32 * 201 + 16          # 6440 rounded up to 16
 
 
-@pytest.mark.parametrize("tiers", [DEFAULT, (TierSpec(8, 8),), (TierSpec(8, 4), TierSpec(4, 2, 2, 4), TierSpec(2, 2, 4, 4))])
+def test_hand_computed_layout_channel_keys_head_dim_64():
+    """k8v4,k4v2+kc: the low tier's key meta is 64 (scale, zero) pairs when it holds a token, nothing otherwise."""
+    fmt = BlockFormat((TierSpec(8, 4), CHANNEL), head_dim=64, page_size=32)
+    assert fmt.row_bytes(KEY_META, 1) == 0 and fmt.tiers[1].block_fixed_bytes == 256
+    assert fmt.bytes_per_token(1) == 32 + 16 + 4 + 1 + 256 / 32
+    starts = fmt.section_starts(torch.tensor([3, 5]))
+    assert starts[KEYS].tolist() == [0, 192] and starts[VALUES].tolist() == [352, 448]
+    assert starts[KEY_META].tolist() == [528, 540] and starts[VALUE_META].tolist() == [796, 808]
+    assert int(fmt.meta_scale_start(torch.tensor([3, 5]))) == 828
+    assert starts[INDEX].tolist() == [836, 839] and int(fmt.block_nbytes(torch.tensor([3, 5]))) == 848
+    empty_low = torch.tensor([4, 0])
+    assert int(fmt.data_nbytes(empty_low)) == 4 * (64 + 32 + 4 + 4 + 1) + META_SCALE_BYTES     # no per-channel bytes
+    # the largest block: 31 tokens high and one low (k8v4 costs 105 per token, one k4v2+kc token 53 + 256)
+    assert fmt.max_block_nbytes == 3584                   # 31 * 105 + 53 + 256 + 8 = 3572, rounded up to 16
+
+
+@pytest.mark.parametrize("tiers", [(TierSpec(8, 8),), (TierSpec(8, 4), CHANNEL)])
+def test_max_block_nbytes_is_the_largest_block(tiers):
+    fmt = BlockFormat(tiers, head_dim=64, page_size=8)
+    largest = max(int(fmt.block_nbytes(torch.tensor(c))) for c in itertools.product(range(9), repeat=len(tiers))
+                  if sum(c) <= 8)
+    assert fmt.max_block_nbytes == largest
+
+
+@pytest.mark.parametrize("tiers", [DEFAULT, (TierSpec(8, 8),), (TierSpec(8, 4), TierSpec(4, 2, 2, 4), TierSpec(2, 2, 4, 4)),
+                                   (TierSpec(8, 4), CHANNEL, TierSpec(2, 2, key_mode="channel"))])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_sections_tile_the_block(tiers, head_dim):
     """For any counts, sections are contiguous, disjoint and end exactly at the unpadded size."""
@@ -37,7 +63,7 @@ def test_sections_tile_the_block(tiers, head_dim):
         for kind in (KEYS, VALUES, KEY_META, VALUE_META):
             for t in range(len(tiers)):
                 assert int(starts[kind, t]) == cursor
-                cursor += int(counts[t]) * fmt.row_bytes(kind, t)
+                cursor += int(counts[t]) * fmt.row_bytes(kind, t) + (int(counts[t]) > 0) * fmt.tiers[t].fixed_bytes(kind)
         assert int(fmt.meta_scale_start(counts)) == cursor
         cursor += META_SCALE_BYTES
         for t in range(len(tiers)):
@@ -49,17 +75,22 @@ def test_sections_tile_the_block(tiers, head_dim):
         assert int(fmt.meta_scale_start(counts)) % 4 == 0                         # float32 meta scales aligned
 
 
-def test_batched_offsets_match_single():
-    fmt = BlockFormat(DEFAULT, head_dim=64, page_size=32)
-    counts = torch.randint(0, 17, (7, 3, 2))
+@pytest.mark.parametrize("tiers", [DEFAULT, (TierSpec(8, 4), CHANNEL)])
+def test_batched_offsets_match_single(tiers):
+    fmt = BlockFormat(tiers, head_dim=64, page_size=32)
+    counts = torch.randint(0, 3, (7, 3, 2))
     batched = fmt.section_starts(counts)
     assert batched.shape == (7, 3, 5, 2)
     for idx in itertools.product(range(7), range(3)):
         assert torch.equal(batched[idx], fmt.section_starts(counts[idx]))
-    coeffs, const = fmt.section_coefficients()
-    n = counts[2, 1].tolist()
-    for kind, t in itertools.product(range(5), range(2)):
-        assert sum(a * b for a, b in zip(n, coeffs[kind][t])) + const[kind] == int(batched[2, 1, kind, t])
+    coeffs, presence, const = fmt.section_coefficients()
+    per_token, fixed = fmt.meta_scale_coefficients()
+    for idx in itertools.product(range(7), range(3)):
+        n = counts[idx].tolist()
+        for kind, t in itertools.product(range(5), range(2)):
+            expected = sum(a * b + (a > 0) * c for a, b, c in zip(n, coeffs[kind][t], presence[kind][t])) + const[kind]
+            assert expected == int(batched[idx][kind, t])
+        assert sum(a * b + (a > 0) * c for a, b, c in zip(n, per_token, fixed)) == int(fmt.meta_scale_start(counts[idx]))
 
 
 def test_staged_layout():

@@ -2,8 +2,9 @@
 
 Fresh random stores built through the store's own API (stage, write, importance, seal): sealed and staged pages
 mixed, tiers steered per page (mixed tiers, one tier only so the others are empty, every token pruned), requests
-of different lengths, several splits, 1 to 3 tiers with groups > 1, Hadamard rotation of keys and/or values,
-a per-layer tier override, pages larger than a tile, a per-call softmax scale (odd layers). Even layers run a
+of different lengths, several splits, 1 to 3 tiers with groups > 1, per-channel key tiers (``+kc``) beside token
+tiers or alone, Hadamard rotation of keys and/or values, a per-layer tier override, pages larger than a tile, a
+sealed last page only partly inside its request, a per-call softmax scale (odd layers). Even layers run a
 bfloat16 query (the model's path: one float16 product per operand), odd layers a float32 one (float16 pairs).
 On CPU the kernels run in the Triton interpreter at small sizes; on CUDA the same tests run natively at larger
 sizes. Stores are built and the reference runs on the CPU (its dense fp32 copies stay cheap there); the kernel
@@ -24,6 +25,22 @@ reference's in two places.
    |q_d||k_nd| + eta sum_d |k_nd|)`` and, with ``E = max_n e_n``, every probability moves by a factor in
    ``[e^-2E, e^2E]``: ``|pi~_n - pi_n| <= (e^2E - 1) pi_n``, so (``sum_n (pi~_n - pi_n) = 0``)
    ``|d o_e| <= (e^2E - 1) sum_n pi_n |v_ne - o_e|``.
+
+   Per-channel key tiers (``+kc``) round ``q o s`` instead (``s``, ``z``: the tier's per-channel scale and zero
+   of the block, ``m`` its meta scale): the logit is ``sigma m ((q o s)~ . c_n + q . z)`` with the zero term in
+   float32 over the exact query, and ``(q o s)~`` within ``u' |q_d s_d| + 2^-39 max_d |q_d s_d|`` of ``q o s``
+   (``u' = u + 2^-23``: the float16 rounding, as for ``q``, and the float32 product ``q_d * s_d``; the power of
+   two is per query row). The rounding multiplies the code part ``m s_d c_nd = k_nd - m z_d`` of the key, not
+   ``k_nd``, so it is bounded through the quantizer (``quant._minmax_codes``): with ``x`` the tier's keys of the
+   block in meta-scale units, ``X_d = max_n |x_nd|``, the zero point ``z_d`` is ``min_n x_nd`` rounded down to
+   float16 and ``s_d = (max_n x_nd - z_d) / qmax`` rounded up, so ``s_d c_nd <= s_d qmax <= 2 X_d (1 + 2^-9)`` up
+   to float16 subnormals; and ``X_d <= R_d / m + s_d / 2`` with ``R_d`` the largest dequantized ``|k_nd|`` over
+   the tier's tokens of the block (each within ``s_d / 2`` of the original), hence with ``qmax >= 3``
+   ``X_d <= 1.51 R_d / m`` and ``m s_d c_nd <= 3.03 R_d``. We use ``K_d = 4 R_d + 2^-20 M`` (``M`` the block's
+   largest ``|k|``; the absolute term covers the float16 subnormal parts of ``s`` and ``z``, 2^-24 each in units
+   of ``m <= 2 max |k|``), so ``e_n = sigma (u' sum_d |q_d| K_d + 2^-39 max |q| D max_d K_d)`` for such a token
+   (the subnormal term: ``m |q_d' s_d'| c_nd <= max |q| m s_d' qmax <= max |q| K_d'`` at the row's largest
+   ``|q_d' s_d'|``). Tokens past a request's end still count in ``R_d``: they set the block's scale and zero.
 2. A sealed value's weight ``p s`` (probability times scale, times an exact 2^16) enters as float16: relative
    error ``u`` as above, absolute ``2^-41`` in float16's subnormal range. It multiplies the code part
    ``m s c = v - m z`` of the value (meta scale ``m``), and ``|m s c_e| <= |v_e| + |m z| <= 4 max_d |v_nd| =:
@@ -32,12 +49,13 @@ reference's in two places.
    + 2^-33 sum_n V_n`` over sealed tokens.
 
 Float32 arithmetic (accumulation order, exp2 against exp, FMA contraction) adds a few 1e-7 relative, as the
-float32-accurate kernel before this one showed; we allow ``1e-5 max |ref|`` for it. The check is elementwise,
-``|out - ref| <= bound`` (with value rotation, where the output is the rotated-space result times the
-orthonormal ``H``, on each head's 2-norm). Staged-token importance moves like the probabilities: ``rtol = e^2E
-- 1 + 1e-5``; ``seen`` must match exactly. At these sizes (``|q| ~ N(0, 1)``, keys ``~ 2 N(0, 1)``) the
-bfloat16 query's ``E`` is about 1e-3 (``u = 2^-11``); observed errors are several times below the bound, as
-rounding errors do not align.
+float32-accurate kernel before this one showed; we allow ``1e-5 max |ref|`` for it (it also covers the float32
+sum ``q . z`` of per-channel tiers, a few ulps of ``sum_d |q_d| |m z_d|``, terms of the size of ``|k|`` here).
+The check is elementwise, ``|out - ref| <= bound`` (with value rotation, where the output is the rotated-space
+result times the orthonormal ``H``, on each head's 2-norm). Staged-token importance moves like the
+probabilities: ``rtol = e^2E - 1 + 1e-5``; ``seen`` must match exactly. At these sizes (``|q| ~ N(0, 1)``, keys
+``~ 2 N(0, 1)``) the bfloat16 query's ``E`` is about 1e-3 (``u = 2^-11``); observed errors are several times below
+the bound, as rounding errors do not align.
 """
 
 import math
@@ -115,6 +133,17 @@ CASES = {
                                        64, 3, 4, DecodeConfig(min_pages_per_split=1)),
     "pages in two tiles": (dict(page_size=64), 32, 3, 2, DecodeConfig(block_n=32)),
     "16-row tiles": (dict(), 32, 4, 2, DecodeConfig(block_n=16)),
+    # per-channel key tiers (``+kc``): their own product per tier and block, beside token tiers or alone
+    "k8v4,k4v2+kc": (dict(tiers=["k8v4", "k4v2+kc"]), 64, 4, 3, None),
+    "k8v8,k4v4+kc,k2v2+kc, hadamard keys": (dict(tiers=["k8v8", "k4v4+kc", "k2v2+kc"], thresholds=[2.0, 0.5],
+                                                 key_rotation="hadamard"), 64, 1, 2, None),
+    "channel tiers only, head_dim 128, value rotation": (dict(tiers=["k8v4+kc", "k2v2+kc"],
+                                                              value_rotation="hadamard"), 128, 5, None, None),
+    "channel beside groups, layer override": (dict(tiers=["k8v4g2x1", "k4v2+kc"],
+                                                   layer_tiers={1: ["k4v2+kc", "k2v2g2x4"]}),
+                                              64, 3, 4, DecodeConfig(min_pages_per_split=1)),
+    "channel, pages in two tiles": (dict(page_size=64, tiers=["k8v4", "k4v2+kc"]), 64, 3, 2,
+                                    DecodeConfig(block_n=32)),
 }
 
 
@@ -123,7 +152,7 @@ def test_decode_kernel_matches_reference(case, seeded):
     overrides, dim, gqa, splits, decode_config = CASES[case]
     page, heads, seq_lens = SIZES[DEVICE]
     if CUDA:
-        dim *= 2
+        dim = min(2 * dim, 128)
     config = DiffKVConfig.from_dict({"page_size": page, **PRUNING, **overrides})
     store, table, lens = build(config, heads, dim, seq_lens)
     sealed = store.page_state[table] == PageState.SEALED
@@ -131,6 +160,19 @@ def test_decode_kernel_matches_reference(case, seeded):
     plan, _ = compare(store, table, lens, heads * gqa, num_splits=splits, config=decode_config)
     if splits:
         assert plan.num_splits == splits
+
+
+@pytest.mark.parametrize("tiers", [["k8v4", "k4v2"], ["k8v4", "k4v2+kc"]])
+def test_sealed_last_page_partly_inside_the_request(tiers, seeded):
+    """A request whose last page is sealed and only partly inside its length (a shorter request over sealed
+    pages): the kernel reads the tokens' in-page indices and drops those past the end, which still count in the
+    block's tiers (and in a per-channel tier's scale and zero)."""
+    page, heads, dim = 16, 2, 64
+    config = DiffKVConfig.from_dict({"page_size": page, **PRUNING, "tiers": tiers})
+    store, table, lens = build(config, heads, dim, [70, 64, 37], layers=2)
+    lens = torch.tensor([2 * page + 5, 3 * page - 3, 37])     # 0 and 1 end in their sealed third page, 2 staged
+    assert bool((store.page_state[table[:2, 2]] == PageState.SEALED).all())
+    compare(store, table, lens, heads * 4, num_splits=2)
 
 
 def _serving_lens(batch: int, longest: int, seed: int) -> list[int]:

@@ -5,7 +5,8 @@ bytes the reference leaves alone (padding, gaps between blocks, staged blocks), 
 poison. Runs the Triton interpreter on CPU at small sizes, natively on CUDA (more blocks), always against the
 reference running on the CPU. The reference defines every byte on any device (fixed-order butterfly Hadamard,
 signed zeros made positive, correctly rounded divisions), so no byte may differ, for every format: 1 to 4
-tiers, groups, rotated keys and/or values, inputs with -0.0 and extreme magnitudes.
+tiers, groups, rotated keys and/or values, per-channel key tiers (``+kc``), inputs with -0.0 and extreme
+magnitudes.
 """
 
 import pytest
@@ -31,6 +32,11 @@ CASES = [
     ((T("k8v4g2x4"), T("k4v2g4x2")), "hadamard", "none", 20, torch.float16),
     ((T("k8v8"), T("k4v4g2"), T("k2v2g4x2")), "none", "hadamard", 16, torch.float32),
     ((T("k8v8g4x1"), T("k8v4"), T("k4v2g2x4"), T("k2v2")), "hadamard", "hadamard", 32, torch.bfloat16),
+]
+# formats with per-channel key tiers: one (scale, zero) per channel over the tier's tokens of a block
+CHANNEL_CASES = [
+    ((T("k8v4"), T("k4v2+kc")), "none", "none", 20, torch.bfloat16),
+    ((T("k8v8"), T("k4v4+kc"), T("k2v2+kc")), "hadamard", "none", 32, torch.float16),
 ]
 
 
@@ -107,13 +113,14 @@ def _seal_and_compare(fmt, keys, values, tiers, seed):
         assert torch.equal(got, expected), f"seed {seed}, {source}: " + _describe(fmt, counts, dst, got != expected)
 
 
-@pytest.mark.parametrize("head_dim", [32, 64])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case, head_dim", [(case, dim) for case in CASES for dim in (32, 64)]
+                         + [(case, dim) for case in CHANNEL_CASES for dim in (64, 128)],
+                         ids=lambda x: _case_id(x) if isinstance(x, tuple) else f"D{x}")
 def test_seal_matches_reference_bytes(case, head_dim, seeded):
     _check_case(case, head_dim, seeded)
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[4]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[2], CASES[4], *CHANNEL_CASES], ids=_case_id)
 def test_seal_in_chunks(case, monkeypatch, seeded):
     """Pages larger than the tile: two passes over chunks of 16 tokens (ranks carried across chunks)."""
     monkeypatch.setitem(seal_module.SEAL_CONFIG, "tile_elements", 16 * 32)
@@ -129,6 +136,39 @@ def _check_case(case, head_dim, seeded):
     keys = (torch.randn(n, page, head_dim) * scale + torch.randn(n, 1, head_dim)).to(dtype)
     values = (torch.randn(n, page, head_dim) * scale).to(dtype)
     _seal_and_compare(fmt, keys, values, tiers, seeded)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["page", "chunks"])
+@pytest.mark.parametrize("case", CHANNEL_CASES, ids=_case_id)
+def test_seal_channel_key_tiers(case, chunked, monkeypatch, seeded):
+    """Per-channel key tiers that are empty, hold one token or the whole page, constant channels (a single token,
+    equal key vectors, constant input channels, zeros of both signs): byte-exact, with the page in one tile or in
+    chunks of 8 tokens (per-channel extremes carried across chunks)."""
+    if chunked:
+        monkeypatch.setitem(seal_module.SEAL_CONFIG, "tile_elements", 8 * 64)
+    tiers_spec, key_rot, value_rot, page, dtype = case
+    fmt = BlockFormat(tiers_spec, 64, page, key_rot, value_rot)
+    last = fmt.num_tiers - 1
+    layouts = [torch.zeros(page), torch.full((page,), last)]                    # channel tiers empty / full
+    for t in range(1, fmt.num_tiers):                                           # one token in channel tier t
+        layouts += [torch.zeros(page).index_fill(0, torch.tensor([3]), t),
+                    torch.full((page,), -1).index_fill(0, torch.tensor([page - 1]), t)]
+    layouts += [torch.arange(page) % fmt.num_tiers,                             # one token of every tier
+                torch.full((page,), -1).index_copy(0, torch.arange(fmt.num_tiers), torch.arange(fmt.num_tiers)),
+                torch.arange(page) % (fmt.num_tiers + 1) - 1]                  # with pruned tokens
+    layouts += [torch.randint(-1, fmt.num_tiers, (page,)) for _ in range(3)]
+    tiers = torch.stack(layouts).to(torch.int8)
+    n = tiers.shape[0]
+    keys = torch.randn(n, page, 64) * torch.exp(torch.randn(n, 1, 1) * 2)
+    keys[:, :, :4] = torch.randn(n, 1, 4)                                       # constant input channels
+    keys[:, :, 4] = torch.where(torch.rand(n, page) < 0.5, -0.0, 0.0)           # zeros of both signs
+    keys[:, :, 5] += 40.0                                                       # a large constant offset
+    for b in range(0, n, 2):                                                    # equal key vectors per tier
+        for t in range(fmt.num_tiers):
+            member = (tiers[b] == t).nonzero()[:, 0]
+            keys[b, member] = keys[b, member[:1]]
+    values = torch.randn(n, page, 64)
+    _seal_and_compare(fmt, keys.to(dtype), values.to(dtype), tiers, seeded)
 
 
 def test_seal_extreme_magnitudes(seeded):

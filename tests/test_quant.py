@@ -136,6 +136,9 @@ LAYOUTS = [
     ((TierSpec(8, 4, 1, 2), TierSpec(4, 2, 2, 4)), "hadamard", "none"),
     ((TierSpec(8, 8), TierSpec(4, 4), TierSpec(2, 2, 4, 4)), "hadamard", "hadamard"),
     ((TierSpec(4, 2),), "none", "hadamard"),
+    ((TierSpec(8, 4), TierSpec(4, 2, key_mode="channel")), "none", "none"),
+    ((TierSpec(8, 8), TierSpec(4, 4, key_mode="channel"), TierSpec(2, 2, 1, 4, key_mode="channel")), "hadamard",
+     "hadamard"),
 ]
 
 
@@ -179,11 +182,22 @@ def test_sealed_blocks_round_trip(tiers, key_rot, value_rot, head_dim):
                 continue
             bits = getattr(layout.spec, f"{name}_bits")
             groups = getattr(layout.spec, f"{name}_groups")
-            xg = (xr[sel] / m.expand(page, n).T[sel][:, None]).reshape(-1, groups, head_dim // groups)
-            group_range = xg.amax(-1) - xg.amin(-1)
+            scaled = xr / m[:, None, None]
+            if name == "key" and layout.channel_keys:
+                # one (scale, zero) per channel over the tier's tokens of each block: [n, D] range per channel
+                inside = sel[..., None]
+                high = torch.where(inside, scaled, -torch.inf).amax(1)
+                low = torch.where(inside, scaled, torch.inf).amin(1)
+                span, magnitude = (high - low)[:, None], torch.maximum(high.abs(), low.abs())[:, None]
+                span, magnitude = span.expand(n, page, head_dim)[sel], magnitude.expand(n, page, head_dim)[sel]
+                per_element = 1
+            else:
+                xg = scaled[sel].reshape(-1, groups, head_dim // groups)
+                span, magnitude = xg.amax(-1) - xg.amin(-1), xg.abs().amax(-1)
+                per_element = head_dim // groups
             # stored scale <= range / qmax rounded up in float16 (+ the zero's rounding), so scale/2 is bounded by:
-            half_scale = (group_range + xg.abs().amax(-1) * 2 ** -10) / ((1 << bits) - 1) / 2 * (1 + 2 ** -9)
-            bound_sq = (half_scale ** 2).sum(-1) * (head_dim // groups)
+            half_scale = (span + magnitude * 2 ** -10) / ((1 << bits) - 1) / 2 * (1 + 2 ** -9)
+            bound_sq = (half_scale ** 2).sum(-1) * per_element
             err_sq = ((x_hat[sel] - x[sel].float()) / m.expand(page, n).T[sel][:, None]).pow(2).sum(-1)
             assert torch.all(err_sq <= bound_sq * (1 + 1e-4) + 1e-10), (name, t)
 

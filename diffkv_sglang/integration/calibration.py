@@ -135,10 +135,13 @@ def calibration_device(device: str | None, base_gpu_id: int) -> tuple[str, str]:
 
 
 def cache_key(fingerprint: str, base: DiffKVConfig, device: str, dtype: str) -> str:
-    """32 hex digits naming a calibration: the model fingerprint, the base config, the device type and dtype, and
-    what :data:`SETTINGS_VERSION` covers (the sample text and length, the calibrate options)."""
+    """32 hex digits naming a calibration: the model fingerprint, the base config, the device type and dtype, the
+    sample text and length, calibrate's default fallbacks (the tier lists a layer may get) and what
+    :data:`SETTINGS_VERSION` covers (the other calibrate options)."""
+    from ..calibrate import DEFAULT_FALLBACKS
+
     settings = {"version": SETTINGS_VERSION, "model": fingerprint, "base": base.to_dict(), "dtype": dtype,
-                "device_type": device.split(":")[0], "tokens": SAMPLE_TOKENS,
+                "device_type": device.split(":")[0], "tokens": SAMPLE_TOKENS, "fallbacks": DEFAULT_FALLBACKS,
                 "text": hashlib.sha256(SAMPLE_TEXT.read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
