@@ -33,12 +33,15 @@ def test_tiers_groups_and_thresholds():
     assert [t.name for t in cfg.tiers] == ["k8v4", "k4v2g2x4", "k2v2g4x4"] and cfg.thresholds == (2.0, 0.5)
     single = cli.config_from_namespace(parse(["--diffkv-tiers", "k8v8", "--diffkv-alpha-low", "0"]))
     assert single.num_tiers == 1 and single.thresholds == ()
+    channel = cli.config_from_namespace(parse(["--diffkv-tiers", "k8v4,k4v2+kc"]))
+    assert [t.key_mode for t in channel.tiers] == ["token", "channel"] and channel.tiers[1].name == "k4v2+kc"
 
 
 @pytest.mark.parametrize("argv, flag", [
     (["--diffkv-alpha-low", "-1"], "--diffkv-alpha-low"),
     (["--diffkv-alpha-high", "-2"], "--diffkv-alpha-high"),
     (["--diffkv-tiers", "k3v4,k4v2"], "--diffkv-tiers"),
+    (["--diffkv-tiers", "k8v4,k4v2g2+kc"], "--diffkv-tiers"),
     (["--diffkv-groups", "1x1"], "--diffkv-groups"),
     (["--diffkv-groups", "ax1,1x1"], "--diffkv-groups"),
     (["--diffkv-window", "-4"], "--diffkv-window"),

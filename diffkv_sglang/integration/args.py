@@ -45,7 +45,7 @@ class Flag:
 
 FLAGS = (
     Flag("--diffkv-tiers", "tiers", str, "precision tiers, most precise first, e.g. 'k8v4,k4v2' (bits 8/4/2; "
-         "optional groups 'k4v2g2x4')"),
+         "optional groups 'k4v2g2x4'; '+kc' quantizes a tier's keys per channel, e.g. 'k8v4,k4v2+kc')"),
     Flag("--diffkv-groups", "groups", str, "quantization groups per tier as '<key>x<value>', e.g. '1x1,2x4' "
          "(overrides the groups in --diffkv-tiers)"),
     Flag("--diffkv-alpha-high", "alpha_high", float, "relative importance below which a token leaves the first "
