@@ -11,7 +11,8 @@
 # it with PYTEST_K, a pytest -k expression).
 # Bench settings: BENCH_ROWS (config:eager|graph, in order), BENCH_WORKLOAD (long-gen | long-context |
 # short-chat), BENCH_MODEL (a models/*.json name), BENCH_PROMPTS, BENCH_MEM (mem_fraction_static, the same for
-# every row), BENCH_ROW_TIMEOUT (s), BENCH_START_BEFORE_S (no row starts after this many seconds of the call).
+# every row), BENCH_ROW_TIMEOUT (s), BENCH_START_BEFORE_S (no row starts after this many seconds of the call),
+# BENCH_GRAPH_BS (largest decode batch with a CUDA graph, default 64; larger batches run eager, several times slower).
 set -u
 PHASES=" ${*:-check} "
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -75,7 +76,7 @@ if [[ $PHASES == *" bench "* ]]; then
     say "bench $tag"
     timeout "${BENCH_ROW_TIMEOUT:-300}" python3 "$GPU/engine_bench.py" --model-dir "$MODEL" --config "$config" \
       --workload "${BENCH_WORKLOAD:-long-gen}" --num-prompts "${BENCH_PROMPTS:-64}" --mem-fraction "${BENCH_MEM:-0.16}" \
-      $([ "$mode" = graph ] && echo --cuda-graph) --out "$OUTD/results.jsonl" > "$SCRATCH/logs/$tag.log" 2>&1
+      $([ "$mode" = graph ] && echo --cuda-graph --cuda-graph-max-bs "${BENCH_GRAPH_BS:-64}") --out "$OUTD/results.jsonl" > "$SCRATCH/logs/$tag.log" 2>&1
     rc=$?
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "{\"config\": \"$config\", \"workload\": \"${BENCH_WORKLOAD:-long-gen}\", \"cuda_graph\": $([ "$mode" = graph ] && echo true || echo false), \"ok\": false, \"error\": \"killed after BENCH_ROW_TIMEOUT (exit status $rc)\"}" >> "$OUTD/results.jsonl"
     grep -E "^\[engine_bench|Error|error:" "$SCRATCH/logs/$tag.log" | cut -c1-300 | tail -4
