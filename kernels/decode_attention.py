@@ -214,7 +214,9 @@ def _fetch_tier(block, n0, n1, n2, n3, row0, t: tl.constexpr, KEY_BITS: tl.const
                           mask=in_tier[:, None], other=0)
     if KEY_CHANNEL:
         first = row0 - _tier_start(n0, n1, n2, t)
-        has = (first < tier_count(n0, n1, n2, n3, t)) & (first + BLOCK_N > 0)      # then the section exists
+        count = tier_count(n0, n1, n2, n3, t)
+        # the item has rows of the tier (then the section exists: an empty tier has none, whatever its start)
+        has = (count > 0) & (first < count) & (first + BLOCK_N > 0)
         channel = tl.arange(0, D)
         key_meta = tl.load(block + (section_start(n0, n1, n2, n3, KEY_META_SEC, t) >> 2) + channel,
                            mask=channel < tl.where(has, D, 0), other=0)

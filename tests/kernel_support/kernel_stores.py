@@ -51,10 +51,13 @@ def build(config: DiffKVConfig, heads: int, dim: int, seq_lens: list[int], layer
         locs = (own[:, None] * page + torch.arange(page)).reshape(-1)[:n]
         for layer in range(layers):
             store.write_tokens(layer, locs, torch.randn(n, heads, dim) * 2, torch.randn(n, heads, dim))
-            # per page: mixed tiers, a single tier (the others empty), or everything pruned
-            mode = torch.randint(0, 3, (c, 1, 1))
+            # per page: mixed tiers, a single tier (the others empty), everything pruned, or the first tier mixed
+            # with pruned tokens (every later tier empty, its section start inside the page's rows)
+            mode = torch.randint(0, 4, (c, 1, 1))
+            first_or_pruned = torch.randint(0, 2, (c, page, heads)) * (len(values) - 1)
             pick = torch.where(mode == 0, torch.randint(0, len(values), (c, page, heads)),
-                               torch.where(mode == 1, torch.randint(0, len(values) - 1, (c, 1, 1)), len(values) - 1))
+                               torch.where(mode == 1, torch.randint(0, len(values) - 1, (c, 1, 1)),
+                                           torch.where(mode == 2, len(values) - 1, first_or_pruned)))
             r = values[pick.expand(c, page, heads)].reshape(-1, heads)[:n]
             store.add_importance(layer, locs, r / CONTEXT, torch.ones(n))
         to_seal += own[:max(0, c - staged_pages)].tolist()
